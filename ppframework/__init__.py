@@ -1,0 +1,34 @@
+"""ppframework: online dynamic structured pruning of Hugging Face LLMs (Probe Pruning built in).
+
+Public API::
+
+    import ppframework as ppf
+    cfg = ppf.load_config("configs/default.yaml")
+    model, tok = ppf.load_model(cfg.model.name)
+    pipe = ppf.build_pipeline(model, cfg, tokenizer=tok)
+    with pipe:
+        logits = model(input_ids, use_cache=False).logits
+"""
+
+from ppframework.api import build_pipeline, calibration_history, load_config
+from ppframework.config import MethodConfig, RunConfig, preset
+from ppframework.errors import ConfigError
+from ppframework.hookspecs import hookimpl
+from ppframework.models import load_model
+from ppframework.pipeline import Pipeline
+from ppframework.runner import run
+
+__all__ = [
+    "ConfigError",
+    "MethodConfig",
+    "Pipeline",
+    "RunConfig",
+    "build_pipeline",
+    "calibration_history",
+    "hookimpl",
+    "load_config",
+    "load_model",
+    "preset",
+    "run",
+]
+__version__ = "0.1.0"

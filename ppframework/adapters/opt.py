@@ -1,0 +1,115 @@
+"""OPT decoder layers: multi-head attention with biases, ReLU MLP ``fc2(act(fc1(x)))``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppframework.adapters.base import BlockRunner, ModelAdapter, additive_attention_bias, sliced_linear
+from ppframework.types import BlockGeometry, BlockKind
+
+
+class OPTAttentionRunner(BlockRunner):
+    """OPT attention (q, k, v pruned together by head) on kept heads."""
+
+    def __init__(self, attn: nn.Module, geometry: BlockGeometry) -> None:
+        self.attn = attn
+        self.geometry = geometry
+        self.scaling = float(getattr(attn, "scaling", geometry.unit_width**-0.5))
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.attn.out_proj
+
+    def pre_output(
+        self,
+        x: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kept_units: torch.Tensor | None = None,
+        kept_kv_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        d = self.geometry.unit_width
+        rows = self.channels_of(kept_units)
+        q = (
+            (sliced_linear(x, self.attn.q_proj, rows=rows) * self.scaling)
+            .view(batch, seq, -1, d)
+            .transpose(1, 2)
+        )
+        k = sliced_linear(x, self.attn.k_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
+        v = sliced_linear(x, self.attn.v_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
+        if attn_bias is None and bool(attention_mask.all()):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, scale=1.0)
+        else:
+            bias = attn_bias if attn_bias is not None else additive_attention_bias(attention_mask, q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+class OPTMLPRunner(BlockRunner):
+    """OPT feed-forward ``fc2(act(fc1(x)))`` on kept channels."""
+
+    def __init__(self, layer: nn.Module, geometry: BlockGeometry) -> None:
+        self.layer = layer
+        self.geometry = geometry
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.layer.fc2
+
+    def pre_output(
+        self,
+        x: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kept_units: torch.Tensor | None = None,
+        kept_kv_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.layer.activation_fn(sliced_linear(x, self.layer.fc1, rows=kept_units))
+
+
+class OPTAdapter(ModelAdapter):
+    """OPT (pre- or post-LayerNorm, per ``do_layer_norm_before``)."""
+
+    family = "opt"
+    model_types = ("opt",)
+    mlp_matrices = 2
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.decoder.layers
+
+    def geometry(self, kind: BlockKind) -> BlockGeometry:
+        cfg = self.config
+        if kind is BlockKind.ATTENTION:
+            heads = int(cfg.num_attention_heads)
+            return BlockGeometry(kind, units=heads, unit_width=cfg.hidden_size // heads, num_kv_heads=heads)
+        return BlockGeometry(kind, units=int(cfg.ffn_dim), unit_width=1)
+
+    def runner(self, layer_index: int, kind: BlockKind) -> BlockRunner:
+        layer = self.layers[layer_index]
+        if kind is BlockKind.ATTENTION:
+            return OPTAttentionRunner(layer.self_attn, self.geometry(kind))
+        return OPTMLPRunner(layer, self.geometry(kind))
+
+    def _norm(self, layer: nn.Module, kind: BlockKind) -> nn.Module:
+        return layer.self_attn_layer_norm if kind is BlockKind.ATTENTION else layer.final_layer_norm
+
+    def block_input(self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.do_layer_norm_before:
+            return self._norm(layer, kind)(hidden)
+        return hidden
+
+    def block_residual(
+        self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor, block_out: torch.Tensor
+    ) -> torch.Tensor:
+        out = hidden + block_out
+        if not self.config.do_layer_norm_before:
+            out = self._norm(layer, kind)(out)
+        return out

@@ -1,0 +1,98 @@
+"""The ``ppf`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ppframework.errors import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ppframework.api import load_config
+    from ppframework.runner import format_table, run, write_report
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+    report = run(cfg)
+    print(format_table(report))
+    if cfg.out_dir:
+        path = write_report(report, cfg.out_dir)
+        print(f"\nwrote {path}")
+    print(f"total time {report.elapsed_s:.1f} s")
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from ppframework.hookspecs import STAGES
+    from ppframework.registry import default_registry
+
+    registry = default_registry()
+    for stage in STAGES:
+        print(f"{stage}:")
+        for info in registry.all():
+            if info.stage == stage:
+                print(f"  {info.name:<20} {info.source:<24} {info.description}")
+    errors = [p for p in registry.plugins if p.error]
+    for report in errors:
+        print(f"plugin {report.name} failed to load: {report.error}", file=sys.stderr)
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from ppframework.config import PRESETS
+
+    for name, spec in sorted(PRESETS.items()):
+        print(f"{name:<14} {spec.get('description', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ppf``."""
+    parser = argparse.ArgumentParser(
+        prog="ppf", description="Online dynamic structured pruning (Probe Pruning)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="dense vs each configured method: perplexity, time, realised ratio")
+    run.add_argument("config", help="YAML or JSON run config")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set methods.0.pruning.ratio=0.2 (repeatable)",
+    )
+    run.add_argument("--out", help="directory for results.json and results.md")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    strategies = sub.add_parser("strategies", help="list registered strategies per stage with their source")
+    strategies.set_defaults(func=_cmd_strategies)
+
+    presets = sub.add_parser("presets", help="list method presets")
+    presets.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ppf``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

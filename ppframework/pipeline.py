@@ -1,0 +1,348 @@
+"""The Pipeline: attaches to a model and runs every pruned block through the five stage hooks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import torch
+from torch import nn
+
+from ppframework import hookspecs
+from ppframework.adapters import ModelAdapter, get_adapter
+from ppframework.adapters.base import BlockRunner, additive_attention_bias
+from ppframework.config import MethodConfig
+from ppframework.errors import ConfigError
+from ppframework.history import HistoryStore
+from ppframework.registry import StrategyRegistry, default_registry
+from ppframework.types import BlockContext, BlockInputs, BlockKind, BlockMask, Probe
+
+logger = logging.getLogger(__name__)
+
+
+def inflated_ratio(ratio: float, num_layers: int, n_skipped: int, inflate: bool = True) -> float:
+    """Per-layer ratio ``p' = round(L / (L - n_skipped) * p, 2)`` (or ``p`` without inflation)."""
+    if not inflate or n_skipped == 0:
+        return ratio
+    return round(num_layers / (num_layers - n_skipped) * ratio, 2)
+
+
+class StageHooks:
+    """Typed facade over a pipeline's plugin manager: one method per stage hook."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._hook = pm.hook
+
+    def select_probe(
+        self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Probe | None:
+        return self._hook.select_probe(
+            ctx=ctx, residual=residual, normed=normed, attention_mask=attention_mask
+        )
+
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> Any:
+        return self._hook.score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+
+    def fuse_history(self, ctx: BlockContext, scores: Any, history: Any) -> Any:
+        return self._hook.fuse_history(ctx=ctx, scores=scores, history=history)
+
+    def apply_mask(self, ctx: BlockContext, scores: Any, ratio: float) -> BlockMask:
+        return self._hook.apply_mask(ctx=ctx, scores=scores, ratio=ratio)
+
+    def infer(self, ctx: BlockContext, block: BlockRunner, inputs: BlockInputs, mask: BlockMask) -> Any:
+        return self._hook.infer(ctx=ctx, block=block, inputs=inputs, mask=mask)
+
+
+@dataclass
+class _Batch:
+    """What the backbone's forward pre-hook learns about the current batch."""
+
+    attention_mask: torch.Tensor
+    position_valid: torch.Tensor
+    has_padding: bool
+    _bias: dict[torch.dtype, torch.Tensor | None] = field(default_factory=dict)
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self.has_padding:
+            return None
+        if dtype not in self._bias:
+            self._bias[dtype] = additive_attention_bias(self.attention_mask, dtype)
+        return self._bias[dtype]
+
+
+@dataclass
+class PruningRecord:
+    """Kept-unit counts per batch, for the realised model-wide ratio."""
+
+    removed_params: list[float] = field(default_factory=list)
+    kept_units: dict[tuple[int, BlockKind], list[int]] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Online dynamic structured pruning of one model with one method.
+
+    Use as a context manager: inside ``with pipe:`` every forward of the model runs pruned.
+    Attaching replaces the forward of each pruned decoder layer (weights stay shared);
+    detaching restores the original forwards exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: MethodConfig,
+        *,
+        history: HistoryStore | None = None,
+        registry: StrategyRegistry | None = None,
+        seed: int = 0,
+        field_prefix: str = "method",
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.adapter: ModelAdapter = get_adapter(model)
+        registry = registry or default_registry()
+        self.strategies = registry.build_method(method, field_prefix)
+        self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.plugin_manager.add_hookspecs(hookspecs)
+        for stage, strategy in self.strategies.items():
+            self.plugin_manager.register(strategy, name=f"{stage}:{getattr(method.strategies, stage).name}")
+        self.plugin_manager.check_pending()
+        self.hooks = StageHooks(self.plugin_manager)
+
+        pruning = method.pruning
+        n_layers = self.adapter.num_layers
+        bad = [i for i in pruning.skip_layers if i >= n_layers]
+        if bad:
+            raise ConfigError(
+                f"{field_prefix}.pruning.skip_layers: {bad} out of range for a {n_layers}-layer model"
+            )
+        skipped = len(pruning.skip_layers)
+        self.layer_ratio = inflated_ratio(pruning.ratio, n_layers, skipped, pruning.inflate_ratio)
+        if pruning.ratio > 0 and skipped >= n_layers:
+            raise ConfigError(f"{field_prefix}.pruning.skip_layers: every layer is skipped; nothing to prune")
+        if self.layer_ratio >= 1.0:
+            raise ConfigError(
+                f"{field_prefix}.pruning.ratio: {pruning.ratio} inflates to a per-layer ratio of "
+                f"{self.layer_ratio} >= 1 with {skipped} skipped layers; lower the ratio or skip fewer layers"
+            )
+        self.pruned_layers = (
+            [i for i in range(n_layers) if i not in pruning.skip_layers] if pruning.ratio > 0 else []
+        )
+        self.targets = {BlockKind(t) for t in pruning.targets}
+        self.history = history
+        self.needs_history = method.history.init == "calibration" and bool(self.pruned_layers)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_index = -1
+        self.record = PruningRecord()
+        self._runners = {
+            (i, kind): self.adapter.runner(i, kind) for i in self.pruned_layers for kind in BlockKind
+        }
+        self._batch: _Batch | None = None
+        self._handle: Any = None
+        self._attached = False
+
+    # -- attach / detach -----------------------------------------------------------------------
+    @property
+    def is_dense(self) -> bool:
+        """True when the method prunes nothing (the model then runs untouched)."""
+        return not self.pruned_layers
+
+    def attach(self) -> Pipeline:
+        """Route the model's pruned layers through the pipeline."""
+        if self._attached:
+            return self
+        if self.needs_history and self.history is None:
+            raise ConfigError(
+                "history.init: this method needs a calibration history; build the pipeline with "
+                "ppframework.build_pipeline (it calibrates or loads the cache) or pass history=..."
+            )
+        if self.history is not None:
+            device = next(self.model.parameters()).device
+            self.history.to(device)
+        if not self.is_dense:
+            backbone = self._backbone()
+            self._handle = backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            for index in self.pruned_layers:
+                layer = self.adapter.layers[index]
+                layer.forward = self._layer_forward_fn(index, layer)
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Restore the model's original forwards."""
+        if not self._attached:
+            return
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for index in self.pruned_layers:
+            layer = self.adapter.layers[index]
+            if "forward" in layer.__dict__:
+                del layer.forward
+        self._batch = None
+        self._attached = False
+
+    def __enter__(self) -> Pipeline:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _backbone(self) -> nn.Module:
+        layers = self.adapter.layers
+        for module in self.model.modules():
+            if any(child is layers for child in module.children()):
+                return module
+        raise RuntimeError("could not find the module that owns the decoder layers")
+
+    # -- per batch ------------------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        batch, seq = ref.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise RuntimeError(
+                "ppframework prunes whole-sequence forwards; incremental decoding with a KV cache is not "
+                "supported yet. Call the model with use_cache=False."
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.long, device=ref.device)
+        elif mask.dim() != 2:
+            raise ValueError(
+                "ppframework needs a 2-D attention_mask (batch, seq) of 1 for tokens, 0 for padding"
+            )
+        if self.history is not None and self.history.max_positions and seq > self.history.max_positions:
+            raise ValueError(
+                f"sequence length {seq} exceeds the history's {self.history.max_positions} positions; "
+                "calibrate with calibration.seq_len >= data.seq_len"
+            )
+        self.adapter.check_supported(seq)
+        real = mask.bool()
+        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()))
+        self.batch_index += 1
+        self.record.removed_params.append(0.0)
+        kwargs["use_cache"] = False
+        return args, kwargs
+
+    def _layer_forward_fn(self, index: int, layer: nn.Module):
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self._layer_forward(index, layer, hidden_states, kwargs)
+
+        return forward
+
+    def _layer_forward(
+        self, index: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        batch = self._batch
+        if batch is None:
+            raise RuntimeError(
+                "the pipeline's layer ran outside a model forward; call the model, not the layer"
+            )
+        rotary = self.adapter.rotary(kwargs)
+        for kind in BlockKind:
+            normed = self.adapter.block_input(layer, kind, hidden)
+            inputs = BlockInputs(
+                normed=normed,
+                residual=hidden,
+                attention_mask=batch.attention_mask,
+                attn_bias=batch.attn_bias(normed.dtype) if kind is BlockKind.ATTENTION else None,
+                rotary=rotary if kind is BlockKind.ATTENTION else None,
+            )
+            out = self._run_block(index, kind, inputs, batch)
+            hidden = self.adapter.block_residual(layer, kind, hidden, out)
+        return hidden
+
+    def _run_block(self, index: int, kind: BlockKind, inputs: BlockInputs, batch: _Batch) -> torch.Tensor:
+        runner = self._runners[(index, kind)]
+        if kind not in self.targets:
+            z = runner.pre_output(
+                inputs.normed,
+                attention_mask=inputs.attention_mask,
+                attn_bias=inputs.attn_bias,
+                rotary=inputs.rotary,
+            )
+            return runner.output(z)
+        history = self.history.get(index, kind) if self.history is not None else None
+        collect = history is not None and self.method.history.update == "ema"
+        ctx = BlockContext(
+            layer=index,
+            kind=kind,
+            batch_index=self.batch_index,
+            geometry=runner.geometry,
+            seq_len=inputs.normed.shape[1],
+            generator=self.generator,
+            round_to=self.method.pruning.round_to,
+            gqa_policy=self.method.pruning.gqa_policy,
+            position_valid=batch.position_valid,
+            collect_stats=collect,
+        )
+        hooks = self.hooks
+        probe = hooks.select_probe(ctx, inputs.residual, inputs.normed, inputs.attention_mask)
+        states = self._probe_forward(runner, probe, inputs) if probe is not None else None
+        scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
+        scores = hooks.fuse_history(ctx, scores, history)
+        mask = hooks.apply_mask(ctx, scores, self.layer_ratio)
+        result = hooks.infer(ctx, runner, inputs, mask)
+        if collect and result.sq_mean is not None:
+            history.ema_update(
+                result.sq_mean, result.position_valid, result.kept_channels, self.method.history.momentum
+            )
+        self._record(index, kind, mask)
+        return result.output
+
+    @staticmethod
+    def _probe_forward(runner: BlockRunner, probe: Probe, inputs: BlockInputs) -> torch.Tensor:
+        """The block's pre-output activations on the probe, with full weights."""
+        rows, tokens = probe.batch_index, probe.token_index
+        x = inputs.normed.index_select(0, rows).index_select(1, tokens)
+        rotary = None
+        if inputs.rotary is not None:
+            rotary = tuple(
+                (r if r.shape[0] == 1 else r.index_select(0, rows)).index_select(1, tokens)
+                for r in inputs.rotary
+            )
+        return runner.pre_output(x, attention_mask=probe.valid.long(), rotary=rotary)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _params_per_unit(self, kind: BlockKind) -> tuple[int, int]:
+        """(parameters per query head / channel, parameters per key/value head)."""
+        hidden = int(self.adapter.config.hidden_size)
+        geo = self.adapter.geometry(kind)
+        if kind is BlockKind.ATTENTION:
+            return 2 * hidden * geo.unit_width, 2 * hidden * geo.unit_width
+        return self.adapter.mlp_matrices * hidden, 0
+
+    def total_prunable_params(self) -> int:
+        """Weights of every decoder layer's attention and MLP projections (biases excluded)."""
+        total = 0
+        for kind in BlockKind:
+            geo = self.adapter.geometry(kind)
+            per_unit, per_kv = self._params_per_unit(kind)
+            total += geo.units * per_unit + geo.num_kv_heads * per_kv
+        return total * self.adapter.num_layers
+
+    def _record(self, index: int, kind: BlockKind, mask: BlockMask) -> None:
+        per_unit, per_kv = self._params_per_unit(kind)
+        geo = self.adapter.geometry(kind)
+        removed = (geo.units - mask.n_kept) * per_unit
+        if mask.kept_kv_heads is not None:
+            removed += (geo.num_kv_heads - int(mask.kept_kv_heads.numel())) * per_kv
+        self.record.removed_params[-1] += removed
+        self.record.kept_units.setdefault((index, kind), []).append(mask.n_kept)
+
+    def realised_ratio(self, skip_batches: int = 0) -> float:
+        """Mean over recorded batches (after ``skip_batches``) of the fraction of prunable weights removed."""
+        removed = self.record.removed_params[skip_batches:]
+        if not removed:
+            return 0.0
+        return sum(removed) / len(removed) / self.total_prunable_params()
+
+    def reset_record(self) -> None:
+        """Forget the recorded masks (the history is kept)."""
+        self.record = PruningRecord()

@@ -1,0 +1,181 @@
+"""``ppf run``: dense vs each configured method on the same batches, in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppframework import data as data_mod
+from ppframework.api import build_pipeline, calibration_history, check_data_sources
+from ppframework.config import RunConfig
+from ppframework.history import HistoryStore
+from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
+from ppframework.models import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodResult:
+    """One row of the results table."""
+
+    method: str
+    target_ratio: float
+    layer_ratio: float
+    realised_ratio: float
+    perplexity: float
+    median_forward_s: float
+    time_ratio: float
+    batch_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunReport:
+    """Everything ``ppf run`` measured, with the settings that produced it."""
+
+    rows: list[MethodResult]
+    settings: dict[str, Any]
+    calibration: dict[str, Any] | None
+    environment: dict[str, Any]
+    elapsed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "settings": self.settings,
+            "calibration": self.calibration,
+            "environment": self.environment,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def eval_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
+    """The evaluation windows of ``cfg.data`` cut into fixed-size batches."""
+    d = cfg.data
+    text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
+    ids = data_mod.tokenize_text(text, tokenizer)
+    windows = data_mod.make_windows(ids, d.seq_len, d.window_policy, cfg.seed)
+    batches = data_mod.batched(windows, d.batch_size)
+    return batches[: d.max_batches] if d.max_batches else batches
+
+
+def _row(
+    label: str, ratio: float, layer_ratio: float, realised: float, result: PerplexityResult, dense_s: float
+) -> MethodResult:
+    return MethodResult(
+        method=label,
+        target_ratio=ratio,
+        layer_ratio=layer_ratio,
+        realised_ratio=realised,
+        perplexity=result.perplexity,
+        median_forward_s=result.median_seconds,
+        time_ratio=result.median_seconds / dense_s if dense_s else float("nan"),
+        batch_seconds=result.batch_seconds,
+    )
+
+
+def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
+    """Evaluate dense and every method of ``cfg`` on the same batches; see :class:`RunReport`."""
+    progress = cfg.progress if progress is None else progress
+    start = time.perf_counter()
+    check_data_sources(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        gguf_file=cfg.model.gguf_file,
+        cache_dir=cfg.model.cache_dir,
+    )
+    batches = eval_batches(cfg, tokenizer)
+    warmup = cfg.data.warmup_batches
+    dense = evaluate_perplexity(model, batches, warmup_batches=warmup, progress=progress, desc="dense")
+    rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense.median_seconds)]
+    calibration: HistoryStore | None = None
+    calibration_info: dict[str, Any] | None = None
+    for index, method in enumerate(cfg.methods):
+        pipe = build_pipeline(
+            model, cfg, method_index=index, tokenizer=tokenizer, history=None, progress=progress
+        )
+        if pipe.needs_history:
+            if calibration is None:
+                calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
+            pipe.history = calibration.clone()
+        with pipe:
+            result = evaluate_perplexity(
+                model, batches, warmup_batches=warmup, progress=progress, desc=method.label
+            )
+        rows.append(
+            _row(
+                method.label,
+                method.pruning.ratio,
+                pipe.layer_ratio,
+                pipe.realised_ratio(warmup),
+                result,
+                dense.median_seconds,
+            )
+        )
+    device = next(model.parameters()).device
+    settings = cfg.model_dump(mode="json")
+    settings["resolved"] = {
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "n_batches": len(batches),
+        "scored_batches": len(batches) - warmup,
+        "tokens_per_batch": int(batches[0].numel()),
+        "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
+    }
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    return RunReport(rows, settings, calibration_info, environment, time.perf_counter() - start)
+
+
+def format_table(report: RunReport) -> str:
+    """The results as a markdown table, with the settings line that produced them."""
+    s = report.settings
+    r, d, c = s["resolved"], s["data"], s["calibration"]
+    lines = [
+        f"model {s['model']['name']} ({r['dtype']}, {r['device']}); data {d['name']}/{d['split']}, "
+        f"seq_len {d['seq_len']}, batch {d['batch_size']}, {d['window_policy']} windows, "
+        f"{r['scored_batches']} scored batch(es) after {d['warmup_batches']} warm-up (not scored); "
+        f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
+        "",
+        "| method | target ratio | per-layer ratio | realised ratio | perplexity | forward s (median) "
+        "| time ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows:
+        lines.append(
+            f"| {row.method} | {row.target_ratio:.2f} | {row.layer_ratio:.2f} | {row.realised_ratio:.3f} | "
+            f"{row.perplexity:.3f} | {row.median_forward_s:.3f} | {row.time_ratio:.3f} |"
+        )
+    if s.get("note"):
+        lines += ["", f"note: {s['note']}"]
+    lines += [
+        "",
+        "realised ratio = fraction of all decoder attention+MLP projection weights removed, mean over "
+        "scored batches (skipped layers and dense key/value heads included in the total).",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: RunReport, out_dir: str | Path) -> Path:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; return the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(report.to_json(), indent=2))
+    (out / "results.md").write_text(format_table(report) + "\n")
+    return path

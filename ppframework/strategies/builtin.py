@@ -1,0 +1,29 @@
+"""Registers every built-in strategy through the same hook third-party plugins use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ppframework.hookspecs import hookimpl
+from ppframework.strategies.fusion import ImportanceScaledFusion
+from ppframework.strategies.inference import MaskedInference, SlicedInference
+from ppframework.strategies.masking import StructuredMask
+from ppframework.strategies.probe import ResidualProbe
+from ppframework.strategies.scoring import MagnitudeScore, PPspScore
+
+BUILTIN_STRATEGIES: tuple[type, ...] = (
+    ResidualProbe,
+    PPspScore,
+    MagnitudeScore,
+    ImportanceScaledFusion,
+    StructuredMask,
+    SlicedInference,
+    MaskedInference,
+)
+
+
+@hookimpl
+def ppf_register_strategies(register: Callable[[type], None]) -> None:
+    """Register the built-in strategies."""
+    for cls in BUILTIN_STRATEGIES:
+        register(cls)

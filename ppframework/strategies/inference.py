@@ -1,0 +1,71 @@
+"""``infer`` strategies: run the full batch on the kept units."""
+
+from __future__ import annotations
+
+import torch
+
+from ppframework.adapters.base import BlockRunner
+from ppframework.hookspecs import hookimpl
+from ppframework.types import BlockContext, BlockInputs, BlockMask, BlockOutput
+
+
+def squared_mean_per_position(
+    z: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over real rows of ``z[b, t, c]^2`` per position (fp32), and which positions had any."""
+    weights = attention_mask.to(torch.float32)
+    counts = weights.sum(dim=0)
+    if bool((counts == weights.shape[0]).all()):
+        return z.float().square().mean(dim=0), counts > 0
+    sums = torch.einsum("bt,btc->tc", weights, z.float().square())
+    return sums / counts.clamp(min=1.0)[:, None], counts > 0
+
+
+def _run(block: BlockRunner, inputs: BlockInputs, mask: BlockMask | None, full: bool) -> torch.Tensor:
+    return block.pre_output(
+        inputs.normed,
+        attention_mask=inputs.attention_mask,
+        attn_bias=inputs.attn_bias,
+        rotary=inputs.rotary,
+        kept_units=None if full or mask is None else mask.kept_units,
+        kept_kv_heads=None if full or mask is None else mask.kept_kv_heads,
+    )
+
+
+class SlicedInference:
+    """Physically sliced weights (PP): gather kept rows/columns per batch, then run."""
+
+    stage = "infer"
+    name = "sliced"
+
+    @hookimpl
+    def infer(
+        self, ctx: BlockContext, block: BlockRunner, inputs: BlockInputs, mask: BlockMask
+    ) -> BlockOutput:
+        z = _run(block, inputs, mask, full=False)
+        channels = block.channels_of(mask.kept_units)
+        out = BlockOutput(output=block.output(z, channels), kept_channels=channels)
+        if ctx.collect_stats:
+            out.sq_mean, out.position_valid = squared_mean_per_position(z, inputs.attention_mask)
+        return out
+
+
+class MaskedInference:
+    """Reference: dense computation with pruned channels zeroed (slow; for checking)."""
+
+    stage = "infer"
+    name = "masked"
+
+    @hookimpl
+    def infer(
+        self, ctx: BlockContext, block: BlockRunner, inputs: BlockInputs, mask: BlockMask
+    ) -> BlockOutput:
+        z = _run(block, inputs, mask, full=True)
+        channels = block.channels_of(mask.kept_units)
+        keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
+        keep[channels if channels is not None else slice(None)] = 1
+        out = BlockOutput(output=block.output(z * keep), kept_channels=channels)
+        if ctx.collect_stats:
+            kept = z if channels is None else z.index_select(-1, channels)
+            out.sq_mean, out.position_valid = squared_mean_per_position(kept, inputs.attention_mask)
+        return out

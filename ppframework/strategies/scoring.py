@@ -1,0 +1,103 @@
+"""``score_channels`` strategies: probe evidence per position and the metric's weight term."""
+
+from __future__ import annotations
+
+import torch
+
+from ppframework.hookspecs import hookimpl
+from ppframework.types import BlockContext, ChannelScores, Probe
+
+
+def probe_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P[t, c]`` = mean over real probe rows of ``states[b, t, c]^2`` (fp32).
+
+    Returns (P of shape (k_T, C), position_valid of shape (k_T,)). Positions where no probe row
+    is real text get 0 and ``position_valid`` False.
+    """
+    weights = valid.to(torch.float32)
+    counts = weights.sum(dim=0)
+    sums = torch.einsum("bt,btc->tc", weights, states.float().square())
+    return sums / counts.clamp(min=1.0)[:, None], counts > 0
+
+
+def ppsp_weight_term(weight: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sum_i W[i, c]^4)`` per input channel ``c`` of the output projection (fp32)."""
+    return weight.float().pow(4).sum(dim=0).sqrt()
+
+
+def magnitude_weight_term(weight: torch.Tensor) -> torch.Tensor:
+    """``sum_i |W[i, c]|`` per input channel ``c`` (fp32)."""
+    return weight.float().abs().sum(dim=0)
+
+
+def activation_times_weight(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
+    """PPsp: ``S_c = a_c * sqrt(sum_i W[i, c]^4)``."""
+    if activation is None:
+        raise ValueError("PPsp needs an activation importance; the fusion stage produced none")
+    return activation * weight_term
+
+
+def weight_only(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
+    """Weight-only metrics ignore activations."""
+    return weight_term
+
+
+class _WeightTermCache:
+    """Weight terms depend only on the (frozen) weight; compute once per weight version."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def get(self, weight: torch.Tensor, fn) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.shape[1])
+        term = self._cache.get(key)
+        if term is None:
+            term = fn(weight)
+            self._cache[key] = term
+        return term
+
+
+class PPspScore:
+    """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2."""
+
+    stage = "score_channels"
+    name = "ppsp"
+
+    def __init__(self) -> None:
+        self._terms = _WeightTermCache()
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        scores = ChannelScores(
+            weight_term=self._terms.get(weight, ppsp_weight_term),
+            combine=activation_times_weight,
+            head_reduce="l2",
+            metric=self.name,
+        )
+        if probe is not None and probe_states is not None:
+            scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid)
+            scores.positions = probe.token_index
+        return scores
+
+
+class MagnitudeScore:
+    """Weight magnitude: S_c = sum_i |W[i, c]|, no activations; heads by sum (static)."""
+
+    stage = "score_channels"
+    name = "magnitude"
+
+    def __init__(self) -> None:
+        self._terms = _WeightTermCache()
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        return ChannelScores(
+            weight_term=self._terms.get(weight, magnitude_weight_term),
+            combine=weight_only,
+            head_reduce="sum",
+            metric=self.name,
+        )

@@ -1,0 +1,170 @@
+"""Dataclasses passed between the pipeline and the stage hooks.
+
+Every hook of :mod:`ppframework.hookspecs` receives and returns these. Tensors live on the
+block's device; index tensors are ``torch.long`` and sorted ascending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+
+class BlockKind(str, Enum):
+    """The two prunable blocks of a decoder layer."""
+
+    ATTENTION = "attention"
+    MLP = "mlp"
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Sizes of one block, read from the model's config by the adapter.
+
+    For attention, ``units`` are query heads and ``unit_width`` is the head dimension; for the
+    MLP, ``units`` are intermediate channels and ``unit_width`` is 1. ``channels`` is the width
+    of the output projection's input (``units * unit_width``).
+    """
+
+    kind: BlockKind
+    units: int
+    unit_width: int
+    num_kv_heads: int = 0
+
+    @property
+    def channels(self) -> int:
+        """Width of the output projection's input."""
+        return self.units * self.unit_width
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.units // self.num_kv_heads if self.num_kv_heads else 1
+
+
+@dataclass
+class BlockContext:
+    """What a strategy may know about the block and batch it is deciding for.
+
+    Attributes:
+        layer: decoder layer index.
+        kind: attention or MLP block.
+        batch_index: 0-based index of the batch since the pipeline was built (warm-up included).
+        geometry: the block's sizes.
+        seq_len: tokens per sequence in this batch.
+        generator: the run's seeded random generator (CPU); use it for any randomness.
+        round_to: kept MLP width is rounded up to a multiple of this (1 = off).
+        gqa_policy: ``query-only`` (paper) or ``group`` (prune whole key/value groups).
+        position_valid: (T,) True where at least one row of the batch is real text.
+        collect_stats: whether ``infer`` must report full-batch statistics (history is updated).
+    """
+
+    layer: int
+    kind: BlockKind
+    batch_index: int
+    geometry: BlockGeometry
+    seq_len: int
+    generator: torch.Generator
+    round_to: int = 1
+    gqa_policy: str = "query-only"
+    position_valid: torch.Tensor | None = None
+    collect_stats: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    """A probe: the chosen sequences and positions of the batch.
+
+    ``batch_index`` and ``token_index`` are sorted and unique. ``valid`` (k_B, k_T) is False
+    where a chosen (row, position) pair is padding; those entries never count.
+    """
+
+    batch_index: torch.Tensor
+    token_index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class ChannelScores:
+    """Per-channel evidence for one block, flowing from scoring through fusion to masking.
+
+    Attributes:
+        weight_term: (C,) the metric's weight factor per output-projection input channel.
+        combine: maps (activation importance or None, weight_term) to the final (C,) score.
+        head_reduce: how channel scores become a head score: ``l2`` or ``sum``.
+        evidence: (n_pos, C) probe evidence per probed position (mean over probe rows of the
+            squared pre-output activation), or None for static methods.
+        positions: (n_pos,) absolute positions of the evidence rows.
+        position_valid: (n_pos,) False where no probe row was real text at that position.
+        activation: (C,) fused activation importance ``a_c``, set by ``fuse_history``.
+        metric: name of the scoring metric, for reports.
+    """
+
+    weight_term: torch.Tensor
+    combine: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+    head_reduce: str = "l2"
+    evidence: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    position_valid: torch.Tensor | None = None
+    activation: torch.Tensor | None = None
+    metric: str = ""
+
+    def channel_scores(self) -> torch.Tensor:
+        """The final per-channel score (higher = more important)."""
+        return self.combine(self.activation, self.weight_term)
+
+
+@dataclass
+class BlockMask:
+    """Which units of a block survive for this batch.
+
+    ``kept_units`` are query heads (attention) or channels (MLP), sorted. ``kept_kv_heads`` is
+    set only by the group-aware GQA policy (None = key/value heads stay dense).
+    ``unit_scores`` are the per-unit scores the decision was made from (for reports).
+    """
+
+    kept_units: torch.Tensor
+    total_units: int
+    kept_kv_heads: torch.Tensor | None = None
+    unit_scores: torch.Tensor | None = None
+
+    @property
+    def n_kept(self) -> int:
+        """Number of kept units."""
+        return int(self.kept_units.numel())
+
+
+@dataclass
+class BlockInputs:
+    """The full batch as one block sees it.
+
+    ``normed`` is the block's input after its norm (B, T, D); ``residual`` is before it;
+    ``attention_mask`` (B, T) is 1 for real tokens; ``attn_bias`` is its additive causal form
+    (None when there is no padding); ``rotary`` is the model's (cos, sin) or None.
+    """
+
+    normed: torch.Tensor
+    residual: torch.Tensor
+    attention_mask: torch.Tensor
+    attn_bias: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class BlockOutput:
+    """What ``infer`` returns: the block output and the statistics that update the history.
+
+    ``sq_mean`` (T, n_kept_channels) is the mean over real rows of the squared input of the
+    output projection per position; ``position_valid`` (T,) is False where every row is padding;
+    ``kept_channels`` indexes the channels ``sq_mean`` describes (None = all).
+    """
+
+    output: torch.Tensor
+    sq_mean: torch.Tensor | None = None
+    position_valid: torch.Tensor | None = None
+    kept_channels: torch.Tensor | None = None
