@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ppframework import data as data_mod
-from ppframework.adapters import get_adapter
+from ppframework.adapters import get_adapter, supported_model_types
 from ppframework.calibration import cached_calibration, calibrate
 from ppframework.config import (
     MethodConfig,
@@ -46,17 +47,37 @@ def load_config(
     return cfg
 
 
-def check_data_sources(cfg: RunConfig) -> Path | None:
-    """Fail early when the evaluation or calibration text cannot be found; return the data dir."""
-    data_dir = data_mod.resolve_data_dir(cfg.data.data_dir)
-    if not Path(cfg.data.name).suffix and cfg.data.name not in data_mod.KNOWN_DATASETS:
+def needs_calibration(cfg: RunConfig) -> bool:
+    """Whether any method of ``cfg`` prunes and keeps a calibration history."""
+    return any(m.history.init == "calibration" and m.pruning.ratio > 0 for m in cfg.methods)
+
+
+def check_model_family(name: str) -> None:
+    """For a local HF directory, fail before loading weights if no adapter supports its family."""
+    config_file = Path(name) / "config.json"
+    if not config_file.is_file():
+        return
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in supported_model_types():
         raise ConfigError(
-            f"data.name: unknown data set {cfg.data.name!r}; use one of {', '.join(data_mod.KNOWN_DATASETS)} "
-            "or a path to a local .txt/.raw/.jsonl/.json/.parquet file"
+            f"model.name: model family {model_type!r} is not supported; supported model types: "
+            f"{', '.join(supported_model_types())}."
         )
-    if Path(cfg.data.name).suffix and not Path(cfg.data.name).is_file():
-        raise ConfigError(f"data.name: file {cfg.data.name!r} does not exist")
-    return data_dir
+
+
+def load_eval_text(cfg: RunConfig) -> str:
+    """Read the evaluation text and check the calibration source, before any model is loaded."""
+    data_mod.resolve_data_dir(cfg.data.data_dir)
+    text = data_mod.load_corpus_text(cfg.data.name, cfg.data.split, cfg.data.data_dir)
+    if needs_calibration(cfg):
+        try:
+            data_mod.load_documents(cfg.calibration.dataset, cfg.calibration.split, cfg.data.data_dir)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"calibration.dataset: {cfg.calibration.dataset!r} cannot be read: {exc}"
+            ) from None
+    check_model_family(cfg.model.name)
+    return text
 
 
 def calibration_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:

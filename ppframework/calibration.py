@@ -42,9 +42,11 @@ class _Accumulator:
         self.sq_sum: torch.Tensor | None = None
         self.sum: torch.Tensor | None = None
         self.count = 0
+        self.batch_size = 1
 
     def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().float()
+        # Some families (OPT) flatten (batch, seq) before the MLP; restore the position axis.
+        x = args[0].detach().float().reshape(self.batch_size, -1, args[0].shape[-1])
         if self.sq_sum is None:
             self.sq_sum = x.square().sum(dim=0)
             self.sum = x.sum(dim=0)
@@ -74,6 +76,8 @@ def calibrate(
     device = next(model.parameters()).device
     try:
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+            for acc in accumulators.values():
+                acc.batch_size = batch.shape[0]
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for handle in handles:

@@ -243,7 +243,7 @@ def validation_message(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field; remove it or check its spelling"
-        lines.append(f"{format_location(loc)}: {message}")
+        lines.append(f"{format_location(loc)}: {message}" if loc else message)
     return "\n".join(lines)
 
 
@@ -260,6 +260,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML; list items by index) to a raw dict."""
     data = copy.deepcopy(raw)
+    if overrides and "methods" not in data:
+        data["methods"] = [{"preset": "pp"}]  # the default, materialised so methods.0.* can address it
     for text in overrides:
         path, value = _parse_override(text)
         node: Any = data

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ppframework import data as data_mod
-from ppframework.api import build_pipeline, calibration_history, check_data_sources
+from ppframework.api import build_pipeline, calibration_history, load_eval_text
 from ppframework.config import RunConfig
 from ppframework.history import HistoryStore
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
@@ -57,10 +57,11 @@ class RunReport:
         }
 
 
-def eval_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
+def eval_batches(cfg: RunConfig, tokenizer: Any, text: str | None = None) -> list[torch.Tensor]:
     """The evaluation windows of ``cfg.data`` cut into fixed-size batches."""
     d = cfg.data
-    text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
+    if text is None:
+        text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
     ids = data_mod.tokenize_text(text, tokenizer)
     windows = data_mod.make_windows(ids, d.seq_len, d.window_policy, cfg.seed)
     batches = data_mod.batched(windows, d.batch_size)
@@ -86,7 +87,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
     """Evaluate dense and every method of ``cfg`` on the same batches; see :class:`RunReport`."""
     progress = cfg.progress if progress is None else progress
     start = time.perf_counter()
-    check_data_sources(cfg)
+    text = load_eval_text(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(
         cfg.model.name,
@@ -95,20 +96,19 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
         gguf_file=cfg.model.gguf_file,
         cache_dir=cfg.model.cache_dir,
     )
-    batches = eval_batches(cfg, tokenizer)
+    batches = eval_batches(cfg, tokenizer, text)
     warmup = cfg.data.warmup_batches
     dense = evaluate_perplexity(model, batches, warmup_batches=warmup, progress=progress, desc="dense")
     rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense.median_seconds)]
     calibration: HistoryStore | None = None
     calibration_info: dict[str, Any] | None = None
     for index, method in enumerate(cfg.methods):
-        pipe = build_pipeline(
-            model, cfg, method_index=index, tokenizer=tokenizer, history=None, progress=progress
-        )
-        if pipe.needs_history:
+        history = None
+        if method.history.init == "calibration" and method.pruning.ratio > 0:
             if calibration is None:
                 calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
-            pipe.history = calibration.clone()
+            history = calibration.clone()
+        pipe = build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
         with pipe:
             result = evaluate_perplexity(
                 model, batches, warmup_batches=warmup, progress=progress, desc=method.label

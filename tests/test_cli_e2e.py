@@ -16,25 +16,7 @@ import yaml
 from ppframework import cli
 from ppframework.hookspecs import STAGES
 
-OPT_CALIBRATION_BUG = (
-    "library bug: ppframework.calibration.calibrate's _Accumulator sums over dim 0 assuming (batch, seq, "
-    "channels) inputs, but transformers' OPTDecoderLayer flattens hidden states to (batch*seq, hidden) "
-    "before fc1/fc2, so the OPT MLP history is (ffn,) instead of (seq, ffn) and importance-scaled fusion "
-    "fails: 'The size of tensor a (256) must match the size of tensor b (16) at non-singleton dimension 1'"
-)
-FAMILIES = (
-    "llama",
-    "llama-gqa",
-    pytest.param(
-        "opt", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=OPT_CALIBRATION_BUG)
-    ),
-)
-DOUBLE_CALIBRATION_BUG = (
-    "library bug: ppframework.api.build_pipeline already calibrates (calibration_history) when given a "
-    "RunConfig and history=None, and ppframework.runner.run then calls calibration_history again; the "
-    "second call reads the cache the first one just wrote, so a first run reports calibration.from_cache "
-    "true, and with calibration.cache false the dense calibration is computed len(methods) + 1 times"
-)
+FAMILIES = ("llama", "llama-gqa", "opt")
 SEQ_LEN = 32
 BATCH_SIZE = 4
 MAX_BATCHES = 3
@@ -185,7 +167,6 @@ def test_second_run_reuses_calibration_cache(
         assert b["realised_ratio"] == pytest.approx(a["realised_ratio"])
 
 
-@pytest.mark.xfail(strict=True, reason=DOUBLE_CALIBRATION_BUG)
 def test_first_run_reports_fresh_calibration(
     tiny_model_dir: Any,
     tiny_text_file: Path,
@@ -198,7 +179,6 @@ def test_first_run_reports_fresh_calibration(
     assert first["calibration"]["from_cache"] is False
 
 
-@pytest.mark.xfail(strict=True, reason=DOUBLE_CALIBRATION_BUG)
 def test_run_calibrates_once_without_cache(
     tiny_model_dir: Any,
     tiny_text_file: Path,

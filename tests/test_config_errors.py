@@ -12,7 +12,7 @@ import yaml
 import ppframework.models
 import ppframework.runner
 from ppframework import cli
-from ppframework.api import check_data_sources, load_config
+from ppframework.api import load_config, load_eval_text
 from ppframework.config import PRESETS, RunConfig, apply_overrides
 from ppframework.errors import ConfigError
 
@@ -58,7 +58,7 @@ def failure(raw: dict[str, Any], overrides: list[str] | None = None) -> str:
 
 def test_base_config_is_valid(base: dict[str, Any], no_model_load: None) -> None:
     cfg = load_config(base)
-    check_data_sources(cfg)
+    load_eval_text(cfg)
     with pytest.raises(AssertionError, match="a model was loaded"):
         ppframework.runner.run(cfg, progress=False)
 
@@ -165,7 +165,7 @@ def test_calibration_seq_len_below_data_seq_len(base: dict[str, Any], no_model_l
 def test_missing_data_file(base: dict[str, Any], no_model_load: None, tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
     message = failure(with_changes(base, f"data.name={missing}"))
-    assert message.startswith("data.name:") and str(missing) in message and "does not exist" in message
+    assert message.startswith("data.name:") and str(missing) in message and "existing file" in message
 
 
 def test_unknown_data_set_name(base: dict[str, Any], no_model_load: None) -> None:
@@ -179,35 +179,16 @@ def test_missing_data_dir(base: dict[str, Any], no_model_load: None, tmp_path: P
     assert message.startswith("data.data_dir:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: api.check_data_sources (docstring: 'Fail early when the evaluation or calibration "
-    "text cannot be found') never looks at calibration.dataset, so a missing calibration file is only "
-    "reported after the model is loaded and dense evaluation has run",
-)
 def test_missing_calibration_file(base: dict[str, Any], no_model_load: None, tmp_path: Path) -> None:
     message = failure(with_changes(base, f"calibration.dataset={tmp_path / 'missing.txt'}"))
     assert "calibration.dataset" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: api.check_data_sources does not check calibration.dataset, so an unknown "
-    "calibration data set name ('c5') passes validation and fails only after the model is loaded",
-)
 def test_unknown_calibration_data_set(base: dict[str, Any], no_model_load: None) -> None:
     message = failure(with_changes(base, "calibration.dataset=c5"))
     assert "calibration.dataset" in message and "c4" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: api.check_data_sources only checks that a data.name with a suffix exists, not "
-    "that the suffix is supported; an existing .csv file is rejected only after the model is loaded",
-)
 def test_unsupported_data_file_extension(base: dict[str, Any], no_model_load: None, tmp_path: Path) -> None:
     csv = tmp_path / "table.csv"
     csv.write_text("text\nhello world\n")
@@ -275,14 +256,6 @@ def test_set_overrides_apply(base: dict[str, Any]) -> None:
     assert base["methods"][0]["pruning"]["ratio"] == 0.4  # the raw dict is not modified
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="library bug/usability: `--set methods.0.pruning.ratio=0.2` (the example in `ppf run --help` "
-    "and in the KEY=VALUE error) fails on a config that omits `methods`, although the default config "
-    'has one method (pp): apply_overrides builds an empty list and raises "--set '
-    "'methods.0.pruning.ratio=0.2': '0' is not an index of a list of 0\"",
-)
 def test_set_method_ratio_on_default_methods() -> None:
     cfg = load_config({}, ["methods.0.pruning.ratio=0.2"])
     assert cfg.methods[0].pruning.ratio == 0.2
@@ -397,7 +370,7 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> str:
     [
         ("methods.0.pruning.ratio=1.0", "methods[0].pruning.ratio"),
         ("methods.0.strategies.select_probe.name=nope", "registered: residual"),
-        ("data.name=wikitext3", "data.name: unknown data set 'wikitext3'"),
+        ("data.name=wikitext3", "data.name: 'wikitext3' is neither a known data set"),
     ],
 )
 def test_cli_bad_config_exits_2(

@@ -198,11 +198,6 @@ def test_history_store_clone_is_deep() -> None:
     assert store.max_positions == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the padded branch multiplies squares by the 0/1 mask (einsum), so a non-finite "
-    "value at a padding row turns the position's statistic into nan (which the EMA then spreads)",
-)
 def test_squared_mean_per_position_ignores_non_finite_padding() -> None:
     z = torch.tensor([[[1.0, 2.0]], [[float("nan"), float("inf")]]])
     got, ok = squared_mean_per_position(z, torch.tensor([[1], [0]]))

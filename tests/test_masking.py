@@ -277,12 +277,6 @@ def test_gqa_group_hand_example() -> None:
     assert query_only.kept_kv_heads is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library inconsistency: BlockGeometry.num_kv_heads defaults to 0 and group_size treats 0 as "
-    "'no GQA', but structured_mask tests num_kv_heads < units, so a default MHA geometry is treated as "
-    "GQA (kv kept dense) and the group policy crashes with view(0, 1)",
-)
 @pytest.mark.parametrize("policy", ["query-only", "group"])
 def test_default_num_kv_heads_means_mha(policy: str) -> None:
     scores = ChannelScores(weight_term=torch.arange(8.0), combine=weight_only)

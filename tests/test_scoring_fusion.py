@@ -402,11 +402,6 @@ def test_fuse_history_no_evidence_no_history_leaves_activation_unset() -> None:
     assert out.activation is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: probe_evidence weights squares by the 0/1 mask in an einsum, so a non-finite "
-    "value in an invalid (padding) entry gives 0 * inf = nan for that position",
-)
 def test_probe_evidence_ignores_non_finite_invalid_entries() -> None:
     states = torch.tensor([[[1.0, 2.0]], [[float("nan"), float("inf")]]])
     valid = torch.tensor([[True], [False]])

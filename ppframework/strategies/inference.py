@@ -13,11 +13,11 @@ def squared_mean_per_position(
     z: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over real rows of ``z[b, t, c]^2`` per position (fp32), and which positions had any."""
-    weights = attention_mask.to(torch.float32)
-    counts = weights.sum(dim=0)
-    if bool((counts == weights.shape[0]).all()):
+    real = attention_mask.bool()
+    counts = real.to(torch.float32).sum(dim=0)
+    if bool(real.all()):
         return z.float().square().mean(dim=0), counts > 0
-    sums = torch.einsum("bt,btc->tc", weights, z.float().square())
+    sums = z.float().square().masked_fill(~real[:, :, None], 0.0).sum(dim=0)
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
 
 

@@ -46,7 +46,7 @@ def structured_mask(ctx: BlockContext, scores: ChannelScores, ratio: float) -> B
         keep = rounded_keep(geo.units, ratio, ctx.round_to)
         return BlockMask(kept_units=keep_top(channel, keep), total_units=geo.units, unit_scores=channel)
     heads = head_scores(channel, geo.unit_width, scores.head_reduce)
-    grouped = geo.num_kv_heads < geo.units
+    grouped = geo.group_size > 1
     if grouped and ctx.gqa_policy == "group":
         group = heads.view(geo.num_kv_heads, geo.group_size)
         group_scores = group.norm(dim=1) if scores.head_reduce == "l2" else group.sum(dim=1)

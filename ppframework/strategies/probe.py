@@ -46,7 +46,7 @@ def select_residual_probe(
     """
     batch, seq, _ = residual.shape
     real = attention_mask.bool()
-    norms = residual.float().norm(dim=-1) * real
+    norms = residual.float().norm(dim=-1).masked_fill(~real, 0.0)
     position_ok = real.any(dim=0)
     row_ok = real.any(dim=1)
     k_rows, k_tokens = probe_sizes(batch, seq, seq_ratio, batch_ratio)

@@ -14,9 +14,8 @@ def probe_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Ten
     Returns (P of shape (k_T, C), position_valid of shape (k_T,)). Positions where no probe row
     is real text get 0 and ``position_valid`` False.
     """
-    weights = valid.to(torch.float32)
-    counts = weights.sum(dim=0)
-    sums = torch.einsum("bt,btc->tc", weights, states.float().square())
+    counts = valid.to(torch.float32).sum(dim=0)
+    sums = states.float().square().masked_fill(~valid[:, :, None], 0.0).sum(dim=0)
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
 
 
