@@ -184,20 +184,12 @@ class MethodConfig(StrictModel):
         return f"{base} {self.pruning.ratio:.0%}"
 
 
-class EvalConfig(StrictModel):
-    """What ``ppf run`` measures."""
-
-    perplexity: bool = True
-    timing: bool = True
-
-
 class RunConfig(StrictModel):
     """A whole run: model, data, calibration, the methods to compare with dense, and outputs."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(preset="pp")])
     seed: int = 0
     out_dir: str | None = None

@@ -7,6 +7,7 @@ import torch
 
 from ppframework.adapters import get_adapter
 from ppframework.config import MethodConfig
+from ppframework.hookspecs import hookimpl
 from ppframework.pipeline import Pipeline
 from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockKind
@@ -173,3 +174,34 @@ def test_skipped_layers_are_never_pruned():
     pruned_layers = {layer for layer, _ in pipe.record.kept_units}
     assert pruned_layers == {1, 3}
     assert pipe.layer_ratio == 0.6  # round(4 / (4 - 2) * 0.3, 2)
+
+
+class MaskRecorder:
+    """An observer: a new-style pluggy wrapper around apply_mask that keeps every decision."""
+
+    def __init__(self):
+        self.masks = []
+
+    @hookimpl(wrapper=True)
+    def apply_mask(self, ctx, scores, ratio):
+        mask = yield
+        self.masks.append((ctx.layer, ctx.kind, mask.kept_units.clone()))
+        return mask
+
+
+def test_magnitude_scoring_decides_from_weights_alone():
+    model = tiny_model("llama")
+    cfg = method(0.5)
+    cfg.strategies.score_channels.name = "magnitude"
+    pipe = Pipeline(model, cfg)
+    recorder = MaskRecorder()
+    pipe.plugin_manager.register(recorder)
+    with pipe:
+        for seed in (8, 9):
+            logits(model, torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(seed)))
+    weight = get_adapter(model).runner(1, BlockKind.MLP).out_proj.weight
+    expected = weight.abs().sum(dim=0).topk(64).indices.sort().values
+    layer1_mlp = [kept for layer, kind, kept in recorder.masks if layer == 1 and kind is BlockKind.MLP]
+    assert len(layer1_mlp) == 2
+    for kept in layer1_mlp:
+        torch.testing.assert_close(kept, expected)

@@ -56,23 +56,36 @@ class _WeightTermCache:
         return term
 
 
-class PPspScore:
-    """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2."""
+class WeightMetricScore:
+    """Base for metrics of the form ``combine(a_c, weight_term(W))``.
+
+    Subclasses set ``name``, ``weight_term`` (a function of the output weight), ``combine`` and
+    ``head_reduce``; probe evidence is attached whenever there is a probe.
+    """
 
     stage = "score_channels"
-    name = "ppsp"
+    name = ""
+    head_reduce = "l2"
 
     def __init__(self) -> None:
         self._terms = _WeightTermCache()
+
+    @staticmethod
+    def weight_term(weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def combine(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @hookimpl
     def score_channels(
         self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
     ) -> ChannelScores:
         scores = ChannelScores(
-            weight_term=self._terms.get(weight, ppsp_weight_term),
-            combine=activation_times_weight,
-            head_reduce="l2",
+            weight_term=self._terms.get(weight, self.weight_term),
+            combine=self.combine,
+            head_reduce=self.head_reduce,
             metric=self.name,
         )
         if probe is not None and probe_states is not None:
@@ -81,22 +94,19 @@ class PPspScore:
         return scores
 
 
-class MagnitudeScore:
+class PPspScore(WeightMetricScore):
+    """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2."""
+
+    name = "ppsp"
+    head_reduce = "l2"
+    weight_term = staticmethod(ppsp_weight_term)
+    combine = staticmethod(activation_times_weight)
+
+
+class MagnitudeScore(WeightMetricScore):
     """Weight magnitude: S_c = sum_i |W[i, c]|, no activations; heads by sum (static)."""
 
-    stage = "score_channels"
     name = "magnitude"
-
-    def __init__(self) -> None:
-        self._terms = _WeightTermCache()
-
-    @hookimpl
-    def score_channels(
-        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
-    ) -> ChannelScores:
-        return ChannelScores(
-            weight_term=self._terms.get(weight, magnitude_weight_term),
-            combine=weight_only,
-            head_reduce="sum",
-            metric=self.name,
-        )
+    head_reduce = "sum"
+    weight_term = staticmethod(magnitude_weight_term)
+    combine = staticmethod(weight_only)
