@@ -163,6 +163,10 @@ class Pipeline:
             device = next(self.model.parameters()).device
             self.history.to(device)
         if not self.is_dense:
+            if any("forward" in self.adapter.layers[i].__dict__ for i in self.pruned_layers):
+                raise RuntimeError(
+                    "another pipeline is already attached to this model; detach it first (use `with pipe:`)"
+                )
             backbone = self._backbone()
             self._handle = backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
             for index in self.pruned_layers:

@@ -205,3 +205,10 @@ def test_magnitude_scoring_decides_from_weights_alone():
     assert len(layer1_mlp) == 2
     for kept in layer1_mlp:
         torch.testing.assert_close(kept, expected)
+
+
+def test_two_pipelines_cannot_attach_to_one_model_at_once():
+    model = tiny_model("llama")
+    with Pipeline(model, method(0.5)):
+        with pytest.raises(RuntimeError, match="already attached"):
+            Pipeline(model, method(0.3)).attach()
