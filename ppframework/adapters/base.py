@@ -61,6 +61,26 @@ def additive_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) ->
     return bias[:, None, :, :]
 
 
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor,
+    attn_bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal SDPA over (B, H, T, d) tensors; the fast causal path when there is no padding.
+
+    ``attn_bias`` is the precomputed additive form of ``attention_mask`` (built here if None and
+    the mask has padding).
+    """
+    if attn_bias is None and bool(attention_mask.all()):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+    if attn_bias is None:
+        attn_bias = additive_attention_bias(attention_mask, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+
+
 class BlockRunner(ABC):
     """Runs one block of one decoder layer, optionally on a subset of its units.
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ppframework.adapters.base import (
     BlockRunner,
     ModelAdapter,
-    additive_attention_bias,
+    causal_attention,
     sliced_linear,
     unit_channels,
 )
@@ -71,12 +70,7 @@ class LlamaAttentionRunner(BlockRunner):
             kv_index = self._kv_index(kept_units, kept_kv_heads, x.device)
             k = k.index_select(1, kv_index)
             v = v.index_select(1, kv_index)
-        if attn_bias is None and bool(attention_mask.all()):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, scale=self.scaling)
-        else:
-            if attn_bias is None:
-                attn_bias = additive_attention_bias(attention_mask, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scaling)
+        out = causal_attention(q, k, v, attention_mask, attn_bias, self.scaling)
         return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
 
     def _kv_index(

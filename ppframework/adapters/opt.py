@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ppframework.adapters.base import BlockRunner, ModelAdapter, additive_attention_bias, sliced_linear
+from ppframework.adapters.base import BlockRunner, ModelAdapter, causal_attention, sliced_linear
 from ppframework.types import BlockGeometry, BlockKind
 
 
@@ -42,11 +41,7 @@ class OPTAttentionRunner(BlockRunner):
         )
         k = sliced_linear(x, self.attn.k_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
         v = sliced_linear(x, self.attn.v_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
-        if attn_bias is None and bool(attention_mask.all()):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, scale=1.0)
-        else:
-            bias = attn_bias if attn_bias is not None else additive_attention_bias(attention_mask, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        out = causal_attention(q, k, v, attention_mask, attn_bias, scale=1.0)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
