@@ -49,7 +49,7 @@ def load_config(
 
 def needs_calibration(cfg: RunConfig) -> bool:
     """Whether any method of ``cfg`` prunes and keeps a calibration history."""
-    return any(m.history.init == "calibration" and m.pruning.ratio > 0 for m in cfg.methods)
+    return any(m.needs_calibration for m in cfg.methods)
 
 
 def check_model_family(name: str) -> None:

@@ -178,6 +178,11 @@ class MethodConfig(StrictModel):
         return merged
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether this method prunes and starts its history from a dense calibration."""
+        return self.history.init == "calibration" and self.pruning.ratio > 0
+
+    @property
     def label(self) -> str:
         """Short display name: ``name`` and the target ratio."""
         base = self.name or self.preset or "method"

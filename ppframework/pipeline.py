@@ -133,7 +133,7 @@ class Pipeline:
         )
         self.targets = {BlockKind(t) for t in pruning.targets}
         self.history = history
-        self.needs_history = method.history.init == "calibration" and bool(self.pruned_layers)
+        self.needs_history = method.needs_calibration
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_index = -1
         self.record = PruningRecord()

@@ -104,7 +104,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
     calibration_info: dict[str, Any] | None = None
     for index, method in enumerate(cfg.methods):
         history = None
-        if method.history.init == "calibration" and method.pruning.ratio > 0:
+        if method.needs_calibration:
             if calibration is None:
                 calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
             history = calibration.clone()

@@ -7,9 +7,8 @@ block's device; index tensors are ``torch.long`` and sorted ascending.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import torch
 
@@ -73,7 +72,6 @@ class BlockContext:
     gqa_policy: str = "query-only"
     position_valid: torch.Tensor | None = None
     collect_stats: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
