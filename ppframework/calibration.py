@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -86,7 +87,9 @@ def calibrate(
     for key, acc in accumulators.items():
         if acc.sq_sum is None:
             raise RuntimeError(f"calibration saw no input at layer {key[0]} {key[1].value}")
-        blocks[key] = BlockHistory(sq_mean=acc.sq_sum / acc.count, mean=acc.sum / acc.count)
+        blocks[key] = BlockHistory(
+            sq_mean=acc.sq_sum / acc.count, mean=acc.sum / acc.count, samples=acc.count
+        )
     return HistoryStore(blocks)
 
 
@@ -107,11 +110,14 @@ def save_history(store: HistoryStore, path: Path, header: dict[str, Any]) -> Non
 def load_history(path: Path) -> HistoryStore:
     """Read a history written by :func:`save_history`."""
     tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads((handle.metadata() or {}).get("header", "{}"))
+    samples = int(header.get("n_samples", 0))
     blocks: dict[tuple[int, BlockKind], BlockHistory] = {}
     for name, tensor in tensors.items():
         layer, kind, field = name.split(".")
         key = (int(layer), BlockKind(kind))
-        hist = blocks.setdefault(key, BlockHistory(sq_mean=torch.empty(0)))
+        hist = blocks.setdefault(key, BlockHistory(sq_mean=torch.empty(0), samples=samples))
         if field == "sq_mean":
             hist.sq_mean = tensor
         else:

@@ -89,9 +89,15 @@ class PruningConfig(StrictModel):
 class HistoryConfig(StrictModel):
     """The per-position activation history each pruned block keeps."""
 
-    init: Literal["calibration", "none"] = "calibration"
-    update: Literal["ema", "frozen"] = "ema"
-    momentum: float = Field(0.99, ge=0.0, le=1.0)
+    init: Literal["calibration", "none"] = Field(
+        "calibration", description="calibration: dense calibration means; none: no history"
+    )
+    update: Literal["ema", "frozen", "running-mean"] = Field(
+        "ema",
+        description="ema: Hist <- m Hist + (1-m) batch (PP); frozen: calibration only (static); "
+        "running-mean: exact mean over calibration samples and every batch seen",
+    )
+    momentum: float = Field(0.99, ge=0.0, le=1.0, description="EMA momentum m (update: ema)")
 
 
 class StageConfig(StrictModel):
@@ -126,21 +132,137 @@ class StrategiesConfig(StrictModel):
     infer: StageConfig
 
 
+def _strategies(**changes: Any) -> dict[str, Any]:
+    """PP's strategies with some stages replaced (``select_probe="none"`` or a dict)."""
+    strategies = _pp_strategies()
+    for stage, value in changes.items():
+        strategies[stage] = {"name": value} if isinstance(value, str) else value
+    return strategies
+
+
+_CALIBRATION_EMA = {"init": "calibration", "update": "ema", "momentum": 0.99}
+_CALIBRATION_ONLY = {"init": "calibration", "update": "frozen"}
+_NO_HISTORY = {"init": "none", "update": "frozen"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "pp": {
         "description": "Probe Pruning, paper defaults: residual probe (50% tokens, 5% sequences), "
         "calibration + EMA 0.99 history, importance-scaled fusion, PPsp, skip layers 0-2.",
         "pruning": {"ratio": 0.4},
         "strategies": _pp_strategies(),
-        "history": {"init": "calibration", "update": "ema", "momentum": 0.99},
+        "history": _CALIBRATION_EMA,
+    },
+    "full-batch": {
+        "description": "Full-batch probing (paper's oracle): the whole batch is the probe, no history, "
+        "a_c = sum_t P[t, c], PPsp. Costs a second pass over the batch.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(select_probe="full", fuse_history="none"),
+        "history": _NO_HISTORY,
+    },
+    "no-history": {
+        "description": "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(fuse_history="none"),
+        "history": _NO_HISTORY,
+    },
+    "history-only": {
+        "description": "History only (ablation): no probe; a_c from calibration + EMA 0.99 history, the "
+        "decision for batch n uses history up to batch n-1; PPsp.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(select_probe="none", fuse_history="history-only"),
+        "history": _CALIBRATION_EMA,
+    },
+    "random-probe": {
+        "description": "Random probe (ablation): uniform random positions then sequences at PP's sizes; "
+        "otherwise PP.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(
+            select_probe={"name": "random", "params": {"seq_ratio": 0.5, "batch_ratio": 0.05}}
+        ),
+        "history": _CALIBRATION_EMA,
+    },
+    "fixed-fusion": {
+        "description": "Fixed-ratio fusion (ablation): F = (1-q) Hist + q P with q = 0.5 instead of "
+        "importance scaling; otherwise PP.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(fuse_history={"name": "fixed", "params": {"probe_weight": 0.5}}),
+        "history": _CALIBRATION_EMA,
+    },
+    "static-ppsp": {
+        "description": "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
+        "sliced weights cached.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(select_probe="none", fuse_history="history-only"),
+        "history": _CALIBRATION_ONLY,
+    },
+    "wanda-sp": {
+        "description": "Wanda-sp (static baseline): S_c = sum_i |W[i,c]| sqrt(a_c) from calibration, heads "
+        "by sum; decided once, sliced weights cached.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(
+            select_probe="none", fuse_history="history-only", score_channels="wanda-sp"
+        ),
+        "history": _CALIBRATION_ONLY,
+    },
+    "flap": {
+        "description": "FLAP (static baseline): S_c = fluct_c * sum_i W[i,c]^2 (calibration variance summed "
+        "over positions), heads by sum, with bias compensation; uniform per-layer ratio (no global "
+        "structure search); decided once, sliced weights cached.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(
+            select_probe="none",
+            fuse_history="history-only",
+            score_channels={"name": "flap", "params": {"bias_compensation": True}},
+        ),
+        "history": _CALIBRATION_ONLY,
+    },
+    "magnitude": {
+        "description": "Magnitude (static baseline): S_c = sum_i |W[i,c]|, weights only, heads by sum; "
+        "decided once, sliced weights cached.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(
+            select_probe="none", fuse_history="history-only", score_channels="magnitude"
+        ),
+        "history": _NO_HISTORY,
     },
     "dense": {
         "description": "No pruning (ratio 0): the pipeline does not touch the model.",
         "pruning": {"ratio": 0.0},
         "strategies": _pp_strategies(),
-        "history": {"init": "none", "update": "frozen"},
+        "history": _NO_HISTORY,
     },
 }
+
+
+def _normalise_stages(method: dict[str, Any]) -> dict[str, Any]:
+    """Stage shorthands (``select_probe: random``) become ``{"name": "random"}``."""
+    strategies = method.get("strategies")
+    if not isinstance(strategies, dict):
+        return method
+    method = dict(method)
+    method["strategies"] = {
+        stage: {"name": value} if isinstance(value, str) else value for stage, value in strategies.items()
+    }
+    return method
+
+
+def merge_method(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge a method override onto a base method dict.
+
+    Dicts merge recursively, except that a stage whose strategy ``name`` changes starts from the
+    new strategy's defaults (the old strategy's ``params`` are dropped, not carried over).
+    """
+    base, override = _normalise_stages(base), _normalise_stages(override)
+    merged = _deep_merge(base, override)
+    for stage, value in (override.get("strategies") or {}).items():
+        old = (base.get("strategies") or {}).get(stage)
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", old.get("name")) != old.get("name")
+        ):
+            merged["strategies"][stage] = copy.deepcopy(value)
+    return merged
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +273,52 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+ACTIVATION_METRICS = {"ppsp", "wanda-sp", "flap"}
+PROBE_FUSIONS = {"importance-scaled", "none", "fixed"}
+HISTORY_FUSIONS = {"importance-scaled", "history-only", "fixed"}
+BUILTIN_FUSIONS = PROBE_FUSIONS | HISTORY_FUSIONS
+
+
+def method_inconsistency(method: MethodConfig) -> str | None:
+    """Why the built-in strategies of ``method`` cannot work together, or None.
+
+    Only combinations of built-in strategy names are judged; third-party strategies are trusted.
+    """
+    if method.pruning.ratio == 0:
+        return None
+    st = method.strategies
+    probe, fusion, metric = st.select_probe.name, st.fuse_history.name, st.score_channels.name
+    has_probe = probe != "none"
+    has_history = method.history.init == "calibration"
+    if fusion not in BUILTIN_FUSIONS:
+        return None
+    if fusion == "fixed" and not (has_probe and has_history):
+        return (
+            "strategies.fuse_history: 'fixed' fuses probe and history; it needs a select_probe other than "
+            "'none' and history.init 'calibration'"
+        )
+    if fusion == "none" and not has_probe and metric in ACTIVATION_METRICS:
+        return (
+            "strategies.fuse_history: 'none' uses the probe alone, but select_probe is 'none'; choose a "
+            "probe (residual, random, full) or fuse_history 'history-only'"
+        )
+    if metric == "flap" and (has_probe and fusion != "history-only" or not has_history):
+        return (
+            "strategies.score_channels: 'flap' scores the calibration's fluctuation; use select_probe 'none' "
+            "(or fuse_history 'history-only') and history.init 'calibration'"
+        )
+    if metric in ACTIVATION_METRICS:
+        from_probe = has_probe and fusion in PROBE_FUSIONS
+        from_history = has_history and fusion in HISTORY_FUSIONS
+        if not (from_probe or from_history):
+            return (
+                f"strategies.score_channels: {metric!r} needs activations, but this method has neither a "
+                f"probe feeding fuse_history {fusion!r} nor a calibration history; set history.init "
+                "'calibration' or choose a probe"
+            )
+    return None
 
 
 class MethodConfig(StrictModel):
@@ -173,9 +341,17 @@ class MethodConfig(StrictModel):
         preset = data["preset"]
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
-        merged = _deep_merge(PRESETS[preset], data)
+        merged = merge_method({k: v for k, v in PRESETS[preset].items() if k != "description"}, data)
         merged.setdefault("name", preset)
+        merged.setdefault("description", PRESETS[preset]["description"])
         return merged
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodConfig:
+        problem = method_inconsistency(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @property
     def needs_calibration(self) -> bool:

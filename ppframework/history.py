@@ -15,11 +15,15 @@ class BlockHistory:
 
     ``sq_mean`` is the running estimate of the mean over samples of ``X[t, c]^2`` where ``X`` is
     the input of the block's output projection; ``mean`` is the calibration mean of ``X``.
+    ``samples`` is how many sequences the calibration averaged (the running mean's prior weight);
+    ``counts`` (lazily created) holds the samples behind each entry under the running-mean update.
     """
 
     sq_mean: torch.Tensor
     mean: torch.Tensor | None = None
     updates: int = 0
+    samples: int = 0
+    counts: torch.Tensor | None = None
 
     def ema_update(
         self,
@@ -39,6 +43,39 @@ class BlockHistory:
             rows.copy_(blended)
         else:
             rows.index_copy_(1, channels, blended)
+        self.updates += 1
+
+    def running_mean_update(
+        self,
+        stats: torch.Tensor,
+        rows_per_position: torch.Tensor,
+        channels: torch.Tensor | None,
+    ) -> None:
+        """Exact running mean over every sequence seen so far (calibration included).
+
+        ``Hist[t, c] <- Hist[t, c] + n_b / (n + n_b) * (stats[t, c] - Hist[t, c])`` where ``n`` is
+        the number of samples behind the entry (starting at the calibration's ``samples``) and
+        ``n_b`` the real rows of this batch at position ``t``. Only kept ``channels`` change.
+        """
+        seq = stats.shape[0]
+        if self.counts is None:
+            prior = float(max(self.samples, 1))
+            self.counts = torch.full(
+                self.sq_mean.shape, prior, dtype=torch.float32, device=self.sq_mean.device
+            )
+        rows = self.sq_mean[:seq]
+        counts = self.counts[:seq]
+        current = rows if channels is None else rows.index_select(1, channels)
+        seen = counts if channels is None else counts.index_select(1, channels)
+        added = rows_per_position.to(torch.float32)[:, None]
+        blended = current + (stats.to(current.dtype) - current) * (added / (seen + added).clamp(min=1.0))
+        new_counts = seen + added
+        if channels is None:
+            rows.copy_(blended)
+            counts.copy_(new_counts)
+        else:
+            rows.index_copy_(1, channels, blended)
+            counts.index_copy_(1, channels, new_counts)
         self.updates += 1
 
 
@@ -63,13 +100,21 @@ class HistoryStore:
             hist.sq_mean = hist.sq_mean.to(device)
             if hist.mean is not None:
                 hist.mean = hist.mean.to(device)
+            if hist.counts is not None:
+                hist.counts = hist.counts.to(device)
         return self
 
     def clone(self) -> HistoryStore:
         """A deep copy (so several methods can start from the same calibration)."""
         return HistoryStore(
             {
-                key: BlockHistory(h.sq_mean.clone(), None if h.mean is None else h.mean.clone(), h.updates)
+                key: BlockHistory(
+                    h.sq_mean.clone(),
+                    None if h.mean is None else h.mean.clone(),
+                    h.updates,
+                    h.samples,
+                    None if h.counts is None else h.counts.clone(),
+                )
                 for key, h in self.blocks.items()
             }
         )

@@ -64,6 +64,7 @@ class _Batch:
     attention_mask: torch.Tensor
     position_valid: torch.Tensor
     has_padding: bool
+    rows_per_position: torch.Tensor
     _bias: dict[torch.dtype, torch.Tensor | None] = field(default_factory=dict)
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -74,12 +75,28 @@ class _Batch:
         return self._bias[dtype]
 
 
+@dataclass(frozen=True)
+class BlockEvent:
+    """The shapes one pruned block actually used for one batch (for FLOPs accounting)."""
+
+    batch: int
+    layer: int
+    kind: BlockKind
+    batch_size: int
+    seq_len: int
+    kept_units: int
+    kept_kv_heads: int
+    probe_rows: int
+    probe_tokens: int
+
+
 @dataclass
 class PruningRecord:
-    """Kept-unit counts per batch, for the realised model-wide ratio."""
+    """Kept-unit counts per batch, for the realised model-wide ratio, and per-block shapes."""
 
     removed_params: list[float] = field(default_factory=list)
     kept_units: dict[tuple[int, BlockKind], list[int]] = field(default_factory=dict)
+    events: list[BlockEvent] = field(default_factory=list)
 
 
 class Pipeline:
@@ -134,6 +151,10 @@ class Pipeline:
         self.targets = {BlockKind(t) for t in pruning.targets}
         self.history = history
         self.needs_history = method.needs_calibration
+        self.updates_history = method.history.init == "calibration" and method.history.update != "frozen"
+        probe_strategy = self.strategies["select_probe"]
+        self.is_static = not getattr(probe_strategy, "dynamic", True) and not self.updates_history
+        self._static_masks: dict[tuple[int, BlockKind], BlockMask] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_index = -1
         self.record = PruningRecord()
@@ -172,6 +193,8 @@ class Pipeline:
             for index in self.pruned_layers:
                 layer = self.adapter.layers[index]
                 layer.forward = self._layer_forward_fn(index, layer)
+            if self.is_static:
+                self._decide_static()
         self._attached = True
         return self
 
@@ -186,6 +209,8 @@ class Pipeline:
             layer = self.adapter.layers[index]
             if "forward" in layer.__dict__:
                 del layer.forward
+        for runner in self._runners.values():
+            runner.unpin_weights()
         self._batch = None
         self._attached = False
 
@@ -228,7 +253,7 @@ class Pipeline:
             )
         self.adapter.check_supported(seq)
         real = mask.bool()
-        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()))
+        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()), real.sum(dim=0))
         self.batch_index += 1
         self.record.removed_params.append(0.0)
         kwargs["use_cache"] = False
@@ -273,20 +298,14 @@ class Pipeline:
             )
             return runner.output(z)
         history = self.history.get(index, kind) if self.history is not None else None
-        collect = history is not None and self.method.history.update == "ema"
-        ctx = BlockContext(
-            layer=index,
-            kind=kind,
-            batch_index=self.batch_index,
-            geometry=runner.geometry,
-            seq_len=inputs.normed.shape[1],
-            generator=self.generator,
-            round_to=self.method.pruning.round_to,
-            gqa_policy=self.method.pruning.gqa_policy,
-            position_valid=batch.position_valid,
-            collect_stats=collect,
-        )
+        collect = history is not None and self.updates_history
+        ctx = self._context(index, kind, runner, inputs.normed.shape[1], batch.position_valid, collect)
         hooks = self.hooks
+        if self.is_static:
+            mask = self._static_masks[(index, kind)]
+            result = hooks.infer(ctx, runner, inputs, mask)
+            self._record(index, kind, mask, inputs.normed.shape, None)
+            return result.output
         probe = hooks.select_probe(ctx, inputs.residual, inputs.normed, inputs.attention_mask)
         states = self._probe_forward(runner, probe, inputs) if probe is not None else None
         scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
@@ -294,11 +313,54 @@ class Pipeline:
         mask = hooks.apply_mask(ctx, scores, self.layer_ratio)
         result = hooks.infer(ctx, runner, inputs, mask)
         if collect and result.sq_mean is not None:
-            history.ema_update(
-                result.sq_mean, result.position_valid, result.kept_channels, self.method.history.momentum
-            )
-        self._record(index, kind, mask)
+            if self.method.history.update == "running-mean":
+                history.running_mean_update(result.sq_mean, batch.rows_per_position, result.kept_channels)
+            else:
+                history.ema_update(
+                    result.sq_mean, result.position_valid, result.kept_channels, self.method.history.momentum
+                )
+        self._record(index, kind, mask, inputs.normed.shape, probe)
         return result.output
+
+    def _context(
+        self,
+        index: int,
+        kind: BlockKind,
+        runner: BlockRunner,
+        seq_len: int,
+        position_valid: torch.Tensor | None,
+        collect: bool,
+    ) -> BlockContext:
+        return BlockContext(
+            layer=index,
+            kind=kind,
+            batch_index=self.batch_index,
+            geometry=runner.geometry,
+            seq_len=seq_len,
+            generator=self.generator,
+            round_to=self.method.pruning.round_to,
+            gqa_policy=self.method.pruning.gqa_policy,
+            position_valid=position_valid,
+            collect_stats=collect,
+        )
+
+    def _decide_static(self) -> None:
+        """Decide every block once from the history alone and pin its sliced weights.
+
+        The decision sums the history over all the positions it covers (not over one batch's),
+        so it is the same for every batch; the sliced weights are gathered on first use and kept.
+        """
+        for (index, kind), runner in self._runners.items():
+            if kind not in self.targets:
+                continue
+            if (index, kind) not in self._static_masks:
+                history = self.history.get(index, kind) if self.history is not None else None
+                positions = history.sq_mean.shape[0] if history is not None else 1
+                ctx = self._context(index, kind, runner, positions, None, False)
+                scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
+                scores = self.hooks.fuse_history(ctx, scores, history)
+                self._static_masks[(index, kind)] = self.hooks.apply_mask(ctx, scores, self.layer_ratio)
+            runner.pin_weights()
 
     @staticmethod
     def _probe_forward(runner: BlockRunner, probe: Probe, inputs: BlockInputs) -> torch.Tensor:
@@ -331,14 +393,31 @@ class Pipeline:
             total += geo.units * per_unit + geo.num_kv_heads * per_kv
         return total * self.adapter.num_layers
 
-    def _record(self, index: int, kind: BlockKind, mask: BlockMask) -> None:
+    def _record(
+        self, index: int, kind: BlockKind, mask: BlockMask, shape: torch.Size, probe: Probe | None
+    ) -> None:
         per_unit, per_kv = self._params_per_unit(kind)
         geo = self.adapter.geometry(kind)
         removed = (geo.units - mask.n_kept) * per_unit
+        kept_kv = geo.num_kv_heads
         if mask.kept_kv_heads is not None:
-            removed += (geo.num_kv_heads - int(mask.kept_kv_heads.numel())) * per_kv
+            kept_kv = int(mask.kept_kv_heads.numel())
+            removed += (geo.num_kv_heads - kept_kv) * per_kv
         self.record.removed_params[-1] += removed
         self.record.kept_units.setdefault((index, kind), []).append(mask.n_kept)
+        self.record.events.append(
+            BlockEvent(
+                batch=self.batch_index,
+                layer=index,
+                kind=kind,
+                batch_size=int(shape[0]),
+                seq_len=int(shape[1]),
+                kept_units=mask.n_kept,
+                kept_kv_heads=kept_kv,
+                probe_rows=0 if probe is None else int(probe.batch_index.numel()),
+                probe_tokens=0 if probe is None else int(probe.token_index.numel()),
+            )
+        )
 
     def realised_ratio(self, skip_batches: int = 0) -> float:
         """Mean over recorded batches (after ``skip_batches``) of the fraction of prunable weights removed."""

@@ -101,6 +101,14 @@ class ChannelScores:
         position_valid: (n_pos,) False where no probe row was real text at that position.
         activation: (C,) fused activation importance ``a_c``, set by ``fuse_history``.
         metric: name of the scoring metric, for reports.
+        statistic: which history statistic ``a_c`` is made of: ``sq_mean`` (sum over positions of
+            the mean of ``X^2``; PPsp, Wanda-sp) or ``variance`` (sum over positions of the
+            per-position variance of ``X``; FLAP's fluctuation).
+        bias_compensation: ask for FLAP's bias compensation: the masking stage adds
+            ``W[:, pruned] @ channel_mean[pruned]`` to the block output.
+        channel_mean: (C,) mean input of each channel (from the history), set by ``fuse_history``
+            when ``bias_compensation`` is on.
+        out_weight: (hidden, C) the output projection's weight the scores were made for.
     """
 
     weight_term: torch.Tensor
@@ -111,6 +119,10 @@ class ChannelScores:
     position_valid: torch.Tensor | None = None
     activation: torch.Tensor | None = None
     metric: str = ""
+    statistic: str = "sq_mean"
+    bias_compensation: bool = False
+    channel_mean: torch.Tensor | None = None
+    out_weight: torch.Tensor | None = None
 
     def channel_scores(self) -> torch.Tensor:
         """The final per-channel score (higher = more important)."""
@@ -124,12 +136,15 @@ class BlockMask:
     ``kept_units`` are query heads (attention) or channels (MLP), sorted. ``kept_kv_heads`` is
     set only by the group-aware GQA policy (None = key/value heads stay dense).
     ``unit_scores`` are the per-unit scores the decision was made from (for reports).
+    ``output_bias`` (hidden,), when set, is added to the block's output (FLAP's bias
+    compensation for the pruned channels).
     """
 
     kept_units: torch.Tensor
     total_units: int
     kept_kv_heads: torch.Tensor | None = None
     unit_scores: torch.Tensor | None = None
+    output_bias: torch.Tensor | None = None
 
     @property
     def n_kept(self) -> int:

@@ -132,7 +132,7 @@ def test_unknown_preset(base: dict[str, Any], no_model_load: None) -> None:
 
 def test_unknown_preset_shorthand(base: dict[str, Any], no_model_load: None) -> None:
     message = failure({**base, "methods": ["pp", "sparsegpt"]})
-    assert message.startswith("methods[1]") and "sparsegpt" in message and "dense, pp" in message
+    assert message.startswith("methods[1]") and "sparsegpt" in message and "wanda-sp" in message and "flap" in message
 
 
 def test_unknown_window_policy(base: dict[str, Any], no_model_load: None) -> None:
@@ -369,7 +369,7 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> str:
     ("override", "expected"),
     [
         ("methods.0.pruning.ratio=1.0", "methods[0].pruning.ratio"),
-        ("methods.0.strategies.select_probe.name=nope", "registered: residual"),
+        ("methods.0.strategies.select_probe.name=nope", "registered: full, none, random, residual"),
         ("data.name=wikitext3", "data.name: 'wikitext3' is neither a known data set"),
     ],
 )

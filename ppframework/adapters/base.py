@@ -17,10 +17,10 @@ from torch import nn
 from ppframework.types import BlockGeometry, BlockKind
 
 
-def sliced_linear(
-    x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``linear(x)`` restricted to output ``rows`` and/or input ``cols`` of its weight.
+def gather_weight(
+    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight (and bias) of ``linear`` restricted to output ``rows`` and/or input ``cols``.
 
     The weight is gathered into a new tensor (``index_select``); the module is not modified.
     The bias follows the rows; with ``cols`` the full bias is kept (it is added once).
@@ -32,6 +32,15 @@ def sliced_linear(
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols)
+    return weight, bias
+
+
+def sliced_linear(
+    x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``linear(x)`` restricted to output ``rows`` and/or input ``cols`` of its weight (see
+    :func:`gather_weight`)."""
+    weight, bias = gather_weight(linear, rows, cols)
     return F.linear(x, weight, bias)
 
 
@@ -81,6 +90,12 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
 
 
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or torch.equal(a, b)
+
+
 class BlockRunner(ABC):
     """Runs one block of one decoder layer, optionally on a subset of its units.
 
@@ -89,6 +104,40 @@ class BlockRunner(ABC):
     """
 
     geometry: BlockGeometry
+    _pinned: (
+        dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None
+    ) = None
+
+    def pin_weights(self) -> None:
+        """Keep every sliced weight gathered from now on and reuse it (for static masks).
+
+        While pinned, each projection must always be sliced with the same indices; a different
+        slice raises instead of silently reusing a stale weight.
+        """
+        self._pinned = {}
+
+    def unpin_weights(self) -> None:
+        """Drop the pinned sliced weights (gather per call again)."""
+        self._pinned = None
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        linear: nn.Linear,
+        rows: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``linear(x)`` on the given rows/columns; reuses pinned sliced weights when pinned."""
+        if self._pinned is None or (rows is None and cols is None):
+            return sliced_linear(x, linear, rows, cols)
+        cached = self._pinned.get(id(linear))
+        if cached is None:
+            weight, bias = gather_weight(linear, rows, cols)
+            cached = (rows, cols, weight, bias)
+            self._pinned[id(linear)] = cached
+        elif not (_same_index(cached[0], rows) and _same_index(cached[1], cols)):
+            raise RuntimeError("pinned block weights were requested with a different slice; unpin first")
+        return F.linear(x, cached[2], cached[3])
 
     @property
     @abstractmethod
@@ -115,7 +164,7 @@ class BlockRunner(ABC):
 
     def output(self, z: torch.Tensor, kept_channels: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the output projection to ``z`` whose channels are ``kept_channels``."""
-        return sliced_linear(z, self.out_proj, cols=kept_channels)
+        return self.linear(z, self.out_proj, cols=kept_channels)
 
     def channels_of(self, kept_units: torch.Tensor | None) -> torch.Tensor | None:
         """Channel indices of the output projection's input covered by ``kept_units``."""

@@ -11,7 +11,6 @@ from ppframework.adapters.base import (
     BlockRunner,
     ModelAdapter,
     causal_attention,
-    sliced_linear,
     unit_channels,
 )
 from ppframework.errors import ConfigError
@@ -58,9 +57,9 @@ class LlamaAttentionRunner(BlockRunner):
         d = geo.unit_width
         q_rows = self.channels_of(kept_units)
         kv_rows = unit_channels(kept_kv_heads, d) if kept_kv_heads is not None else None
-        q = sliced_linear(x, self.attn.q_proj, rows=q_rows).view(batch, seq, -1, d).transpose(1, 2)
-        k = sliced_linear(x, self.attn.k_proj, rows=kv_rows).view(batch, seq, -1, d).transpose(1, 2)
-        v = sliced_linear(x, self.attn.v_proj, rows=kv_rows).view(batch, seq, -1, d).transpose(1, 2)
+        q = self.linear(x, self.attn.q_proj, rows=q_rows).view(batch, seq, -1, d).transpose(1, 2)
+        k = self.linear(x, self.attn.k_proj, rows=kv_rows).view(batch, seq, -1, d).transpose(1, 2)
+        v = self.linear(x, self.attn.v_proj, rows=kv_rows).view(batch, seq, -1, d).transpose(1, 2)
         if rotary is not None:
             cos, sin = rotary
             q = apply_rotary(q, cos, sin)
@@ -108,8 +107,8 @@ class LlamaMLPRunner(BlockRunner):
         kept_units: torch.Tensor | None = None,
         kept_kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        gate = sliced_linear(x, self.mlp.gate_proj, rows=kept_units)
-        up = sliced_linear(x, self.mlp.up_proj, rows=kept_units)
+        gate = self.linear(x, self.mlp.gate_proj, rows=kept_units)
+        up = self.linear(x, self.mlp.up_proj, rows=kept_units)
         return self.mlp.act_fn(gate) * up
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppframework.adapters.base import BlockRunner, ModelAdapter, causal_attention, sliced_linear
+from ppframework.adapters.base import BlockRunner, ModelAdapter, causal_attention
 from ppframework.types import BlockGeometry, BlockKind
 
 
@@ -35,12 +35,12 @@ class OPTAttentionRunner(BlockRunner):
         d = self.geometry.unit_width
         rows = self.channels_of(kept_units)
         q = (
-            (sliced_linear(x, self.attn.q_proj, rows=rows) * self.scaling)
+            (self.linear(x, self.attn.q_proj, rows=rows) * self.scaling)
             .view(batch, seq, -1, d)
             .transpose(1, 2)
         )
-        k = sliced_linear(x, self.attn.k_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
-        v = sliced_linear(x, self.attn.v_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
+        k = self.linear(x, self.attn.k_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
+        v = self.linear(x, self.attn.v_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
         out = causal_attention(q, k, v, attention_mask, attn_bias, scale=1.0)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
@@ -66,7 +66,7 @@ class OPTMLPRunner(BlockRunner):
         kept_units: torch.Tensor | None = None,
         kept_kv_heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.layer.activation_fn(sliced_linear(x, self.layer.fc1, rows=kept_units))
+        return self.layer.activation_fn(self.linear(x, self.layer.fc1, rows=kept_units))
 
 
 class OPTAdapter(ModelAdapter):

@@ -5,17 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ppframework.hookspecs import hookimpl
-from ppframework.strategies.fusion import ImportanceScaledFusion
+from ppframework.strategies.fusion import (
+    FixedFusion,
+    HistoryOnlyFusion,
+    ImportanceScaledFusion,
+    ProbeOnlyFusion,
+)
 from ppframework.strategies.inference import MaskedInference, SlicedInference
 from ppframework.strategies.masking import StructuredMask
-from ppframework.strategies.probe import ResidualProbe
-from ppframework.strategies.scoring import MagnitudeScore, PPspScore
+from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, ResidualProbe
+from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore, WandaSpScore
 
 BUILTIN_STRATEGIES: tuple[type, ...] = (
     ResidualProbe,
+    RandomProbe,
+    FullBatchProbe,
+    NoProbe,
     PPspScore,
+    WandaSpScore,
+    FlapScore,
     MagnitudeScore,
     ImportanceScaledFusion,
+    ProbeOnlyFusion,
+    HistoryOnlyFusion,
+    FixedFusion,
     StructuredMask,
     SlicedInference,
     MaskedInference,

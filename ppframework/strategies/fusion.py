@@ -1,4 +1,10 @@
-"""``fuse_history`` strategies: combine probe evidence with the per-position history."""
+"""``fuse_history`` strategies: combine probe evidence with the per-position history.
+
+Every strategy here produces ``a_c`` from the statistic the scoring metric asked for
+(``ChannelScores.statistic``): the mean of ``X^2`` (PPsp, Wanda-sp) or, from a calibration
+history, the per-position variance of ``X`` (FLAP's fluctuation). When the metric asks for bias
+compensation, the history's per-channel mean input is attached too.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,11 @@ def importance_scaled_fusion(probe: torch.Tensor, history: torch.Tensor, eps: fl
     return (1.0 - rho) * history + rho * probe
 
 
+def fixed_ratio_fusion(probe: torch.Tensor, history: torch.Tensor, weight: float) -> torch.Tensor:
+    """``F = (1 - q) * Hist + q * P`` with a fixed ``q``, per entry."""
+    return torch.lerp(history, probe, weight)
+
+
 def sum_valid_positions(values: torch.Tensor, position_valid: torch.Tensor | None) -> torch.Tensor:
     """Sum rows of (n_pos, C) ``values`` over the valid positions."""
     if position_valid is None:
@@ -23,10 +34,50 @@ def sum_valid_positions(values: torch.Tensor, position_valid: torch.Tensor | Non
     return (values * position_valid[:, None].to(values.dtype)).sum(dim=0)
 
 
-def history_activation(ctx: BlockContext, history: BlockHistory) -> torch.Tensor:
-    """``a_c`` from history alone: the sum over this batch's real positions of ``Hist[t, c]``."""
-    rows = history.sq_mean[: ctx.seq_len]
-    return sum_valid_positions(rows, ctx.position_valid)
+def history_statistic(history: BlockHistory, seq_len: int, statistic: str) -> torch.Tensor:
+    """Per-position history rows (seq_len, C) of ``sq_mean`` or of the variance ``E[X^2] - E[X]^2``."""
+    rows = history.sq_mean[:seq_len]
+    if statistic == "sq_mean":
+        return rows
+    if statistic == "variance":
+        if history.mean is None:
+            raise ValueError("the variance statistic needs the calibration mean of X; this history has none")
+        return (rows - history.mean[:seq_len].square()).clamp(min=0.0)
+    raise ValueError(f"unknown history statistic {statistic!r}; expected 'sq_mean' or 'variance'")
+
+
+def history_activation(ctx: BlockContext, history: BlockHistory, statistic: str = "sq_mean") -> torch.Tensor:
+    """``a_c`` from history alone: the sum over this batch's real positions of the statistic."""
+    return sum_valid_positions(history_statistic(history, ctx.seq_len, statistic), ctx.position_valid)
+
+
+def channel_mean(ctx: BlockContext, history: BlockHistory) -> torch.Tensor:
+    """Mean input of each channel over this batch's real positions (for bias compensation)."""
+    if history.mean is None:
+        raise ValueError("bias compensation needs the calibration mean of X; this history has none")
+    rows = history.mean[: ctx.seq_len]
+    if ctx.position_valid is None:
+        return rows.mean(dim=0)
+    valid = ctx.position_valid[: rows.shape[0]].to(rows.dtype)
+    return (rows * valid[:, None]).sum(dim=0) / valid.sum().clamp(min=1.0)
+
+
+def _require_sq_mean(scores: ChannelScores, strategy: str) -> None:
+    if scores.statistic != "sq_mean":
+        raise ValueError(
+            f"fusion {strategy!r} fuses probe evidence (mean of X^2) but metric {scores.metric!r} scores "
+            f"the {scores.statistic!r} statistic; use fuse_history 'history-only' with select_probe 'none'"
+        )
+
+
+def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None) -> None:
+    if not scores.bias_compensation:
+        return
+    if history is None:
+        raise ValueError(
+            f"metric {scores.metric!r} asks for bias compensation, which needs a calibration history"
+        )
+    scores.channel_mean = channel_mean(ctx, history)
 
 
 class FusionParams(BaseModel):
@@ -52,13 +103,87 @@ class ImportanceScaledFusion:
     def fuse_history(
         self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
     ) -> ChannelScores:
+        _attach_compensation(ctx, scores, history)
         if scores.evidence is None:
             if history is not None:
-                scores.activation = history_activation(ctx, history)
+                scores.activation = history_activation(ctx, history, scores.statistic)
             return scores
+        _require_sq_mean(scores, self.name)
         evidence = scores.evidence
         if history is not None:
             past = history.sq_mean.index_select(0, scores.positions)
             evidence = importance_scaled_fusion(evidence, past, self.params.eps)
         scores.activation = sum_valid_positions(evidence, scores.position_valid)
+        return scores
+
+
+class ProbeOnlyFusion:
+    """No fusion (PP without history, full-batch probing): ``a_c = sum_t P[t, c]``."""
+
+    stage = "fuse_history"
+    name = "none"
+
+    @hookimpl
+    def fuse_history(
+        self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
+    ) -> ChannelScores:
+        _attach_compensation(ctx, scores, history)
+        if scores.evidence is None:
+            return scores  # weight-only metrics need nothing; activation metrics fail when combining
+        _require_sq_mean(scores, self.name)
+        scores.activation = sum_valid_positions(scores.evidence, scores.position_valid)
+        return scores
+
+
+class HistoryOnlyFusion:
+    """History only (ablation and static methods): ``a_c = sum_t Hist[t, c]`` over the batch's real
+    positions; the probe's evidence, if any, is ignored. Without history ``a_c`` stays unset."""
+
+    stage = "fuse_history"
+    name = "history-only"
+
+    @hookimpl
+    def fuse_history(
+        self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
+    ) -> ChannelScores:
+        _attach_compensation(ctx, scores, history)
+        if history is not None:
+            scores.activation = history_activation(ctx, history, scores.statistic)
+        return scores
+
+
+class FixedFusionParams(BaseModel):
+    """The fixed weight of the probe in the fixed-ratio fusion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="q in F = (1 - q) * Hist + q * P (paper's fixed-ratio ablation)"
+    )
+
+
+class FixedFusion:
+    """Fixed-ratio fusion (ablation): ``F = (1 - q) * Hist + q * P`` per probed position."""
+
+    stage = "fuse_history"
+    name = "fixed"
+    Params = FixedFusionParams
+
+    def __init__(self, params: FixedFusionParams | None = None) -> None:
+        self.params = params or FixedFusionParams()
+
+    @hookimpl
+    def fuse_history(
+        self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
+    ) -> ChannelScores:
+        if scores.evidence is None or history is None:
+            raise ValueError(
+                "fixed-ratio fusion needs both a probe (select_probe other than 'none') and a history "
+                "(history.init 'calibration')"
+            )
+        _require_sq_mean(scores, self.name)
+        _attach_compensation(ctx, scores, history)
+        past = history.sq_mean.index_select(0, scores.positions)
+        fused = fixed_ratio_fusion(scores.evidence, past, self.params.probe_weight)
+        scores.activation = sum_valid_positions(fused, scores.position_valid)
         return scores

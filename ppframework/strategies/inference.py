@@ -32,6 +32,11 @@ def _run(block: BlockRunner, inputs: BlockInputs, mask: BlockMask | None, full: 
     )
 
 
+def _with_bias(output: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    """Add the mask's compensation bias (FLAP) to the block output, if any."""
+    return output if mask.output_bias is None else output + mask.output_bias
+
+
 class SlicedInference:
     """Physically sliced weights (PP): gather kept rows/columns per batch, then run."""
 
@@ -44,7 +49,7 @@ class SlicedInference:
     ) -> BlockOutput:
         z = _run(block, inputs, mask, full=False)
         channels = block.channels_of(mask.kept_units)
-        out = BlockOutput(output=block.output(z, channels), kept_channels=channels)
+        out = BlockOutput(output=_with_bias(block.output(z, channels), mask), kept_channels=channels)
         if ctx.collect_stats:
             out.sq_mean, out.position_valid = squared_mean_per_position(z, inputs.attention_mask)
         return out
@@ -64,7 +69,7 @@ class MaskedInference:
         channels = block.channels_of(mask.kept_units)
         keep = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
         keep[channels if channels is not None else slice(None)] = 1
-        out = BlockOutput(output=block.output(z * keep), kept_channels=channels)
+        out = BlockOutput(output=_with_bias(block.output(z * keep), mask), kept_channels=channels)
         if ctx.collect_stats:
             kept = z if channels is None else z.index_select(-1, channels)
             out.sq_mean, out.position_valid = squared_mean_per_position(kept, inputs.attention_mask)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ppframework.adapters.base import unit_channels
 from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, BlockKind, BlockMask, ChannelScores
 
@@ -38,8 +39,28 @@ def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.topk(scores, keep, sorted=False).indices.sort().values
 
 
+def compensation_bias(
+    weight: torch.Tensor, channel_mean: torch.Tensor, kept_channels: torch.Tensor
+) -> torch.Tensor:
+    """FLAP's bias compensation ``W[:, pruned] @ mean[pruned]`` (hidden,), in the weight's dtype."""
+    pruned_mean = channel_mean.float().clone()
+    pruned_mean[kept_channels] = 0.0
+    return (weight.float() @ pruned_mean.to(weight.device)).to(weight.dtype)
+
+
 def structured_mask(ctx: BlockContext, scores: ChannelScores, ratio: float) -> BlockMask:
-    """Drop the lowest-scoring floor(p' * H) heads or floor(p' * D_ff) channels (width rounded)."""
+    """Drop the lowest-scoring floor(p' * H) heads or floor(p' * D_ff) channels (width rounded);
+    attach FLAP's compensation bias when the scores carry a channel mean."""
+    mask = _structured_units(ctx, scores, ratio)
+    if scores.channel_mean is not None:
+        if scores.out_weight is None:
+            raise ValueError("bias compensation needs ChannelScores.out_weight (set by the scoring stage)")
+        kept = unit_channels(mask.kept_units, ctx.geometry.unit_width)
+        mask.output_bias = compensation_bias(scores.out_weight, scores.channel_mean, kept)
+    return mask
+
+
+def _structured_units(ctx: BlockContext, scores: ChannelScores, ratio: float) -> BlockMask:
     geo = ctx.geometry
     channel = scores.channel_scores()
     if ctx.kind is BlockKind.MLP:

@@ -77,3 +77,94 @@ class ResidualProbe:
     ) -> Probe:
         p = self.params
         return select_residual_probe(residual, attention_mask, p.seq_ratio, p.batch_ratio, p.sink_threshold)
+
+
+def _random_sorted(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` of the ``candidates`` indices drawn uniformly without replacement, sorted."""
+    order = torch.randperm(int(candidates.numel()), generator=generator)[:k]
+    return candidates.cpu()[order].sort().values
+
+
+def select_random_probe(
+    attention_mask: torch.Tensor,
+    seq_ratio: float,
+    batch_ratio: float,
+    generator: torch.Generator,
+) -> Probe:
+    """Uniformly random probe at PP's sizes: positions among real ones, then rows among rows that
+    are real on at least one chosen position (seeded by ``generator``)."""
+    batch, seq = attention_mask.shape
+    real = attention_mask.bool()
+    k_rows, k_tokens = probe_sizes(batch, seq, seq_ratio, batch_ratio)
+    positions = real.any(dim=0).nonzero().flatten()
+    tokens = _random_sorted(positions, min(k_tokens, int(positions.numel())), generator)
+    tokens = tokens.to(attention_mask.device)
+    rows_ok = real[:, tokens].any(dim=1).nonzero().flatten()
+    rows = _random_sorted(rows_ok, min(k_rows, int(rows_ok.numel())), generator).to(attention_mask.device)
+    return Probe(batch_index=rows, token_index=tokens, valid=real[rows][:, tokens])
+
+
+def full_batch_probe(attention_mask: torch.Tensor) -> Probe:
+    """The whole batch as the probe: every row, every position that is real in some row."""
+    real = attention_mask.bool()
+    rows = real.any(dim=1).nonzero().flatten()
+    tokens = real.any(dim=0).nonzero().flatten()
+    return Probe(batch_index=rows, token_index=tokens, valid=real[rows][:, tokens])
+
+
+class RandomProbeParams(BaseModel):
+    """Probe sizes of the random probe (the same rule and defaults as PP's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of positions probed")
+    batch_ratio: float = Field(0.05, gt=0.0, le=1.0, description="fraction of sequences probed")
+
+
+class RandomProbe:
+    """Random probe (ablation): uniform positions, then rows, at PP's sizes, from the run's seed."""
+
+    stage = "select_probe"
+    name = "random"
+    Params = RandomProbeParams
+
+    def __init__(self, params: RandomProbeParams | None = None) -> None:
+        self.params = params or RandomProbeParams()
+
+    @hookimpl
+    def select_probe(
+        self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Probe:
+        p = self.params
+        return select_random_probe(attention_mask, p.seq_ratio, p.batch_ratio, ctx.generator)
+
+
+class FullBatchProbe:
+    """Full-batch probing (the paper's oracle): the whole batch is the probe."""
+
+    stage = "select_probe"
+    name = "full"
+
+    @hookimpl
+    def select_probe(
+        self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Probe:
+        return full_batch_probe(attention_mask)
+
+
+class NoProbe:
+    """No probe: decide from the history alone (static methods, history-only ablation).
+
+    ``dynamic = False`` tells the pipeline that this probe never looks at the batch, so a method
+    whose history is also frozen decides once and caches its sliced weights.
+    """
+
+    stage = "select_probe"
+    name = "none"
+    dynamic = False
+
+    @hookimpl
+    def select_probe(
+        self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, ChannelScores, Probe
@@ -29,10 +30,29 @@ def magnitude_weight_term(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().abs().sum(dim=0)
 
 
+def squared_weight_term(weight: torch.Tensor) -> torch.Tensor:
+    """``sum_i W[i, c]^2`` per input channel ``c`` (fp32; FLAP's weight factor)."""
+    return weight.float().square().sum(dim=0)
+
+
 def activation_times_weight(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
     """PPsp: ``S_c = a_c * sqrt(sum_i W[i, c]^4)``."""
     if activation is None:
         raise ValueError("PPsp needs an activation importance; the fusion stage produced none")
+    return activation * weight_term
+
+
+def sqrt_activation_times_weight(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
+    """Wanda-sp: ``S_c = sum_i |W[i, c]| * sqrt(a_c)`` (``sqrt(a_c)`` is the input's L2 norm)."""
+    if activation is None:
+        raise ValueError("Wanda-sp needs an activation importance; the fusion stage produced none")
+    return activation.clamp(min=0).sqrt() * weight_term
+
+
+def fluctuation_times_weight(activation: torch.Tensor | None, weight_term: torch.Tensor) -> torch.Tensor:
+    """FLAP: ``S_c = fluct_c * sum_i W[i, c]^2`` (``fluct_c`` arrives as the activation)."""
+    if activation is None:
+        raise ValueError("FLAP needs the calibration fluctuation; the fusion stage produced none")
     return activation * weight_term
 
 
@@ -59,13 +79,16 @@ class _WeightTermCache:
 class WeightMetricScore:
     """Base for metrics of the form ``combine(a_c, weight_term(W))``.
 
-    Subclasses set ``name``, ``weight_term`` (a function of the output weight), ``combine`` and
-    ``head_reduce``; probe evidence is attached whenever there is a probe.
+    Subclasses set ``name``, ``weight_term`` (a function of the output weight), ``combine``,
+    ``head_reduce`` and ``statistic`` (which history statistic the activation is made of);
+    probe evidence is attached whenever there is a probe.
     """
 
     stage = "score_channels"
     name = ""
     head_reduce = "l2"
+    statistic = "sq_mean"
+    bias_compensation = False
 
     def __init__(self) -> None:
         self._terms = _WeightTermCache()
@@ -87,6 +110,9 @@ class WeightMetricScore:
             combine=self.combine,
             head_reduce=self.head_reduce,
             metric=self.name,
+            statistic=self.statistic,
+            bias_compensation=self.bias_compensation,
+            out_weight=weight,
         )
         if probe is not None and probe_states is not None:
             scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid)
@@ -110,3 +136,43 @@ class MagnitudeScore(WeightMetricScore):
     head_reduce = "sum"
     weight_term = staticmethod(magnitude_weight_term)
     combine = staticmethod(weight_only)
+
+
+class WandaSpScore(WeightMetricScore):
+    """Wanda-sp (static baseline): S_c = sum_i |W[i, c]| * sqrt(a_c); heads by sum."""
+
+    name = "wanda-sp"
+    head_reduce = "sum"
+    weight_term = staticmethod(magnitude_weight_term)
+    combine = staticmethod(sqrt_activation_times_weight)
+
+
+class FlapParams(BaseModel):
+    """FLAP options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bias_compensation: bool = Field(
+        False, description="add W[:, pruned] @ mean_input[pruned] to the block output (FLAP's compensation)"
+    )
+
+
+class FlapScore(WeightMetricScore):
+    """FLAP (static baseline): fluctuation x squared weight norm, S_c = fluct_c * sum_i W[i, c]^2.
+
+    ``fluct_c`` is the calibration's per-position variance of the channel's input summed over
+    positions (``statistic = "variance"``); heads by sum. With ``bias_compensation`` the pruned
+    channels' mean contribution is added back as a bias.
+    """
+
+    name = "flap"
+    head_reduce = "sum"
+    statistic = "variance"
+    Params = FlapParams
+    weight_term = staticmethod(squared_weight_term)
+    combine = staticmethod(fluctuation_times_weight)
+
+    def __init__(self, params: FlapParams | None = None) -> None:
+        super().__init__()
+        self.params = params or FlapParams()
+        self.bias_compensation = self.params.bias_compensation
