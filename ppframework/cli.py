@@ -28,6 +28,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from ppframework.ablation import load_ablation
+    from ppframework.runner import format_table, run, write_report
+
+    plan = load_ablation(args.config, args.set)
+    cfg = plan.run
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+    print(f"ablation: {len(plan.points)} method(s) + dense; {plan.description}".rstrip("; "))
+    report = run(cfg)
+    report.settings["ablation"] = {
+        "description": plan.description,
+        "points": [{"variant": p.variant, "grid": p.grid, "label": p.method.label} for p in plan.points],
+    }
+    print(format_table(report))
+    if cfg.out_dir:
+        path = write_report(report, cfg.out_dir)
+        print(f"\nwrote {path} (+ results.csv, results.md)")
+    print(f"total time {report.elapsed_s:.1f} s")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from ppframework.plugin_listing import format_plugins
+    from ppframework.registry import default_registry
+
+    print(format_plugins(default_registry()))
+    return 0
+
+
 def _cmd_strategies(args: argparse.Namespace) -> int:
     from ppframework.hookspecs import STAGES
     from ppframework.registry import default_registry
@@ -72,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="directory for results.json and results.md")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_cmd_run)
+
+    ablate = sub.add_parser(
+        "ablate", help="run an ablation file: base run + variants (+ grid), one process, one table"
+    )
+    ablate.add_argument("config", help="YAML or JSON ablation file (base, variants, grid)")
+    ablate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the file, e.g. --set base.data.max_batches=3 (repeatable)",
+    )
+    ablate.add_argument("--out", help="directory for results.json, results.csv and results.md")
+    ablate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ablate.set_defaults(func=_cmd_ablate)
+
+    plugins = sub.add_parser("plugins", help="list plugin distributions, their strategies and load errors")
+    plugins.set_defaults(func=_cmd_plugins)
 
     strategies = sub.add_parser("strategies", help="list registered strategies per stage with their source")
     strategies.set_defaults(func=_cmd_strategies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import platform
@@ -16,8 +17,10 @@ from ppframework import data as data_mod
 from ppframework.api import build_pipeline, calibration_history, load_eval_text
 from ppframework.config import RunConfig
 from ppframework.history import HistoryStore
+from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
 from ppframework.models import load_model
+from ppframework.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class MethodResult:
     median_forward_s: float
     time_ratio: float
     batch_seconds: list[float] = field(default_factory=list)
+    delta_perplexity: float = 0.0
+    probe_flops_share: float = 0.0
+    ideal_time_ratio: float = 1.0
+    static: bool = False
 
 
 @dataclass
@@ -69,8 +76,16 @@ def eval_batches(cfg: RunConfig, tokenizer: Any, text: str | None = None) -> lis
 
 
 def _row(
-    label: str, ratio: float, layer_ratio: float, realised: float, result: PerplexityResult, dense_s: float
+    label: str,
+    ratio: float,
+    layer_ratio: float,
+    realised: float,
+    result: PerplexityResult,
+    dense: PerplexityResult,
+    flops: FlopsReport | None = None,
+    static: bool = False,
 ) -> MethodResult:
+    dense_s = dense.median_seconds
     return MethodResult(
         method=label,
         target_ratio=ratio,
@@ -80,7 +95,35 @@ def _row(
         median_forward_s=result.median_seconds,
         time_ratio=result.median_seconds / dense_s if dense_s else float("nan"),
         batch_seconds=result.batch_seconds,
+        delta_perplexity=result.perplexity - dense.perplexity,
+        probe_flops_share=flops.probe_share if flops else 0.0,
+        ideal_time_ratio=flops.ideal_ratio_whole if flops else 1.0,
+        static=static,
     )
+
+
+def pipeline_flops(pipe: Pipeline, skip_batches: int = 0) -> FlopsReport:
+    """Decoder, probe and LM-head FLOPs of the batches ``pipe`` ran (after ``skip_batches``),
+    counted from the shapes it actually used."""
+    counter = FlopsCounter.from_adapter(pipe.adapter)
+    current = None
+    for event in pipe.record.events:
+        if event.batch < skip_batches:
+            continue
+        if event.batch != current:
+            counter.begin_batch(event.batch_size, event.seq_len)
+            current = event.batch
+        counter.add_block(
+            event.kind,
+            event.batch_size,
+            event.seq_len,
+            event.kept_units,
+            event.kept_kv_heads,
+            event.probe_rows,
+            event.probe_tokens,
+            layer=event.layer,
+        )
+    return counter.report()
 
 
 def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
@@ -99,7 +142,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
     batches = eval_batches(cfg, tokenizer, text)
     warmup = cfg.data.warmup_batches
     dense = evaluate_perplexity(model, batches, warmup_batches=warmup, progress=progress, desc="dense")
-    rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense.median_seconds)]
+    rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense)]
     calibration: HistoryStore | None = None
     calibration_info: dict[str, Any] | None = None
     for index, method in enumerate(cfg.methods):
@@ -113,6 +156,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
             result = evaluate_perplexity(
                 model, batches, warmup_batches=warmup, progress=progress, desc=method.label
             )
+        flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
         rows.append(
             _row(
                 method.label,
@@ -120,7 +164,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
                 pipe.layer_ratio,
                 pipe.realised_ratio(warmup),
                 result,
-                dense.median_seconds,
+                dense,
+                flops,
+                pipe.is_static,
             )
         )
     device = next(model.parameters()).device
@@ -152,30 +198,63 @@ def format_table(report: RunReport) -> str:
         f"{r['scored_batches']} scored batch(es) after {d['warmup_batches']} warm-up (not scored); "
         f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
         "",
-        "| method | target ratio | per-layer ratio | realised ratio | perplexity | forward s (median) "
-        "| time ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| method | target ratio | per-layer ratio | realised ratio | perplexity | Δ ppl vs dense "
+        "| forward s (median) | time ratio | FLOPs-ideal ratio | probe FLOPs share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows:
+        kind = " (static)" if row.static else ""
         lines.append(
-            f"| {row.method} | {row.target_ratio:.2f} | {row.layer_ratio:.2f} | {row.realised_ratio:.3f} | "
-            f"{row.perplexity:.3f} | {row.median_forward_s:.3f} | {row.time_ratio:.3f} |"
+            f"| {row.method}{kind} | {row.target_ratio:.2f} | {row.layer_ratio:.2f} "
+            f"| {row.realised_ratio:.3f} | {row.perplexity:.3f} | {row.delta_perplexity:+.3f} "
+            f"| {row.median_forward_s:.3f} "
+            f"| {row.time_ratio:.3f} | {row.ideal_time_ratio:.3f} | {row.probe_flops_share:.2%} |"
         )
     if s.get("note"):
         lines += ["", f"note: {s['note']}"]
     lines += [
         "",
         "realised ratio = fraction of all decoder attention+MLP projection weights removed, mean over "
-        "scored batches (skipped layers and dense key/value heads included in the total).",
+        "scored batches (skipped layers and dense key/value heads included in the total). "
+        "time ratio = median forward time / dense's, whole model incl. the unpruned LM head, timed "
+        "sequentially in this process. FLOPs-ideal ratio = (pruned + probe + LM head FLOPs) / dense "
+        "FLOPs of the whole forward; probe FLOPs share = probe FLOPs / dense decoder FLOPs.",
     ]
     return "\n".join(lines)
 
 
+CSV_COLUMNS: tuple[str, ...] = (
+    "method",
+    "target_ratio",
+    "layer_ratio",
+    "realised_ratio",
+    "perplexity",
+    "delta_perplexity",
+    "median_forward_s",
+    "time_ratio",
+    "ideal_time_ratio",
+    "probe_flops_share",
+    "static",
+)
+
+
+def write_csv(report: RunReport, path: str | Path) -> Path:
+    """One row per method with :data:`CSV_COLUMNS`."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in report.rows:
+            writer.writerow(asdict(row))
+    return path
+
+
 def write_report(report: RunReport, out_dir: str | Path) -> Path:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; return the JSON path."""
+    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out_dir``; return the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     path.write_text(json.dumps(report.to_json(), indent=2))
+    write_csv(report, out / "results.csv")
     (out / "results.md").write_text(format_table(report) + "\n")
     return path
