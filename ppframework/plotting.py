@@ -1,0 +1,119 @@
+"""Quality-versus-speed plots for evaluation and benchmark reports (matplotlib, Agg, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DENSE_NAMES = frozenset({"dense", "none", "unpruned"})
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+
+
+@dataclass
+class QualitySpeedPoint:
+    """One run: ``method`` at pruning ``ratio`` took ``time_ratio`` x the dense time and scored ``value``."""
+
+    method: str
+    ratio: float
+    time_ratio: float
+    value: float
+
+
+def _point(row: Any) -> QualitySpeedPoint:
+    if isinstance(row, QualitySpeedPoint):
+        return row
+    get = row.__getitem__ if isinstance(row, dict) else lambda key: getattr(row, key)
+    try:
+        return QualitySpeedPoint(
+            method=str(get("method")),
+            ratio=float(get("ratio")),
+            time_ratio=float(get("time_ratio")),
+            value=float(get("value")),
+        )
+    except (KeyError, AttributeError) as err:
+        raise ValueError(
+            f"plot_quality_vs_speed: each row needs method, ratio, time_ratio and value; got {row!r}"
+        ) from err
+
+
+def _is_dense(point: QualitySpeedPoint) -> bool:
+    return point.method.lower() in DENSE_NAMES
+
+
+def plot_quality_vs_speed(
+    rows: Iterable[Any],
+    path: str | Path,
+    metric_label: str = "perplexity",
+    title: str | None = None,
+    *,
+    log_y: bool = False,
+) -> Path:
+    """Write a PNG of quality against runtime reduction and return its path.
+
+    x is the runtime reduction ``1 - time_ratio`` (time relative to dense), y the metric. Each method
+    gets its own marker and colour with one point per pruning ratio, joined in order of ratio and
+    annotated with the ratio; the dense run (method ``dense``) is drawn as a star at x = 0 and a
+    dashed horizontal reference line.
+
+    Args:
+        rows: dicts, objects or :class:`QualitySpeedPoint` with ``method``, ``ratio`` (pruning ratio,
+            0..1), ``time_ratio`` (time / dense time) and ``value``.
+        path: output file (parent folders are created).
+        metric_label: y-axis label (e.g. ``"WikiText-2 perplexity"`` or ``"mean accuracy"``).
+        title: figure title.
+        log_y: logarithmic y axis (useful for perplexities spanning decades).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: a row lacks a field, or there are no rows.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as err:  # pragma: no cover - matplotlib is a dependency
+        raise ImportError("plot_quality_vs_speed needs matplotlib: pip install matplotlib") from err
+
+    points = [_point(row) for row in rows]
+    if not points:
+        raise ValueError("plot_quality_vs_speed: no rows to plot")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # Figure + Agg canvas directly: no pyplot global state, no backend switching.
+    fig = Figure(figsize=(7.0, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+
+    dense = [p for p in points if _is_dense(p)]
+    for p in dense[:1]:
+        ax.axhline(p.value, color="0.4", linestyle="--", linewidth=1.0, label=f"dense ({p.value:.4g})")
+        ax.scatter([1.0 - p.time_ratio], [p.value], marker="*", s=140, color="black", zorder=3)
+
+    methods = list(dict.fromkeys(p.method for p in points if not _is_dense(p)))
+    for index, method in enumerate(methods):
+        mine = sorted((p for p in points if p.method == method), key=lambda p: p.ratio)
+        xs = [1.0 - p.time_ratio for p in mine]
+        ys = [p.value for p in mine]
+        marker = _MARKERS[index % len(_MARKERS)]
+        ax.plot(xs, ys, marker=marker, linestyle="-", linewidth=1.0, markersize=7, label=method, zorder=2)
+        for p, x, y in zip(mine, xs, ys, strict=True):
+            ax.annotate(f"{p.ratio:.0%}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+
+    ax.set_xlabel("runtime reduction (1 - time / dense time)")
+    ax.set_ylabel(metric_label)
+    if log_y:
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    return out
