@@ -93,6 +93,15 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
+def _has_path(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _point_suffix(point: dict[str, Any]) -> str:
     """Grid values other than the ratio go into the method name (the label shows the ratio)."""
     extra = [f"{key.split('.')[-1]}={value}" for key, value in point.items() if key != "pruning.ratio"]
@@ -118,6 +127,13 @@ def expand(ablation: AblationFile) -> list[tuple[str, dict[str, Any], dict[str, 
         base_method = {"preset": base_method}
     keys = list(ablation.grid)
     points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*ablation.grid.values())]
+    for name, override in ablation.variants.items():
+        for key in keys:
+            if isinstance(override, dict) and _has_path(override, key):
+                raise ConfigError(
+                    f"variants.{name}.{key}: the grid also sets {key}, so this value would be ignored; "
+                    "remove it from the variant or from the grid"
+                )
     out = []
     for point in points or [{}]:
         for name, override in ablation.variants.items():

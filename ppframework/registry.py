@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,21 @@ class PluginReport:
     error: str | None = None
 
 
+def normalise_distribution(name: str) -> str:
+    """PEP 503 form of a distribution name: ``PPF_Example.strategies`` -> ``ppf-example-strategies``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
 def plugin_filter() -> set[str] | None:
-    """Distributions allowed by ``PPF_LOAD_PLUGINS`` (None = all; empty string = none)."""
+    """Distributions allowed by ``PPF_LOAD_PLUGINS`` (None = all; empty string = none).
+
+    Names are compared in PEP 503 normal form, so ``ppf_example_strategies`` matches
+    ``ppf-example-strategies``.
+    """
     raw = os.environ.get(LOAD_PLUGINS_ENV)
     if raw is None:
         return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    return {normalise_distribution(name) for name in raw.split(",") if name.strip()}
 
 
 class StrategyRegistry:
@@ -134,8 +144,16 @@ class StrategyRegistry:
             raise ValueError(f"{cls!r} has stage {stage!r}; expected one of {hookspecs.STAGES}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{cls!r} needs a non-empty string `name`")
-        if not callable(getattr(cls, stage, None)):
+        method = getattr(cls, stage, None)
+        if not callable(method):
             raise ValueError(f"{cls!r} declares stage {stage!r} but has no method of that name")
+        if not hasattr(method, f"{hookspecs.PROJECT_NAME}_impl"):
+            raise ValueError(f"{cls!r}.{stage} is not decorated with @hookimpl")
+        # check the class's hook signatures now (a pipeline registers its instances later)
+        check = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        check.add_hookspecs(hookspecs)
+        check.register(cls)
+        check.check_pending()
         return StrategyInfo(stage=stage, name=name, cls=cls, source=source)
 
     def load_builtins(self) -> None:
@@ -151,7 +169,7 @@ class StrategyRegistry:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in entry_points:
             dist = ep.dist.name if ep.dist is not None else ep.value
-            if allowed is not None and dist not in allowed:
+            if allowed is not None and normalise_distribution(dist) not in allowed:
                 logger.info("plugin %s not loaded (%s=%s)", dist, LOAD_PLUGINS_ENV, ",".join(sorted(allowed)))
                 continue
             version = ep.dist.version if ep.dist is not None else ""
