@@ -209,10 +209,15 @@ class Pipeline:
             layer = self.adapter.layers[index]
             if "forward" in layer.__dict__:
                 del layer.forward
-        for runner in self._runners.values():
-            runner.unpin_weights()
         self._batch = None
         self._attached = False
+
+    def release(self) -> None:
+        """Detach and drop a static method's cached sliced weights (they are otherwise kept for
+        the pipeline's lifetime, so re-attaching costs no gather)."""
+        self.detach()
+        for runner in self._runners.values():
+            runner.unpin_weights()
 
     def __enter__(self) -> Pipeline:
         return self.attach()

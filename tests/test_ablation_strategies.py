@@ -328,7 +328,13 @@ def test_static_method_decides_once_and_never_gathers_per_batch(monkeypatch):
             per_batch.append(len(calls) - before)
     assert all(len(m) == 1 for m in recorder.masks.values())  # decided once, at attach
     assert per_batch[0] > 0 and per_batch[1:] == [0, 0]  # gathered on first use, then reused
-    assert all(r._pinned is None for r in pipe._runners.values())  # detach frees the slices
+    assert all(r._pinned for r in pipe._runners.values())  # kept across detach: re-attaching is free
+    before = len(calls)
+    with pipe, torch.no_grad():
+        model(input_ids=batches[0], use_cache=False)
+    assert len(calls) == before
+    pipe.release()
+    assert all(r._pinned is None for r in pipe._runners.values())
 
 
 def test_pinned_weights_refuse_a_different_slice():

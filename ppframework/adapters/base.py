@@ -112,9 +112,10 @@ class BlockRunner(ABC):
         """Keep every sliced weight gathered from now on and reuse it (for static masks).
 
         While pinned, each projection must always be sliced with the same indices; a different
-        slice raises instead of silently reusing a stale weight.
+        slice raises instead of silently reusing a stale weight. Pinning again keeps what is cached.
         """
-        self._pinned = {}
+        if self._pinned is None:
+            self._pinned = {}
 
     def unpin_weights(self) -> None:
         """Drop the pinned sliced weights (gather per call again)."""
