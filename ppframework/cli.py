@@ -52,6 +52,28 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ppframework.api import load_config
+    from ppframework.evaluate import evaluate, format_eval_table, write_eval_report
+
+    overrides = list(args.set)
+    if args.limit is not None:
+        overrides.append(f"evaluation.zeroshot.limit={args.limit}")
+    cfg = load_config(args.config, overrides)
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+    report = evaluate(cfg)
+    if cfg.out_dir:
+        path = write_eval_report(report, cfg.out_dir)
+    print(format_eval_table(report))
+    if cfg.out_dir:
+        print(f"\nwrote {path} (+ results.csv, results.md{', plots' if report.plots else ''})")
+    print(f"total time {report.elapsed_s:.1f} s")
+    return 0
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from ppframework.plugin_listing import format_plugins
     from ppframework.registry import default_registry
@@ -119,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", help="directory for results.json, results.csv and results.md")
     ablate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ablate.set_defaults(func=_cmd_ablate)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="the full protocol: perplexity, zero-shot accuracy, interleaved runtime, FLOPs, memory, "
+        "PRR, plots",
+    )
+    evaluate.add_argument("config", help="YAML or JSON run config (its `evaluation` section)")
+    evaluate.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)"
+    )
+    evaluate.add_argument("--limit", type=int, help="first N items per zero-shot task (quick runs)")
+    evaluate.add_argument("--out", help="directory for results.json/.csv/.md and the PNG plots")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    evaluate.set_defaults(func=_cmd_eval)
 
     plugins = sub.add_parser("plugins", help="list plugin distributions, their strategies and load errors")
     plugins.set_defaults(func=_cmd_plugins)

@@ -365,6 +365,52 @@ class MethodConfig(StrictModel):
         return f"{base} {self.pruning.ratio:.0%}"
 
 
+ZEROSHOT_TASKS: tuple[str, ...] = (
+    "boolq",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
+
+
+class ZeroShotConfig(StrictModel):
+    """Zero-shot multiple choice (``ppf eval``): lm-eval-harness prompt forms, acc and acc_norm."""
+
+    enabled: bool = True
+    tasks: list[str] = Field(default_factory=lambda: list(ZEROSHOT_TASKS))
+    limit: int | None = Field(None, ge=1, description="first N items per task (None = all)")
+    batch_size: int = Field(8, ge=1, description="requests per batch (fixed order, right padding)")
+    max_length: int | None = Field(
+        None,
+        ge=2,
+        description="left-truncate longer requests to this many tokens (default: calibration seq_len)",
+    )
+
+
+class RuntimeConfig(StrictModel):
+    """Interleaved dense/method timing (``ppf eval``) on the first evaluation batch."""
+
+    enabled: bool = True
+    repeats: int = Field(5, ge=1, description="timed dense/method pairs (order alternates A B, B A)")
+    warmup: int = Field(1, ge=0, description="untimed forwards of each before timing")
+
+
+class EvaluationConfig(StrictModel):
+    """What ``ppf eval`` measures besides perplexity, and the efficiency comparison."""
+
+    perplexity: bool = True
+    zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    baselines: list[str] | None = Field(
+        None,
+        description="method labels (e.g. 'flap 40%') to compare PRR against; None = every static method",
+    )
+    plot: bool = True
+
+
 class RunConfig(StrictModel):
     """A whole run: model, data, calibration, the methods to compare with dense, and outputs."""
 
@@ -376,6 +422,9 @@ class RunConfig(StrictModel):
     out_dir: str | None = None
     progress: bool = True
     note: str = Field("", description="free text printed with the results (e.g. why sizes are small)")
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="used by `ppf eval` (ignored by `ppf run`)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,17 +65,21 @@ def weight_only(activation: torch.Tensor | None, weight_term: torch.Tensor) -> t
 
 
 class _WeightTermCache:
-    """Weight terms depend only on the (frozen) weight; compute once per weight version."""
+    """Weight terms depend only on the (frozen) weight; compute once per weight and version.
+
+    Entries hold a weak reference to their weight, so a new tensor that happens to reuse a freed
+    one's address is never mistaken for it.
+    """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._cache: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
-    def get(self, weight: torch.Tensor, fn) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.shape[1])
-        term = self._cache.get(key)
-        if term is None:
-            term = fn(weight)
-            self._cache[key] = term
+    def get(self, weight: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        entry = self._cache.get(id(weight))
+        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+            return entry[2]
+        term = fn(weight)
+        self._cache[id(weight)] = (weakref.ref(weight), weight._version, term)
         return term
 
 

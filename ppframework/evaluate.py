@@ -1,0 +1,537 @@
+"""``ppf eval``: the paper's protocol as one command (docs/evaluation.md).
+
+For dense and every configured method, on one loaded model: WikiText-2 perplexity (with the
+warm-up batch), zero-shot accuracy on the seven tasks, interleaved dense/method runtime (whole
+forward and decoder layers alone), analytic FLOPs from the shapes each batch used, peak memory,
+and the efficiency metric PRR with its ratio against every baseline of the run. Each measurement
+starts the method from a fresh copy of the calibration history, so results do not depend on the
+order in which they are taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ppframework import data as data_mod
+from ppframework.api import build_pipeline, calibration_history, load_eval_text
+from ppframework.config import MethodConfig, RunConfig
+from ppframework.errors import ConfigError
+from ppframework.history import HistoryStore
+from ppframework.metrics.efficiency import accuracy_prr, prr, prr_ratio
+from ppframework.metrics.memory import PeakMemory, format_bytes
+from ppframework.metrics.perplexity import evaluate_perplexity
+from ppframework.metrics.runtime import DecoderTimer
+from ppframework.metrics.timing import timed
+from ppframework.models import load_model
+from ppframework.pipeline import Pipeline
+from ppframework.runner import eval_batches, pipeline_flops
+from ppframework.zeroshot import evaluate_tasks, get_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeResult:
+    """Interleaved timing of one method against dense on the same batch."""
+
+    method_s: list[float] = field(default_factory=list)
+    dense_s: list[float] = field(default_factory=list)
+    method_decoder_s: list[float] = field(default_factory=list)
+    dense_decoder_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def time_ratio(self) -> float:
+        """Median method time / median dense time, whole forward."""
+        return self._median(self.method_s) / self._median(self.dense_s)
+
+    @property
+    def decoder_time_ratio(self) -> float:
+        """The same for the decoder layers alone (the LM head is never pruned)."""
+        return self._median(self.method_decoder_s) / self._median(self.dense_decoder_s)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the per-pair ratios (method / dense of the same pair)."""
+        ratios = [m / d for m, d in zip(self.method_s, self.dense_s, strict=True)]
+        if len(ratios) < 2:
+            return 0.0
+        q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return q75 - q25
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second of the method (whole forward, median)."""
+        return self.tokens / self._median(self.method_s)
+
+    @property
+    def dense_tokens_per_s(self) -> float:
+        """Tokens per second of dense in the same pairs."""
+        return self.tokens / self._median(self.dense_s)
+
+
+@dataclass
+class EvalRow:
+    """Everything measured for one method (dense included)."""
+
+    method: str
+    target_ratio: float
+    layer_ratio: float = 0.0
+    realised_ratio: float = 0.0
+    static: bool = False
+    perplexity: float | None = None
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean_acc: float | None = None
+    mean_acc_norm: float | None = None
+    time_ratio: float = 1.0
+    time_ratio_spread: float = 0.0
+    decoder_time_ratio: float = 1.0
+    median_forward_s: float | None = None
+    tokens_per_s: float | None = None
+    flops: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    prr: float | None = None
+    accuracy_prr: float | None = None
+    prr_ratios: dict[str, float] = field(default_factory=dict)
+    accuracy_prr_ratios: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ideal_time_ratio(self) -> float:
+        """FLOPs-implied ratio of the whole forward (pruned + probe + LM head over dense)."""
+        return float(self.flops.get("ideal_ratio_whole", 1.0))
+
+
+@dataclass
+class EvalReport:
+    """The rows, the settings that produced them, and where the plots went."""
+
+    rows: list[EvalRow]
+    settings: dict[str, Any]
+    calibration: dict[str, Any] | None
+    environment: dict[str, Any]
+    elapsed_s: float
+    baselines: list[str]
+    plots: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (derived ratios included)."""
+        rows = []
+        for row in self.rows:
+            item = asdict(row)
+            item["ideal_time_ratio"] = row.ideal_time_ratio
+            rows.append(item)
+        return {
+            "rows": rows,
+            "baselines": self.baselines,
+            "settings": self.settings,
+            "calibration": self.calibration,
+            "environment": self.environment,
+            "elapsed_s": self.elapsed_s,
+            "plots": self.plots,
+        }
+
+
+def check_tasks(cfg: RunConfig) -> None:
+    """Fail before any model loads if a zero-shot task name is unknown or a baseline is not a method."""
+    zs = cfg.evaluation.zeroshot
+    if zs.enabled:
+        for i, name in enumerate(zs.tasks):
+            try:
+                get_task(name)
+            except ConfigError as exc:
+                raise ConfigError(f"evaluation.zeroshot.tasks[{i}]: {exc}") from None
+    labels = [m.label for m in cfg.methods]
+    for name in cfg.evaluation.baselines or []:
+        if name not in labels:
+            raise ConfigError(
+                f"evaluation.baselines: {name!r} is not one of the run's methods ({', '.join(labels)})"
+            )
+
+
+def default_baselines(methods: list[MethodConfig], static: dict[str, bool]) -> list[str]:
+    """Every static method of the run (by label)."""
+    return [m.label for m in methods if static.get(m.label)]
+
+
+def time_against_dense(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    pipe: Pipeline,
+    batch: torch.Tensor,
+    repeats: int,
+    warmup: int,
+    progress: bool = False,
+    desc: str = "runtime",
+) -> RuntimeResult:
+    """Interleaved timing: dense and ``pipe`` alternate (A B, B A, ...) on the same batch.
+
+    Attaching/detaching happens outside the timed region; each timed call is synchronised on
+    CUDA. ``warmup`` untimed calls of each come first.
+    """
+    device = next(model.parameters()).device
+    ids = batch.to(device)
+    result = RuntimeResult(tokens=int(ids.numel()))
+
+    def forward() -> Any:
+        return model(input_ids=ids, use_cache=False)
+
+    def one(pruned: bool, record: bool) -> None:
+        if pruned:
+            pipe.attach()
+        else:
+            pipe.detach()
+        with DecoderTimer(layers, device) as timer:
+            _, seconds = timed(forward, device)
+        if record:
+            (result.method_s if pruned else result.dense_s).append(seconds)
+            decoder = timer.seconds[-1] if timer.seconds else float("nan")
+            (result.method_decoder_s if pruned else result.dense_decoder_s).append(decoder)
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            one(False, False)
+            one(True, False)
+        for r in tqdm(range(repeats), desc=desc, unit="pair", disable=not progress):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for pruned in order:
+                one(pruned, True)
+    pipe.detach()
+    return result
+
+
+def _zeroshot(
+    model: nn.Module, tokenizer: Any, cfg: RunConfig, progress: bool
+) -> dict[str, dict[str, float]]:
+    zs = cfg.evaluation.zeroshot
+    results = evaluate_tasks(
+        model,
+        tokenizer,
+        zs.tasks,
+        limit=zs.limit,
+        batch_size=zs.batch_size,
+        data_dir=cfg.data.data_dir,
+        max_length=zs.max_length or cfg.calibration_seq_len,
+        progress=progress,
+    )
+    return {r.task: {"acc": r.acc, "acc_norm": r.acc_norm, "n_items": r.n_items} for r in results}
+
+
+def _mean(accuracy: dict[str, dict[str, float]], metric: str) -> float | None:
+    if not accuracy:
+        return None
+    return sum(v[metric] for v in accuracy.values()) / len(accuracy)
+
+
+def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
+    """Run the whole evaluation of ``cfg`` (see the module docstring) and return the report."""
+    progress = cfg.progress if progress is None else progress
+    start = time.perf_counter()
+    check_tasks(cfg)
+    text = load_eval_text(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        gguf_file=cfg.model.gguf_file,
+        cache_dir=cfg.model.cache_dir,
+    )
+    ev = cfg.evaluation
+    batches = eval_batches(cfg, tokenizer, text)
+    warmup = cfg.data.warmup_batches
+    device = next(model.parameters()).device
+    calibration: HistoryStore | None = None
+    calibration_info: dict[str, Any] | None = None
+
+    def make_pipe(index: int) -> Pipeline:
+        nonlocal calibration, calibration_info
+        method = cfg.methods[index]
+        history = None
+        if method.needs_calibration:
+            if calibration is None:
+                calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
+            history = calibration.clone()
+        return build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
+
+    rows: list[EvalRow] = []
+    layers = make_layers(model)
+    for index in [-1, *range(len(cfg.methods))]:
+        dense = index < 0
+        label = "dense" if dense else cfg.methods[index].label
+        row = EvalRow(method=label, target_ratio=0.0 if dense else cfg.methods[index].pruning.ratio)
+        logger.info("evaluating %s", label)
+        pipe = None if dense else make_pipe(index)
+        if pipe is not None:
+            row.layer_ratio, row.static = pipe.layer_ratio, pipe.is_static
+        if ev.perplexity:
+            with PeakMemory(device) as memory, pipe if pipe is not None else nullcontext():
+                result = evaluate_perplexity(
+                    model, batches, warmup_batches=warmup, progress=progress, desc=label
+                )
+            row.perplexity = result.perplexity
+            row.median_forward_s = result.median_seconds
+            row.peak_memory_bytes = memory.peak_bytes
+            if pipe is not None:
+                row.realised_ratio = pipe.realised_ratio(warmup)
+                row.flops = pipeline_flops(pipe, warmup).to_dict()
+        if ev.zeroshot.enabled:
+            zs_pipe = None if dense else make_pipe(index)
+            with zs_pipe if zs_pipe is not None else nullcontext():
+                row.accuracy = _zeroshot(model, tokenizer, cfg, progress)
+            row.mean_acc = _mean(row.accuracy, "acc")
+            row.mean_acc_norm = _mean(row.accuracy, "acc_norm")
+        if ev.runtime.enabled and not dense:
+            timing_pipe = make_pipe(index)
+            timing = time_against_dense(
+                model,
+                layers,
+                timing_pipe,
+                batches[min(warmup, len(batches) - 1)],
+                ev.runtime.repeats,
+                ev.runtime.warmup,
+                progress,
+                f"runtime {label}",
+            )
+            timing_pipe.release()
+            row.time_ratio = timing.time_ratio
+            row.time_ratio_spread = timing.spread
+            row.decoder_time_ratio = timing.decoder_time_ratio
+            row.tokens_per_s = timing.tokens_per_s
+            if rows and rows[0].tokens_per_s is None:
+                rows[0].tokens_per_s = timing.dense_tokens_per_s
+        if pipe is not None:
+            pipe.release()
+        rows.append(row)
+
+    static = {r.method: r.static for r in rows}
+    baselines = list(ev.baselines) if ev.baselines is not None else default_baselines(cfg.methods, static)
+    add_efficiency(rows, baselines)
+    settings = cfg.model_dump(mode="json")
+    settings["resolved"] = {
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "n_batches": len(batches),
+        "scored_batches": len(batches) - warmup,
+        "tokens_per_batch": int(batches[0].numel()),
+        "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
+    }
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return EvalReport(rows, settings, calibration_info, environment, time.perf_counter() - start, baselines)
+
+
+def make_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model`` (through its adapter)."""
+    from ppframework.adapters import get_adapter
+
+    return get_adapter(model).layers
+
+
+def add_efficiency(rows: list[EvalRow], baselines: list[str]) -> None:
+    """Fill PRR (perplexity and accuracy) and the ratios ``PRR_baseline / PRR_method``.
+
+    Ratios are taken against every baseline of the run that has the same target ratio as the
+    method (the paper compares PP 40% with FLAP 40%).
+    """
+    dense = rows[0]
+    for row in rows[1:]:
+        if row.perplexity is not None and dense.perplexity is not None:
+            row.prr = prr(row.perplexity, dense.perplexity, row.time_ratio, 1.0)
+        if row.mean_acc is not None and dense.mean_acc is not None:
+            row.accuracy_prr = accuracy_prr(row.mean_acc, dense.mean_acc, row.time_ratio, 1.0)
+    by_label = {r.method: r for r in rows}
+    for row in rows[1:]:
+        for name in baselines:
+            base = by_label.get(name)
+            if base is None or base is row or not math.isclose(base.target_ratio, row.target_ratio):
+                continue
+            if row.prr is not None and base.prr is not None:
+                row.prr_ratios[name] = prr_ratio(base.prr, row.prr)
+            if row.accuracy_prr is not None and base.accuracy_prr is not None:
+                row.accuracy_prr_ratios[name] = prr_ratio(base.accuracy_prr, row.accuracy_prr)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def _ratios(ratios: dict[str, float]) -> str:
+    return "; ".join(f"vs {name}: {_fmt(value, '.2f')}" for name, value in ratios.items()) or "-"
+
+
+def settings_block(report: EvalReport) -> str:
+    """One paragraph with every setting the figures depend on."""
+    s = report.settings
+    r, d, c, ev = s["resolved"], s["data"], s["calibration"], s["evaluation"]
+    zs, rt = ev["zeroshot"], ev["runtime"]
+    parts = [
+        f"model {s['model']['name']} ({r['dtype']}, {r['device']})",
+        f"perplexity: {d['name']}/{d['split']}, seq_len {d['seq_len']}, batch {d['batch_size']}, "
+        f"{d['window_policy']} windows, {r['scored_batches']} scored batch(es) after "
+        f"{d['warmup_batches']} warm-up",
+        f"calibration {c['dataset']} x {c['n_samples']} windows",
+        f"seed {s['seed']}",
+    ]
+    if zs["enabled"]:
+        limit = f"first {zs['limit']} items per task" if zs["limit"] else "all items"
+        parts.append(f"zero-shot: {len(zs['tasks'])} tasks, {limit}, batch {zs['batch_size']}")
+    if rt["enabled"]:
+        parts.append(
+            f"runtime: {rt['repeats']} interleaved dense/method pairs after {rt['warmup']} warm-up, "
+            f"on one {d['batch_size']} x {d['seq_len']} batch"
+        )
+    return "; ".join(parts)
+
+
+def format_eval_table(report: EvalReport) -> str:
+    """The results as markdown: main table, per-task accuracy, notes."""
+    lines = [
+        settings_block(report),
+        "",
+        "| method | ratio | realised | perplexity | mean acc | mean acc_norm | time ratio (IQR) "
+        "| decoder time ratio | FLOPs-ideal ratio | probe FLOPs | tokens/s | peak memory | PRR "
+        "| PRR_base / PRR | acc PRR_base / PRR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows:
+        name = row.method + (" (static)" if row.static else "")
+        probe = _fmt(row.flops.get("probe_share"), ".2%") if row.flops else "-"
+        lines.append(
+            f"| {name} | {row.target_ratio:.2f} | {row.realised_ratio:.3f} | {_fmt(row.perplexity)} "
+            f"| {_fmt(row.mean_acc, '.4f')} | {_fmt(row.mean_acc_norm, '.4f')} "
+            f"| {row.time_ratio:.3f} ({row.time_ratio_spread:.3f}) | {row.decoder_time_ratio:.3f} "
+            f"| {row.ideal_time_ratio:.3f} | {probe} | {_fmt(row.tokens_per_s, '.1f')} "
+            f"| {format_bytes(row.peak_memory_bytes)} | {_fmt(row.prr)} | {_ratios(row.prr_ratios)} "
+            f"| {_ratios(row.accuracy_prr_ratios)} |"
+        )
+    tasks = list(report.rows[0].accuracy)
+    if tasks:
+        lines += ["", "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+        for row in report.rows:
+            cells = [f"{row.accuracy[t]['acc']:.4f} / {row.accuracy[t]['acc_norm']:.4f}" for t in tasks]
+            mean = f"{_fmt(row.mean_acc, '.4f')} / {_fmt(row.mean_acc_norm, '.4f')}"
+            lines.append(f"| {row.method} | " + " | ".join(cells) + f" | {mean} |")
+        lines += [
+            "",
+            "accuracy cells are acc / acc_norm (acc_norm divides by the continuation's byte length).",
+        ]
+    lines += [
+        "",
+        "time ratio = median method forward / median dense forward over interleaved pairs on the same batch "
+        "(whole model, LM head included); decoder time ratio = the same for the decoder layers alone. "
+        "FLOPs-ideal ratio = (pruned + probe + LM head) / dense FLOPs of the whole forward. "
+        "PRR = (ppl - ppl_dense) / (1 - time ratio), lower is better; PRR_base / PRR > 1 means the method "
+        "loses less quality per unit of runtime saved than that baseline (same target ratio). "
+        "peak memory: CUDA max allocated, or the process's peak RSS on CPU (a lifetime high-water mark).",
+    ]
+    if report.plots:
+        lines += ["", "plots: " + ", ".join(report.plots)]
+    return "\n".join(lines)
+
+
+EVAL_CSV_COLUMNS: tuple[str, ...] = (
+    "method",
+    "target_ratio",
+    "realised_ratio",
+    "static",
+    "perplexity",
+    "mean_acc",
+    "mean_acc_norm",
+    "time_ratio",
+    "time_ratio_spread",
+    "decoder_time_ratio",
+    "ideal_time_ratio",
+    "probe_flops_share",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "prr",
+    "accuracy_prr",
+)
+
+
+def _csv_row(row: EvalRow) -> dict[str, Any]:
+    out = {k: v for k, v in asdict(row).items() if k in EVAL_CSV_COLUMNS}
+    out["ideal_time_ratio"] = row.ideal_time_ratio
+    out["probe_flops_share"] = row.flops.get("probe_share", 0.0) if row.flops else 0.0
+    for task, values in row.accuracy.items():
+        out[f"acc_{task}"] = values["acc"]
+        out[f"acc_norm_{task}"] = values["acc_norm"]
+    for name, value in row.prr_ratios.items():
+        out[f"prr_ratio_vs_{name}"] = value
+    return out
+
+
+def write_eval_report(
+    report: EvalReport, out_dir: str | Path, plot: Callable[..., Path] | None = None
+) -> Path:
+    """Write results.json, results.csv, results.md and the PNG plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if report.settings["evaluation"]["plot"]:
+        report.plots = write_plots(report, out, plot)
+    path = out / "results.json"
+    path.write_text(json.dumps(report.to_json(), indent=2, default=str))
+    rows = [_csv_row(r) for r in report.rows]
+    columns = list(EVAL_CSV_COLUMNS) + sorted({k for r in rows for k in r} - set(EVAL_CSV_COLUMNS))
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(format_eval_table(report) + "\n")
+    return path
+
+
+def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None = None) -> list[str]:
+    """Perplexity (and mean accuracy) against runtime reduction, one marker per method and ratio."""
+    if plot is None:
+        from ppframework.plotting import plot_quality_vs_speed as plot
+    written = []
+
+    def family(row: EvalRow) -> str:
+        return row.method.rsplit(" ", 1)[0] if row.method != "dense" else "dense"
+
+    if all(r.perplexity is not None for r in report.rows):
+        points = [
+            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.perplexity}
+            for r in report.rows
+        ]
+        path = plot(
+            points, out / "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True
+        )
+        written.append(str(path))
+    if all(r.mean_acc is not None for r in report.rows):
+        points = [
+            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.mean_acc}
+            for r in report.rows
+        ]
+        path = plot(points, out / "accuracy_vs_runtime.png", "mean zero-shot accuracy", "accuracy vs runtime")
+        written.append(str(path))
+    return written
