@@ -19,6 +19,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.out_dir = args.out
     if args.no_progress:
         cfg.progress = False
+    if "evaluation" in cfg.model_fields_set:
+        print(
+            "note: the `evaluation` section is used by `ppf eval`; `ppf run` measures perplexity only",
+            file=sys.stderr,
+        )
     report = run(cfg)
     print(format_table(report))
     if cfg.out_dir:

@@ -160,3 +160,25 @@ def test_ppf_ablate_end_to_end(tmp_path: Path, tiny_model_dir, tiny_text_file: P
         assert row["realised_ratio"] > 0
         assert abs(row["delta_perplexity"] - (row["perplexity"] - report["rows"][0]["perplexity"])) < 1e-9
     assert "| flap 40% (static) |" in printed and (out / "results.md").read_text().startswith("model ")
+
+
+def test_an_ablation_names_the_example_plugins_strategies(
+    tmp_path: Path, tiny_model_dir, tiny_text_file: Path, capsys, monkeypatch
+):
+    pytest.importorskip("ppf_example_strategies", reason="pip install -e plugins/ppf-example-strategies")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = yaml.safe_load((REPO / "configs" / "ablation-example-plugin.yaml").read_text())
+    data["base"]["model"] = {"name": str(tiny_model_dir("llama")), "device": "cpu"}
+    data["base"]["data"] = {"name": str(tiny_text_file), "seq_len": 32, "batch_size": 4, "max_batches": 2}
+    data["base"]["calibration"] = {"dataset": str(tiny_text_file), "n_samples": 4, "cache_dir": str(tmp_path)}
+    data["base"]["method"]["pruning"] = {"skip_layers": [0]}
+    config = tmp_path / "plugin.yaml"
+    config.write_text(yaml.safe_dump(data))
+    plan = load_ablation(config)
+    by_variant = {p.variant: p.method for p in plan.points}
+    assert by_variant["variance-probe"].strategies.select_probe.name == "variance"
+    assert by_variant["ppsp-l1"].strategies.score_channels.name == "ppsp-l1"
+    assert cli.main(["ablate", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("variance-probe 40%", "ppsp-l1 40%"):
+        assert f"| {label} |" in printed
