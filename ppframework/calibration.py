@@ -57,7 +57,6 @@ class _Accumulator:
         self.count += x.shape[0]
 
 
-@torch.inference_mode()
 def calibrate(
     model: torch.nn.Module,
     adapter: ModelAdapter,
@@ -65,7 +64,11 @@ def calibrate(
     layers: list[int] | None = None,
     progress: bool = True,
 ) -> HistoryStore:
-    """Run the dense model over ``batches`` (no padding) and return the exact means per position."""
+    """Run the dense model over ``batches`` (no padding) and return the exact means per position.
+
+    The forwards run under ``torch.inference_mode``; the returned means are ordinary tensors, so
+    the history can be updated in place outside inference mode too.
+    """
     layers = list(range(adapter.num_layers)) if layers is None else layers
     accumulators: dict[tuple[int, BlockKind], _Accumulator] = {}
     handles = []
@@ -76,10 +79,11 @@ def calibrate(
             handles.append(adapter.runner(i, kind).out_proj.register_forward_pre_hook(acc))
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-            for acc in accumulators.values():
-                acc.batch_size = batch.shape[0]
-            model(input_ids=batch.to(device), use_cache=False)
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                for acc in accumulators.values():
+                    acc.batch_size = batch.shape[0]
+                model(input_ids=batch.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -28,17 +28,20 @@ class BlockHistory:
     def ema_update(
         self,
         stats: torch.Tensor,
-        position_valid: torch.Tensor,
+        position_valid: torch.Tensor | None,
         channels: torch.Tensor | None,
         momentum: float,
     ) -> None:
         """``Hist[t, c] <- m * Hist[t, c] + (1 - m) * stats[t, c]`` on kept ``channels`` and
-        real positions only; other entries are neither updated nor decayed."""
+        real positions only; other entries are neither updated nor decayed.
+
+        ``position_valid`` None means every position is real (a batch without padding)."""
         seq = stats.shape[0]
         rows = self.sq_mean[:seq]
         current = rows if channels is None else rows.index_select(1, channels)
         blended = torch.lerp(stats.to(current.dtype), current, momentum)
-        blended = torch.where(position_valid[:, None], blended, current)
+        if position_valid is not None:
+            blended = torch.where(position_valid[:, None], blended, current)
         if channels is None:
             rows.copy_(blended)
         else:

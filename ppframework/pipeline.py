@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ppframework import hookspecs
 from ppframework.adapters import ModelAdapter, get_adapter
-from ppframework.adapters.base import BlockRunner, additive_attention_bias
+from ppframework.adapters.base import BlockRunner, GatherBuffers, ProbeReuse, additive_attention_bias
 from ppframework.config import MethodConfig
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
@@ -20,6 +21,13 @@ from ppframework.registry import StrategyRegistry, default_registry
 from ppframework.types import BlockContext, BlockInputs, BlockKind, BlockMask, Probe
 
 logger = logging.getLogger(__name__)
+
+_NO_STAGE = nullcontext()
+
+
+def _no_stage(name: str) -> AbstractContextManager[None]:
+    """The stage timer used when no profiler is set: does nothing."""
+    return _NO_STAGE
 
 
 def inflated_ratio(ratio: float, num_layers: int, n_skipped: int, inflate: bool = True) -> float:
@@ -161,6 +169,14 @@ class Pipeline:
         self._runners = {
             (i, kind): self.adapter.runner(i, kind) for i in self.pruned_layers for kind in BlockKind
         }
+        #: Shared storage for the per-batch weight gathers (one buffer per role serves every layer).
+        self.buffers = GatherBuffers()
+        for runner in self._runners.values():
+            runner.buffers = self.buffers
+        #: Reuse the probe's exact per-token values in the full pass (None = where it is free: on
+        #: CPU; on CUDA it would need the probe rows on the host, a synchronisation per block).
+        self.reuse_probe: bool | None = None
+        self._profiler: Any = None
         self._batch: _Batch | None = None
         self._handle: Any = None
         self._attached = False
@@ -214,10 +230,28 @@ class Pipeline:
 
     def release(self) -> None:
         """Detach and drop a static method's cached sliced weights (they are otherwise kept for
-        the pipeline's lifetime, so re-attaching costs no gather)."""
+        the pipeline's lifetime, so re-attaching costs no gather) and the gather buffers."""
         self.detach()
         for runner in self._runners.values():
             runner.unpin_weights()
+        self.buffers.clear()
+
+    @property
+    def profiler(self) -> Any:
+        """The stage profiler timing this pipeline's stages, or None (the default: no cost).
+
+        Anything with a ``stage(name)`` context manager; see
+        :class:`ppframework.metrics.stage_profile.StageProfiler`, which also times the five hooks.
+        The pipeline times ``probe_forward`` and ``history_update``; the runners ``gather`` and
+        the built-in ``infer`` strategies ``statistics``.
+        """
+        return self._profiler
+
+    @profiler.setter
+    def profiler(self, profiler: Any) -> None:
+        self._profiler = profiler
+        for runner in self._runners.values():
+            runner.profiler = profiler
 
     def __enter__(self) -> Pipeline:
         return self.attach()
@@ -287,6 +321,7 @@ class Pipeline:
                 attention_mask=batch.attention_mask,
                 attn_bias=batch.attn_bias(normed.dtype) if kind is BlockKind.ATTENTION else None,
                 rotary=rotary if kind is BlockKind.ATTENTION else None,
+                has_padding=batch.has_padding,
             )
             out = self._run_block(index, kind, inputs, batch)
             hidden = self.adapter.block_residual(layer, kind, hidden, out)
@@ -297,33 +332,44 @@ class Pipeline:
         if kind not in self.targets:
             z = runner.pre_output(
                 inputs.normed,
-                attention_mask=inputs.attention_mask,
+                attention_mask=inputs.attention_mask if batch.has_padding else None,
                 attn_bias=inputs.attn_bias,
                 rotary=inputs.rotary,
             )
             return runner.output(z)
         history = self.history.get(index, kind) if self.history is not None else None
         collect = history is not None and self.updates_history
-        ctx = self._context(index, kind, runner, inputs.normed.shape[1], batch.position_valid, collect)
+        ctx = self._context(
+            index, kind, runner, inputs.normed.shape[1], batch.position_valid, collect, batch.has_padding
+        )
         hooks = self.hooks
         if self.is_static:
             mask = self._static_masks[(index, kind)]
             result = hooks.infer(ctx, runner, inputs, mask)
             self._record(index, kind, mask, inputs.normed.shape, None)
             return result.output
+        stage = _no_stage if self._profiler is None else self._profiler.stage
         probe = hooks.select_probe(ctx, inputs.residual, inputs.normed, inputs.attention_mask)
-        states = self._probe_forward(runner, probe, inputs) if probe is not None else None
+        states = None
+        if probe is not None:
+            with stage("probe_forward"):
+                states, inputs.probe_reuse = self._probe_pass(runner, probe, inputs, batch)
         scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
         scores = hooks.fuse_history(ctx, scores, history)
         mask = hooks.apply_mask(ctx, scores, self.layer_ratio)
         result = hooks.infer(ctx, runner, inputs, mask)
+        inputs.probe_reuse = None
         if collect and result.sq_mean is not None:
-            if self.method.history.update == "running-mean":
-                history.running_mean_update(result.sq_mean, batch.rows_per_position, result.kept_channels)
-            else:
-                history.ema_update(
-                    result.sq_mean, result.position_valid, result.kept_channels, self.method.history.momentum
-                )
+            with stage("history_update"):
+                if self.method.history.update == "running-mean":
+                    history.running_mean_update(result.sq_mean, batch.rows_per_position, result.kept_channels)
+                else:
+                    history.ema_update(
+                        result.sq_mean,
+                        result.position_valid if batch.has_padding else None,
+                        result.kept_channels,
+                        self.method.history.momentum,
+                    )
         self._record(index, kind, mask, inputs.normed.shape, probe)
         return result.output
 
@@ -335,6 +381,7 @@ class Pipeline:
         seq_len: int,
         position_valid: torch.Tensor | None,
         collect: bool,
+        has_padding: bool | None = None,
     ) -> BlockContext:
         return BlockContext(
             layer=index,
@@ -347,6 +394,7 @@ class Pipeline:
             gqa_policy=self.method.pruning.gqa_policy,
             position_valid=position_valid,
             collect_stats=collect,
+            has_padding=has_padding,
         )
 
     def _decide_static(self) -> None:
@@ -370,15 +418,35 @@ class Pipeline:
     @staticmethod
     def _probe_forward(runner: BlockRunner, probe: Probe, inputs: BlockInputs) -> torch.Tensor:
         """The block's pre-output activations on the probe, with full weights."""
-        rows, tokens = probe.batch_index, probe.token_index
-        x = inputs.normed.index_select(0, rows).index_select(1, tokens)
-        rotary = None
-        if inputs.rotary is not None:
-            rotary = tuple(
-                (r if r.shape[0] == 1 else r.index_select(0, rows)).index_select(1, tokens)
-                for r in inputs.rotary
-            )
-        return runner.pre_output(x, attention_mask=probe.valid.long(), rotary=rotary)
+        states, _ = runner.probe_forward(
+            inputs.normed,
+            probe.batch_index,
+            probe.token_index,
+            attention_mask=probe.valid.long(),
+            rotary=inputs.rotary,
+        )
+        return states
+
+    def _probe_pass(
+        self, runner: BlockRunner, probe: Probe, inputs: BlockInputs, batch: _Batch
+    ) -> tuple[torch.Tensor, ProbeReuse | None]:
+        """The probe forward, plus what the full pass may reuse when that is enabled and free."""
+        reuse = self.reuse_probe
+        if reuse is None:
+            reuse = inputs.normed.device.type == "cpu"
+        reuse = (
+            reuse
+            and not torch.is_grad_enabled()
+            and getattr(self.strategies["infer"], "uses_probe_reuse", False)
+        )
+        return runner.probe_forward(
+            inputs.normed,
+            probe.batch_index,
+            probe.token_index,
+            attention_mask=probe.valid.long() if batch.has_padding else None,
+            rotary=inputs.rotary,
+            keep_for_reuse=reuse,
+        )
 
     # -- accounting ----------------------------------------------------------------------------
     def _params_per_unit(self, kind: BlockKind) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -60,6 +61,9 @@ class BlockContext:
         gqa_policy: ``query-only`` (paper) or ``group`` (prune whole key/value groups).
         position_valid: (T,) True where at least one row of the batch is real text.
         collect_stats: whether ``infer`` must report full-batch statistics (history is updated).
+        has_padding: whether any row of the batch has padding, known once per batch (None =
+            unknown: look at the mask). Lets strategies skip per-block checks of the mask, which
+            are host-device synchronisations on CUDA.
     """
 
     layer: int
@@ -72,6 +76,7 @@ class BlockContext:
     gqa_policy: str = "query-only"
     position_valid: torch.Tensor | None = None
     collect_stats: bool = False
+    has_padding: bool | None = None
 
 
 @dataclass
@@ -159,6 +164,10 @@ class BlockInputs:
     ``normed`` is the block's input after its norm (B, T, D); ``residual`` is before it;
     ``attention_mask`` (B, T) is 1 for real tokens; ``attn_bias`` is its additive causal form
     (None when there is no padding); ``rotary`` is the model's (cos, sin) or None.
+
+    Optional hints the pipeline fills in (strategies may ignore them): ``has_padding`` (None =
+    unknown) and ``probe_reuse``, what the probe forward computed that the block runner may reuse,
+    exactly, in the full pass (see :class:`~ppframework.adapters.base.ProbeReuse`).
     """
 
     normed: torch.Tensor
@@ -166,6 +175,8 @@ class BlockInputs:
     attention_mask: torch.Tensor
     attn_bias: torch.Tensor | None = None
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    has_padding: bool | None = None
+    probe_reuse: Any = None
 
 
 @dataclass

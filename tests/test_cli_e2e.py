@@ -91,7 +91,7 @@ def test_run_dense_and_two_methods(
     assert "|---|" in stdout
     table = _table_rows(stdout)
     assert list(table) == ["dense", "pp 40%", "pp-light 20%"]
-    assert all(len(cells) == 7 for cells in table.values())
+    assert all(len(cells) == 10 for cells in table.values())
     assert f"wrote {out / 'results.json'}" in stdout
     assert (out / "results.md").read_text().strip() in stdout
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppframework.adapters.base import BlockRunner, ModelAdapter, causal_attention
+from ppframework.adapters.base import BlockRunner, ModelAdapter, ProbeReuse, causal_attention
 from ppframework.types import BlockGeometry, BlockKind
 
 
@@ -25,22 +25,23 @@ class OPTAttentionRunner(BlockRunner):
         self,
         x: torch.Tensor,
         *,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         attn_bias: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         kept_units: torch.Tensor | None = None,
         kept_kv_heads: torch.Tensor | None = None,
+        reuse: ProbeReuse | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         d = self.geometry.unit_width
         rows = self.channels_of(kept_units)
         q = (
-            (self.linear(x, self.attn.q_proj, rows=rows) * self.scaling)
+            (self.linear(x, self.attn.q_proj, rows=rows, role="attn.q") * self.scaling)
             .view(batch, seq, -1, d)
             .transpose(1, 2)
         )
-        k = self.linear(x, self.attn.k_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
-        v = self.linear(x, self.attn.v_proj, rows=rows).view(batch, seq, -1, d).transpose(1, 2)
+        k = self.linear(x, self.attn.k_proj, rows=rows, role="attn.k").view(batch, seq, -1, d).transpose(1, 2)
+        v = self.linear(x, self.attn.v_proj, rows=rows, role="attn.v").view(batch, seq, -1, d).transpose(1, 2)
         out = causal_attention(q, k, v, attention_mask, attn_bias, scale=1.0)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
@@ -60,13 +61,14 @@ class OPTMLPRunner(BlockRunner):
         self,
         x: torch.Tensor,
         *,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         attn_bias: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         kept_units: torch.Tensor | None = None,
         kept_kv_heads: torch.Tensor | None = None,
+        reuse: ProbeReuse | None = None,
     ) -> torch.Tensor:
-        return self.layer.activation_fn(self.linear(x, self.layer.fc1, rows=kept_units))
+        return self.layer.activation_fn(self.linear(x, self.layer.fc1, rows=kept_units, role="mlp.fc1"))
 
 
 class OPTAdapter(ModelAdapter):

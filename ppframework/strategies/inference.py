@@ -9,27 +9,65 @@ from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, BlockInputs, BlockMask, BlockOutput
 
 
+def squared_sum_over_rows(z: torch.Tensor) -> torch.Tensor:
+    """``sum_b z[b, t, c]^2`` (T, C) in fp32, in one pass over ``z`` without a (B, T, C) temporary.
+
+    CUDA: one fused fp32 reduction (``vector_norm`` squared). CPU: a running ``addcmul_`` over the
+    rows (a strided reduction over dim 0 is slow there and a squared copy costs a fresh allocation).
+    """
+    if z.device.type == "cuda":
+        return torch.linalg.vector_norm(z, dim=0, dtype=torch.float32).square_()
+    acc = z[0].float().square()
+    for row in z[1:]:
+        row = row if row.dtype == torch.float32 else row.float()
+        acc.addcmul_(row, row)
+    return acc
+
+
 def squared_mean_per_position(
-    z: torch.Tensor, attention_mask: torch.Tensor
+    z: torch.Tensor, attention_mask: torch.Tensor, has_padding: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over real rows of ``z[b, t, c]^2`` per position (fp32), and which positions had any."""
+    """Mean over real rows of ``z[b, t, c]^2`` per position (fp32), and which positions had any.
+
+    ``has_padding`` False (known once per batch) skips looking at the mask; None checks it.
+    """
+    if has_padding is False:
+        position_valid = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+        return squared_sum_over_rows(z).div_(z.shape[0]), position_valid
     real = attention_mask.bool()
     counts = real.to(torch.float32).sum(dim=0)
     if bool(real.all()):
-        return z.float().square().mean(dim=0), counts > 0
+        return squared_sum_over_rows(z).div_(z.shape[0]), counts > 0
     sums = z.float().square().masked_fill(~real[:, :, None], 0.0).sum(dim=0)
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
 
 
 def _run(block: BlockRunner, inputs: BlockInputs, mask: BlockMask | None, full: bool) -> torch.Tensor:
+    # Known once per batch: no padding means no mask to check (a host-device sync on CUDA).
+    no_padding = getattr(inputs, "has_padding", None) is False
+    reuse = getattr(inputs, "probe_reuse", None)
+    extra = {"reuse": reuse} if reuse is not None and not full and mask is not None else {}
     return block.pre_output(
         inputs.normed,
-        attention_mask=inputs.attention_mask,
+        attention_mask=None if no_padding else inputs.attention_mask,
         attn_bias=inputs.attn_bias,
         rotary=inputs.rotary,
         kept_units=None if full or mask is None else mask.kept_units,
         kept_kv_heads=None if full or mask is None else mask.kept_kv_heads,
+        **extra,
     )
+
+
+def _statistics(
+    block: BlockRunner, z: torch.Tensor, inputs: BlockInputs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-batch statistics for the history, timed as ``statistics`` when profiling."""
+    padded = getattr(inputs, "has_padding", None)
+    profiler = getattr(block, "profiler", None)
+    if profiler is None:
+        return squared_mean_per_position(z, inputs.attention_mask, padded)
+    with profiler.stage("statistics"):
+        return squared_mean_per_position(z, inputs.attention_mask, padded)
 
 
 def _with_bias(output: torch.Tensor, mask: BlockMask) -> torch.Tensor:
@@ -38,10 +76,15 @@ def _with_bias(output: torch.Tensor, mask: BlockMask) -> torch.Tensor:
 
 
 class SlicedInference:
-    """Physically sliced weights (PP): gather kept rows/columns per batch, then run."""
+    """Physically sliced weights (PP): gather kept rows/columns per batch, then run.
+
+    ``uses_probe_reuse``: passes the pipeline's :class:`~ppframework.adapters.base.ProbeReuse` to
+    the runner, which then copies the probe's exact per-token values instead of recomputing them.
+    """
 
     stage = "infer"
     name = "sliced"
+    uses_probe_reuse = True
 
     @hookimpl
     def infer(
@@ -51,7 +94,7 @@ class SlicedInference:
         channels = block.channels_of(mask.kept_units)
         out = BlockOutput(output=_with_bias(block.output(z, channels), mask), kept_channels=channels)
         if ctx.collect_stats:
-            out.sq_mean, out.position_valid = squared_mean_per_position(z, inputs.attention_mask)
+            out.sq_mean, out.position_valid = _statistics(block, z, inputs)
         return out
 
 
@@ -72,5 +115,5 @@ class MaskedInference:
         out = BlockOutput(output=_with_bias(block.output(z * keep), mask), kept_channels=channels)
         if ctx.collect_stats:
             kept = z if channels is None else z.index_select(-1, channels)
-            out.sq_mean, out.position_valid = squared_mean_per_position(kept, inputs.attention_mask)
+            out.sq_mean, out.position_valid = _statistics(block, kept, inputs)
         return out

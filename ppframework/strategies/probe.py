@@ -38,15 +38,28 @@ def select_residual_probe(
     seq_ratio: float,
     batch_ratio: float,
     sink_threshold: int = 10,
+    has_padding: bool | None = None,
 ) -> Probe:
     """Residual-importance probe: top positions by ``||r[:, t]||``, then top rows on them.
 
     ``r[b, t] = ||residual[b, t, :]||_2`` with padding counted as 0. All-padding positions and
     all-padding rows are never chosen; when ``k_T <= sink_threshold`` position 0 is kept.
+    ``has_padding`` False (known once per batch) takes a path that never reads the mask and so
+    never synchronises with the device; it chooses exactly what the general path would.
     """
     batch, seq, _ = residual.shape
+    norms = torch.linalg.vector_norm(residual, dim=-1, dtype=torch.float32)  # fp32, no upcast copy
+    if has_padding is False:
+        k_rows, k_tokens = probe_sizes(batch, seq, seq_ratio, batch_ratio)
+        token_scores = norms.norm(dim=0)
+        if k_tokens <= sink_threshold:
+            token_scores[0] = math.inf
+        tokens = _top_sorted(token_scores, k_tokens)
+        rows = _top_sorted(norms.index_select(1, tokens).norm(dim=1), k_rows)
+        valid = torch.ones(k_rows, k_tokens, dtype=torch.bool, device=residual.device)
+        return Probe(batch_index=rows, token_index=tokens, valid=valid)
     real = attention_mask.bool()
-    norms = residual.float().norm(dim=-1).masked_fill(~real, 0.0)
+    norms = norms.masked_fill(~real, 0.0)
     position_ok = real.any(dim=0)
     row_ok = real.any(dim=1)
     k_rows, k_tokens = probe_sizes(batch, seq, seq_ratio, batch_ratio)
@@ -76,7 +89,14 @@ class ResidualProbe:
         self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
     ) -> Probe:
         p = self.params
-        return select_residual_probe(residual, attention_mask, p.seq_ratio, p.batch_ratio, p.sink_threshold)
+        return select_residual_probe(
+            residual,
+            attention_mask,
+            p.seq_ratio,
+            p.batch_ratio,
+            p.sink_threshold,
+            has_padding=getattr(ctx, "has_padding", None),
+        )
 
 
 def _random_sorted(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
