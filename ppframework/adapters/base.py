@@ -7,91 +7,37 @@ parameters stay shared and untouched.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppframework.adapters.attention import additive_attention_bias, causal_attention
+from ppframework.adapters.gather import (
+    GatherBuffers,
+    concat_parts,
+    gather_weight,
+    sliced_linear,
+    unit_channels,
+)
+from ppframework.adapters.probe_reuse import ProbeReuse, fill_outside_probe, probe_rotary
 from ppframework.types import BlockGeometry, BlockKind
 
-
-def gather_weight(
-    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight (and bias) of ``linear`` restricted to output ``rows`` and/or input ``cols``.
-
-    The weight is gathered into a new tensor (``index_select``); the module is not modified.
-    The bias follows the rows; with ``cols`` the full bias is kept (it is added once).
-    """
-    weight = linear.weight
-    bias = linear.bias
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = bias.index_select(0, rows) if bias is not None else None
-    if cols is not None:
-        weight = weight.index_select(1, cols)
-    return weight, bias
-
-
-def sliced_linear(
-    x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``linear(x)`` restricted to output ``rows`` and/or input ``cols`` of its weight (see
-    :func:`gather_weight`)."""
-    weight, bias = gather_weight(linear, rows, cols)
-    return F.linear(x, weight, bias)
-
-
-def unit_channels(units: torch.Tensor, unit_width: int) -> torch.Tensor:
-    """Expand unit indices (heads) into the channel indices they cover."""
-    if unit_width == 1:
-        return units
-    offsets = torch.arange(unit_width, device=units.device)
-    return (units[:, None] * unit_width + offsets[None, :]).reshape(-1)
-
-
-def additive_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Causal + key-padding additive bias (B, 1, T, T), or None when there is no padding.
-
-    Fully masked rows (a padding query with no real key before it) get a zero bias on the
-    diagonal so that softmax never sees only ``-inf`` (their outputs are never used).
-    """
-    if bool(attention_mask.all()):
-        return None
-    _, seq = attention_mask.shape
-    device = attention_mask.device
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    allowed = causal[None, :, :] & attention_mask.bool()[:, None, :]
-    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None, :, :]
-
-
-def causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    attn_bias: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Causal SDPA over (B, H, T, d) tensors; the fast causal path when there is no padding.
-
-    ``attn_bias`` is the precomputed additive form of ``attention_mask`` (built here if None and
-    the mask has padding). ``attention_mask`` None means every token is real: nothing is checked,
-    so there is no host-device synchronisation (the pipeline knows this once per batch).
-    """
-    if attn_bias is None and (attention_mask is None or bool(attention_mask.all())):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
-    if attn_bias is None:
-        attn_bias = additive_attention_bias(attention_mask, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+__all__ = [
+    "BlockRunner",
+    "GatherBuffers",
+    "ModelAdapter",
+    "ProbeReuse",
+    "additive_attention_bias",
+    "causal_attention",
+    "fill_outside_probe",
+    "gather_weight",
+    "probe_rotary",
+    "sliced_linear",
+    "unit_channels",
+]
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -103,127 +49,6 @@ def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is b
     return a is b or torch.equal(a, b)
-
-
-def _concat_parts(
-    parts: list[tuple[torch.Tensor, torch.Tensor | None]],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack gathered (weight, bias) parts along the output dimension (missing biases are zero)."""
-    if len(parts) == 1:
-        return parts[0]
-    weight = torch.cat([w for w, _ in parts])
-    if all(b is None for _, b in parts):
-        return weight, None
-    bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
-    return weight, bias
-
-
-class GatherBuffers:
-    """Reusable storage for the per-batch weight gathers of one pipeline's block runners.
-
-    Blocks run one after another, so one buffer per role (``"mlp.gate_up"``, ``"out"``, ...) serves
-    every layer: each gather overwrites it right before the matmul that reads it (on CUDA the
-    stream orders the two). Gathering into warm memory avoids allocating, and on CPU page-faulting,
-    megabytes per block and batch. Runners use the buffers only while autograd is off (a saved
-    weight must not be overwritten); storage grows to the largest request and is then reused.
-    """
-
-    def __init__(self) -> None:
-        self._storage: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A tensor of ``shape`` with ``like``'s dtype and device (contents undefined)."""
-        key = (role, like.dtype, like.device, torch.is_inference_mode_enabled())
-        numel = math.prod(shape)
-        flat = self._storage.get(key)
-        if flat is None or flat.numel() < numel:
-            flat = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._storage[key] = flat
-        return flat[:numel].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held."""
-        return sum(t.numel() * t.element_size() for t in self._storage.values())
-
-    def clear(self) -> None:
-        """Free every buffer."""
-        self._storage.clear()
-
-
-@dataclass
-class ProbeReuse:
-    """What a block's probe forward computed that the full pass may reuse, exactly.
-
-    Per-token computations (the linear projections, the gated MLP) give a (row, token) the same
-    values whether it is computed inside the probe or inside the full batch, since the input and the
-    weights are the same; the full pass then computes only the tokens outside the probe and copies
-    the probe's values of the kept channels for the others. ``values`` is runner-specific (the MLP's
-    pre-output activations; attention's q, k, v projections before rotary). ``row_list`` holds the
-    probe rows on the host (building it synchronises on CUDA, so the pipeline reuses on CPU only
-    unless told otherwise). ``source`` is the full batch's normed input the probe was cut from; a
-    runner reuses only for that very tensor.
-    """
-
-    source: torch.Tensor
-    rows: torch.Tensor
-    row_list: list[int]
-    tokens: torch.Tensor
-    other_tokens: torch.Tensor
-    values: Any
-
-    @classmethod
-    def build(cls, source: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, values: Any) -> ProbeReuse:
-        """Record ``values`` computed on ``source[rows][:, tokens]``."""
-        keep = torch.ones(source.shape[1], dtype=torch.bool, device=tokens.device)
-        keep[tokens] = False
-        return cls(source, rows, rows.tolist(), tokens, keep.nonzero().flatten(), values)
-
-    def usable_for(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is the tensor the probe was cut from (and autograd is off: the full pass
-        then writes into preallocated outputs)."""
-        return self.source is x and not torch.is_grad_enabled()
-
-
-def fill_outside_probe(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    compute: Callable[[torch.Tensor, torch.Tensor], None],
-    reuse: ProbeReuse,
-    probe_values: torch.Tensor,
-) -> torch.Tensor:
-    """Fill ``out`` (B, T, W) with a per-token function of ``x`` (B, T, D), reusing the probe.
-
-    ``compute(x2d, out2d)`` writes the function of the (n, D) rows ``x2d`` into ``out2d`` (n, W).
-    Whole rows outside the probe are computed in contiguous slices (no copies); the probe rows are
-    computed on their non-probe tokens only, and ``probe_values`` (k_B, k_T, W) fill the probe's
-    (row, token) entries.
-    """
-    batch, _, hidden = x.shape
-    width = out.shape[-1]
-    start = 0
-    for row in [*reuse.row_list, batch]:
-        if row > start:
-            compute(x[start:row].reshape(-1, hidden), out[start:row].view(-1, width))
-        start = row + 1
-    rows, others = reuse.rows, reuse.other_tokens
-    if others.numel():
-        xo = x.index_select(0, rows).index_select(1, others)
-        zo = out.new_empty(xo.shape[0] * xo.shape[1], width)
-        compute(xo.reshape(-1, hidden), zo)
-        out.index_put_((rows[:, None], others[None, :]), zo.view(xo.shape[0], xo.shape[1], width))
-    out.index_put_((rows[:, None], reuse.tokens[None, :]), probe_values)
-    return out
-
-
-def probe_rotary(
-    rotary: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rotary (cos, sin) of the probe's rows and tokens (at their true positions)."""
-    if rotary is None:
-        return None
-    cos, sin = ((r if r.shape[0] == 1 else r.index_select(0, rows)).index_select(1, tokens) for r in rotary)
-    return cos, sin
 
 
 class BlockRunner(ABC):
@@ -276,7 +101,7 @@ class BlockRunner(ABC):
         buffers = self.buffers
         if buffers is None or torch.is_grad_enabled():
             parts = [gather_weight(lin, r, cols) for lin, r in zip(linears, row_sel, strict=True)]
-            return _concat_parts(parts)
+            return concat_parts(parts)
         if self.profiler is None:
             return self._gather_into(buffers, role, linears, row_sel, cols)
         with self.profiler.stage("gather"):
@@ -293,7 +118,7 @@ class BlockRunner(ABC):
         cached = self._pinned.get(role)
         if cached is None:
             parts = [gather_weight(lin, r, cols) for lin, r in zip(linears, rows, strict=True)]
-            weight, bias = _concat_parts(parts)
+            weight, bias = concat_parts(parts)
             self._pinned[role] = (rows, cols, weight, bias)
             return weight, bias
         same = all(_same_index(a, b) for a, b in zip(cached[0], rows, strict=True))

@@ -1,0 +1,84 @@
+"""Reusing a probe forward's exact per-token values in the block's full pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ProbeReuse:
+    """What a block's probe forward computed that the full pass may reuse, exactly.
+
+    Per-token computations (the linear projections, the gated MLP) give a (row, token) the same
+    values whether it is computed inside the probe or inside the full batch, since the input and the
+    weights are the same; the full pass then computes only the tokens outside the probe and copies
+    the probe's values of the kept channels for the others. ``values`` is runner-specific (the MLP's
+    pre-output activations; attention's q, k, v projections before rotary). ``row_list`` holds the
+    probe rows on the host (building it synchronises on CUDA, so the pipeline reuses on CPU only
+    unless told otherwise). ``source`` is the full batch's normed input the probe was cut from; a
+    runner reuses only for that very tensor.
+    """
+
+    source: torch.Tensor
+    rows: torch.Tensor
+    row_list: list[int]
+    tokens: torch.Tensor
+    other_tokens: torch.Tensor
+    values: Any
+
+    @classmethod
+    def build(cls, source: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, values: Any) -> ProbeReuse:
+        """Record ``values`` computed on ``source[rows][:, tokens]``."""
+        keep = torch.ones(source.shape[1], dtype=torch.bool, device=tokens.device)
+        keep[tokens] = False
+        return cls(source, rows, rows.tolist(), tokens, keep.nonzero().flatten(), values)
+
+    def usable_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the tensor the probe was cut from (and autograd is off: the full pass
+        then writes into preallocated outputs)."""
+        return self.source is x and not torch.is_grad_enabled()
+
+
+def fill_outside_probe(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    compute: Callable[[torch.Tensor, torch.Tensor], None],
+    reuse: ProbeReuse,
+    probe_values: torch.Tensor,
+) -> torch.Tensor:
+    """Fill ``out`` (B, T, W) with a per-token function of ``x`` (B, T, D), reusing the probe.
+
+    ``compute(x2d, out2d)`` writes the function of the (n, D) rows ``x2d`` into ``out2d`` (n, W).
+    Whole rows outside the probe are computed in contiguous slices (no copies); the probe rows are
+    computed on their non-probe tokens only, and ``probe_values`` (k_B, k_T, W) fill the probe's
+    (row, token) entries.
+    """
+    batch, _, hidden = x.shape
+    width = out.shape[-1]
+    start = 0
+    for row in [*reuse.row_list, batch]:
+        if row > start:
+            compute(x[start:row].reshape(-1, hidden), out[start:row].view(-1, width))
+        start = row + 1
+    rows, others = reuse.rows, reuse.other_tokens
+    if others.numel():
+        xo = x.index_select(0, rows).index_select(1, others)
+        zo = out.new_empty(xo.shape[0] * xo.shape[1], width)
+        compute(xo.reshape(-1, hidden), zo)
+        out.index_put_((rows[:, None], others[None, :]), zo.view(xo.shape[0], xo.shape[1], width))
+    out.index_put_((rows[:, None], reuse.tokens[None, :]), probe_values)
+    return out
+
+
+def probe_rotary(
+    rotary: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rotary (cos, sin) of the probe's rows and tokens (at their true positions)."""
+    if rotary is None:
+        return None
+    cos, sin = ((r if r.shape[0] == 1 else r.index_select(0, rows)).index_select(1, tokens) for r in rotary)
+    return cos, sin
