@@ -111,6 +111,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a field of the file (YAML value), e.g. --set {example} (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ppf``."""
     parser = argparse.ArgumentParser(
@@ -121,13 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="dense vs each configured method: perplexity, time, realised ratio")
     run.add_argument("config", help="YAML or JSON run config")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set methods.0.pruning.ratio=0.2 (repeatable)",
-    )
+    _add_set_option(run, "methods.0.pruning.ratio=0.2")
     run.add_argument("--out", help="directory for results.json and results.md")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_cmd_run)
@@ -136,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate", help="run an ablation file: base run + variants (+ grid), one process, one table"
     )
     ablate.add_argument("config", help="YAML or JSON ablation file (base, variants, grid)")
-    ablate.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the file, e.g. --set base.data.max_batches=3 (repeatable)",
-    )
+    _add_set_option(ablate, "base.data.max_batches=3")
     ablate.add_argument("--out", help="directory for results.json, results.csv and results.md")
     ablate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ablate.set_defaults(func=_cmd_ablate)
@@ -153,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PRR, plots",
     )
     evaluate.add_argument("config", help="YAML or JSON run config (its `evaluation` section)")
-    evaluate.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)"
-    )
+    _add_set_option(evaluate, "evaluation.runtime.repeats=3")
     evaluate.add_argument("--limit", type=int, help="first N items per zero-shot task (quick runs)")
     evaluate.add_argument("--out", help="directory for results.json/.csv/.md and the PNG plots")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ppframework import data as data_mod
 from ppframework.api import build_pipeline, calibration_history, load_eval_text
 from ppframework.config import MethodConfig, RunConfig
 from ppframework.errors import ConfigError
@@ -39,7 +37,7 @@ from ppframework.metrics.runtime import DecoderTimer
 from ppframework.metrics.timing import timed
 from ppframework.models import load_model
 from ppframework.pipeline import Pipeline
-from ppframework.runner import eval_batches, pipeline_flops
+from ppframework.runner import environment, eval_batches, pipeline_flops, resolved_settings
 from ppframework.zeroshot import evaluate_tasks, get_task
 
 logger = logging.getLogger(__name__)
@@ -325,23 +323,10 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     static = {r.method: r.static for r in rows}
     baselines = list(ev.baselines) if ev.baselines is not None else default_baselines(cfg.methods, static)
     add_efficiency(rows, baselines)
-    settings = cfg.model_dump(mode="json")
-    settings["resolved"] = {
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype),
-        "n_batches": len(batches),
-        "scored_batches": len(batches) - warmup,
-        "tokens_per_batch": int(batches[0].numel()),
-        "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
-    }
-    environment = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
-    return EvalReport(rows, settings, calibration_info, environment, time.perf_counter() - start, baselines)
+    settings = resolved_settings(cfg, model, batches)
+    return EvalReport(
+        rows, settings, calibration_info, environment(model), time.perf_counter() - start, baselines
+    )
 
 
 def make_layers(model: nn.Module) -> nn.ModuleList:

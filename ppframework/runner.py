@@ -169,23 +169,35 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
                 pipe.is_static,
             )
         )
-    device = next(model.parameters()).device
+    settings = resolved_settings(cfg, model, batches)
+    return RunReport(rows, settings, calibration_info, environment(model), time.perf_counter() - start)
+
+
+def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """The config as run, plus what it resolved to (device, dtype, batch counts, data folder)."""
+    param = next(model.parameters())
     settings = cfg.model_dump(mode="json")
     settings["resolved"] = {
-        "device": str(device),
-        "dtype": str(next(model.parameters()).dtype),
+        "device": str(param.device),
+        "dtype": str(param.dtype),
         "n_batches": len(batches),
-        "scored_batches": len(batches) - warmup,
+        "scored_batches": len(batches) - cfg.data.warmup_batches,
         "tokens_per_batch": int(batches[0].numel()),
         "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
     }
-    environment = {
+    return settings
+
+
+def environment(model: torch.nn.Module) -> dict[str, Any]:
+    """Software and hardware the figures were measured on."""
+    device = next(model.parameters()).device
+    return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    return RunReport(rows, settings, calibration_info, environment, time.perf_counter() - start)
 
 
 def format_table(report: RunReport) -> str:
