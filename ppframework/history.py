@@ -108,12 +108,13 @@ class HistoryStore:
         return self
 
     def clone(self) -> HistoryStore:
-        """A deep copy (so several methods can start from the same calibration)."""
+        """A copy several methods can start from: the updated tensors (``sq_mean``, ``counts``) are
+        cloned; the calibration ``mean``, which no update writes, is shared."""
         return HistoryStore(
             {
                 key: BlockHistory(
                     h.sq_mean.clone(),
-                    None if h.mean is None else h.mean.clone(),
+                    h.mean,
                     h.updates,
                     h.samples,
                     None if h.counts is None else h.counts.clone(),

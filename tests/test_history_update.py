@@ -157,7 +157,7 @@ def test_squared_mean_per_position_hand_example() -> None:
 # --------------------------------------------------------------------------- store
 
 
-def test_history_store_clone_is_deep() -> None:
+def test_history_store_clone_copies_every_updated_tensor() -> None:
     a = BlockHistory(sq_mean=torch.rand(5, 3), mean=torch.rand(5, 3), updates=2)
     b = BlockHistory(sq_mean=torch.rand(5, 4), mean=None, updates=0)
     store = HistoryStore({(3, BlockKind.ATTENTION): a, (3, BlockKind.MLP): b})
@@ -177,12 +177,11 @@ def test_history_store_clone_is_deep() -> None:
         if orig.mean is None:
             assert h.mean is None
         else:
-            assert torch.equal(h.mean, orig.mean) and h.mean.data_ptr() != orig.mean.data_ptr()
+            assert h.mean is orig.mean  # read-only calibration mean: shared, not copied
 
     # mutate the copy every way the pipeline could
     ca = copy.get(3, BlockKind.ATTENTION)
     ca.sq_mean.add_(1.0)
-    ca.mean.mul_(0.0)
     ca.ema_update(torch.ones(2, 3), torch.tensor([True, True]), None, 0.5)
     copy.get(3, BlockKind.MLP).sq_mean[0, 0] = -1.0
     copy.blocks[(4, BlockKind.MLP)] = BlockHistory(sq_mean=torch.zeros(1, 1))
@@ -203,3 +202,17 @@ def test_squared_mean_per_position_ignores_non_finite_padding() -> None:
     got, ok = squared_mean_per_position(z, torch.tensor([[1], [0]]))
     assert ok.tolist() == [True]
     assert got.tolist() == [[1.0, 4.0]]
+
+
+def test_clone_copies_what_updates_write_and_shares_the_read_only_mean():
+    from ppframework.history import BlockHistory, HistoryStore
+    from ppframework.types import BlockKind
+
+    store = HistoryStore({(0, BlockKind.MLP): BlockHistory(torch.ones(3, 2), torch.zeros(3, 2), samples=4)})
+    copy = store.clone()
+    block = copy.get(0, BlockKind.MLP)
+    block.ema_update(torch.full((3, 2), 5.0), torch.ones(3, dtype=torch.bool), None, 0.5)
+    block.running_mean_update(torch.full((3, 2), 5.0), torch.ones(3), None)
+    original = store.get(0, BlockKind.MLP)
+    assert torch.equal(original.sq_mean, torch.ones(3, 2)) and original.counts is None
+    assert block.mean is original.mean and torch.equal(original.mean, torch.zeros(3, 2))
