@@ -161,10 +161,19 @@ def model_shape(model: nn.Module) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ methods
-def method(preset: str, ratio: float, skip_layers: list[int], round_to: int) -> MethodConfig:
-    """A preset at ``ratio`` with the benchmark's skipped layers and width rounding."""
+def method(
+    preset: str, ratio: float, skip_layers: list[int], round_to: int, probe_seq_ratio: float | None = None
+) -> MethodConfig:
+    """A preset at ``ratio`` with the benchmark's skipped layers and width rounding; a
+    ``probe_seq_ratio`` replaces the residual probe's fraction of positions (a named, result-changing
+    option, never the ``pp`` default)."""
     pruning = {"ratio": ratio, "skip_layers": skip_layers, "round_to": round_to}
-    return MethodConfig.model_validate({"preset": preset, "pruning": pruning})
+    data: dict[str, Any] = {"preset": preset, "pruning": pruning}
+    if probe_seq_ratio is not None:
+        data["name"] = f"pp probe-tokens {probe_seq_ratio:g}"
+        params = {"seq_ratio": probe_seq_ratio, "batch_ratio": 0.05}
+        data["strategies"] = {"select_probe": {"name": "residual", "params": params}}
+    return MethodConfig.model_validate(data)
 
 
 def reused_flops(pipe: Pipeline, skip_batches: int) -> int:
@@ -231,6 +240,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipes[f"pp {ratio:.0%}"] = Pipeline(
             model, method("pp", ratio, skip, round_to), history=history.clone()
         )
+        for seq_ratio in args.probe_seq_ratios:
+            pipes[f"pp probe-tokens {seq_ratio:g} {ratio:.0%}"] = Pipeline(
+                model, method("pp", ratio, skip, round_to, seq_ratio), history=history.clone()
+            )
         if args.static != "none":
             static_method = method(args.static, ratio, skip, round_to)
             hist = history if static_method.needs_calibration else None  # frozen: shared, never updated
@@ -515,6 +528,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: per workload)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--static", default="wanda-sp", help="static baseline preset, or 'none'")
+    parser.add_argument(
+        "--probe-seq-ratios",
+        type=float,
+        nargs="*",
+        default=[],
+        help="extra pp variants probing this fraction of positions instead of 0.5 (changes results)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
