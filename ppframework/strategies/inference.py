@@ -44,8 +44,8 @@ def squared_mean_per_position(
 
 def _run(block: BlockRunner, inputs: BlockInputs, mask: BlockMask | None, full: bool) -> torch.Tensor:
     # Known once per batch: no padding means no mask to check (a host-device sync on CUDA).
-    no_padding = getattr(inputs, "has_padding", None) is False
-    reuse = getattr(inputs, "probe_reuse", None)
+    no_padding = inputs.has_padding is False
+    reuse = inputs.probe_reuse
     extra = {"reuse": reuse} if reuse is not None and not full and mask is not None else {}
     return block.pre_output(
         inputs.normed,
@@ -62,8 +62,8 @@ def _statistics(
     block: BlockRunner, z: torch.Tensor, inputs: BlockInputs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-batch statistics for the history, timed as ``statistics`` when profiling."""
-    padded = getattr(inputs, "has_padding", None)
-    profiler = getattr(block, "profiler", None)
+    padded = inputs.has_padding
+    profiler = block.profiler
     if profiler is None:
         return squared_mean_per_position(z, inputs.attention_mask, padded)
     with profiler.stage("statistics"):

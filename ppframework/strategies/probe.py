@@ -95,7 +95,7 @@ class ResidualProbe:
             p.seq_ratio,
             p.batch_ratio,
             p.sink_threshold,
-            has_padding=getattr(ctx, "has_padding", None),
+            has_padding=ctx.has_padding,
         )
 
 
