@@ -415,18 +415,6 @@ class Pipeline:
                 self._static_masks[(index, kind)] = self.hooks.apply_mask(ctx, scores, self.layer_ratio)
             runner.pin_weights()
 
-    @staticmethod
-    def _probe_forward(runner: BlockRunner, probe: Probe, inputs: BlockInputs) -> torch.Tensor:
-        """The block's pre-output activations on the probe, with full weights."""
-        states, _ = runner.probe_forward(
-            inputs.normed,
-            probe.batch_index,
-            probe.token_index,
-            attention_mask=probe.valid.long(),
-            rotary=inputs.rotary,
-        )
-        return states
-
     def _probe_pass(
         self, runner: BlockRunner, probe: Probe, inputs: BlockInputs, batch: _Batch
     ) -> tuple[torch.Tensor, ProbeReuse | None]:

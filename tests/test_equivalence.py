@@ -131,12 +131,8 @@ def test_probe_forward_equals_the_blocks_own_attention_on_the_subset(family):
     cos, sin = model.model.rotary_emb(x, positions)
     probe_x = x[rows][:, tokens]
     runner = adapter.runner(1, BlockKind.ATTENTION)
-    states = Pipeline._probe_forward(
-        runner,
-        type(
-            "P", (), {"batch_index": rows, "token_index": tokens, "valid": torch.ones(2, 5, dtype=torch.bool)}
-        )(),
-        type("I", (), {"normed": x, "rotary": (cos, sin)})(),
+    states, _ = runner.probe_forward(
+        x, rows, tokens, attention_mask=torch.ones(2, 5, dtype=torch.long), rotary=(cos, sin)
     )
     sub_cos, sub_sin = model.model.rotary_emb(probe_x, tokens[None])
     captured = {}
