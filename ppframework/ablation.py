@@ -13,8 +13,12 @@ An ablation file::
       pruning.ratio: [0.2, 0.4]
 
 A variant that names a ``preset`` starts from that preset (keeping only the base method's
-``pruning``); otherwise it is merged onto the base method. Every variant is validated, strategies
-included, before any model or data is touched; errors name the variant.
+``pruning``) and carries that preset's description; otherwise it is merged onto the base method and
+its description is the base method's plus a summary of the override. Every variant is validated,
+strategies included, before any model or data is touched; errors name the variant (and the grid
+point). Checks that need the model's ``config.json`` (skip layers, per-layer ratios, positions) run
+in :mod:`ppframework.preflight` before the weights load, with the same names
+(:attr:`AblationPlan.method_fields`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from ppframework.config import (
+    PRESETS,
     MethodConfig,
     RunConfig,
     StrictModel,
@@ -82,6 +87,16 @@ class AblationPlan:
     points: list[AblationPoint]
     description: str = ""
 
+    @property
+    def method_fields(self) -> list[str]:
+        """How to name each method of :attr:`run` in messages: ``variants.<name>`` (+ the grid point)."""
+        return [point_field(p.variant, p.grid) for p in self.points]
+
+
+def point_field(variant: str, point: dict[str, Any]) -> str:
+    """``variants.<variant>``, followed by ``at {grid point}`` when there is a grid."""
+    return f"variants.{variant}" + (f" at {point}" if point else "")
+
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
@@ -108,8 +123,24 @@ def _point_suffix(point: dict[str, Any]) -> str:
     return f" [{', '.join(extra)}]" if extra else ""
 
 
+def _flatten(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict) and value:
+        out: list[str] = []
+        for key, item in value.items():
+            out += _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [f"{prefix}={value}"]
+
+
+def _base_description(base_method: dict[str, Any]) -> str:
+    if base_method.get("description"):
+        return str(base_method["description"])
+    preset = base_method.get("preset")
+    return str(PRESETS[preset]["description"]) if preset in PRESETS else ""
+
+
 def variant_method(base_method: dict[str, Any], override: dict[str, Any] | str | None) -> dict[str, Any]:
-    """The raw method dict of one variant (see the module docstring for the merge rule)."""
+    """The raw method dict of one variant (see the module docstring for the merge and description rules)."""
     if override is None:
         override = {}
     if isinstance(override, str):
@@ -117,7 +148,14 @@ def variant_method(base_method: dict[str, Any], override: dict[str, Any] | str |
     if "preset" in override:
         start = {"pruning": copy.deepcopy(base_method["pruning"])} if "pruning" in base_method else {}
         return merge_method(start, override)
-    return merge_method(base_method, override)
+    merged = merge_method(base_method, override)
+    if "description" not in override:
+        rest = {k: v for k, v in override.items() if k not in ("name", "description")}
+        changes = _flatten(rest) if rest else []
+        base = _base_description(base_method)
+        summary = f"Base method with {', '.join(changes)}." if changes else ""
+        merged["description"] = " ".join(part for part in (base, summary) if part)
+    return merged
 
 
 def expand(ablation: AblationFile) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -152,17 +190,22 @@ def load_ablation(
 ) -> AblationPlan:
     """Read, expand and fully validate an ablation file (strategies included) without touching models."""
     raw = source if isinstance(source, dict) else read_config_file(source)
-    raw = apply_overrides(raw, overrides or []) if overrides else raw
+    raw = apply_overrides(raw, overrides, default_methods=False) if overrides else raw
     try:
         ablation = AblationFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc)) from None
     if "methods" in ablation.base:
         raise ConfigError("base.methods: an ablation builds its methods from `variants`; use base.method")
+    base = {k: v for k, v in ablation.base.items() if k != "method"}
+    try:
+        parse_run_config({**base, "methods": []})
+    except ConfigError as exc:
+        raise ConfigError("\n".join(f"base.{line}" for line in str(exc).splitlines())) from None
     registry = registry or default_registry()
     points: list[AblationPoint] = []
     for name, point, raw_method in expand(ablation):
-        where = f"variants.{name}" + (f" at {point}" if point else "")
+        where = point_field(name, point)
         try:
             method = MethodConfig.model_validate(raw_method)
         except ValidationError as exc:
@@ -170,7 +213,15 @@ def load_ablation(
             raise ConfigError("\n".join(f"{where}: {line}" for line in lines)) from None
         registry.build_method(method, f"variants.{name}")
         points.append(AblationPoint(name, point, method))
-    base = {k: v for k, v in ablation.base.items() if k != "method"}
+    labels: dict[str, str] = {}
+    for p in points:
+        label, where = p.method.label, point_field(p.variant, p.grid)
+        if label in labels:
+            raise ConfigError(
+                f"{where}: duplicate method labels [{label!r}] (also {labels[label]}); give each variant and "
+                "grid point a distinct name or ratio"
+            )
+        labels[label] = where
     methods = [{**p.method.model_dump(), "preset": None} for p in points]  # already resolved
     run = parse_run_config({**base, "methods": methods})
     return AblationPlan(run=run, points=points, description=ablation.description)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from torch import nn
 
 from ppframework import data as data_mod
 from ppframework.adapters import get_adapter, supported_model_types
-from ppframework.calibration import cached_calibration, calibrate
+from ppframework.calibration import cached_calibration, calibrate, expected_shapes
 from ppframework.config import (
     MethodConfig,
     RunConfig,
@@ -22,7 +21,7 @@ from ppframework.config import (
 )
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
-from ppframework.models import model_fingerprint
+from ppframework.models import model_fingerprint, read_model_config
 from ppframework.pipeline import Pipeline
 from ppframework.registry import StrategyRegistry, default_registry
 
@@ -57,7 +56,7 @@ def check_model_family(name: str) -> None:
     config_file = Path(name) / "config.json"
     if not config_file.is_file():
         return
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_model_config(config_file).get("model_type")
     if model_type not in supported_model_types():
         raise ConfigError(
             f"model.name: model family {model_type!r} is not supported; supported model types: "
@@ -91,10 +90,7 @@ def calibration_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
 def calibration_description(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     """Everything the calibration history depends on (the cache key)."""
     cal = cfg.calibration
-    source = cal.dataset
-    if Path(source).is_file():
-        stat = Path(source).stat()
-        source = f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    source = data_mod.dataset_source(cal.dataset, cal.split, cfg.data.data_dir)
     return {
         "model": model_fingerprint(model),
         "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
@@ -118,7 +114,8 @@ def calibration_history(
         batches = calibration_batches(cfg, tokenizer)
         return calibrate(model, get_adapter(model), batches, progress=progress)
 
-    store, path, hit = cached_calibration(description, compute, cache_dir, cfg.calibration.cache)
+    expected = expected_shapes(get_adapter(model), cfg.calibration_seq_len)
+    store, path, hit = cached_calibration(description, compute, cache_dir, cfg.calibration.cache, expected)
     info = {**description, "cache_file": str(path) if path else None, "from_cache": hit}
     return store, info
 

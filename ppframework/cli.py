@@ -5,9 +5,45 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
 
 from ppframework.errors import ConfigError
+
+
+def _out_lock(out_dir: str | None) -> AbstractContextManager[Any]:
+    """Check ``--out`` now and hold its lock while the command runs (nothing when unset)."""
+    from ppframework.outputs import check_out_dir, hold_out_dir
+
+    if not out_dir:
+        return nullcontext()
+    check_out_dir(out_dir, "--out")
+    return hold_out_dir(out_dir, "--out")
+
+
+def _write_results(write: Callable[[], Path], out_dir: str) -> Path | None:
+    """Write the results (already printed); on failure say so and return None."""
+    try:
+        return write()
+    except OSError as exc:
+        print(
+            f"error: could not write the results into {out_dir!r} ({exc}); the table above holds them",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _exit_status(report: Any, wrote: bool) -> int:
+    """0, or 1 when a method failed or the results could not be written."""
+    failures = getattr(report, "failures", [])
+    if failures:
+        names = ", ".join(row.method for row in failures)
+        print(
+            f"error: {len(failures)} method(s) failed: {names}; the other results were kept", file=sys.stderr
+        )
+    return 1 if failures or not wrote else 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -24,13 +60,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "note: the `evaluation` section is used by `ppf eval`; `ppf run` measures perplexity only",
             file=sys.stderr,
         )
-    report = run(cfg)
-    print(format_table(report))
-    if cfg.out_dir:
-        path = write_report(report, cfg.out_dir)
-        print(f"\nwrote {path}")
+    with _out_lock(cfg.out_dir):
+        report = run(cfg)
+        print(format_table(report))
+        path = _write_results(lambda: write_report(report, cfg.out_dir), cfg.out_dir) if cfg.out_dir else None
+        if path:
+            print(f"\nwrote {path}")
     print(f"total time {report.elapsed_s:.1f} s")
-    return 0
+    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -43,18 +80,19 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         cfg.out_dir = args.out
     if args.no_progress:
         cfg.progress = False
-    print(f"ablation: {len(plan.points)} method(s) + dense; {plan.description}".rstrip("; "))
-    report = run(cfg)
-    report.settings["ablation"] = {
+    ablation = {
         "description": plan.description,
         "points": [{"variant": p.variant, "grid": p.grid, "label": p.method.label} for p in plan.points],
     }
-    print(format_table(report))
-    if cfg.out_dir:
-        path = write_report(report, cfg.out_dir)
-        print(f"\nwrote {path} (+ results.csv, results.md)")
+    with _out_lock(cfg.out_dir):
+        print(f"ablation: {len(plan.points)} method(s) + dense; {plan.description}".rstrip("; "))
+        report = run(cfg, method_fields=plan.method_fields, extra_settings={"ablation": ablation})
+        print(format_table(report))
+        path = _write_results(lambda: write_report(report, cfg.out_dir), cfg.out_dir) if cfg.out_dir else None
+        if path:
+            print(f"\nwrote {path} (+ results.csv, results.md)")
     print(f"total time {report.elapsed_s:.1f} s")
-    return 0
+    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -179,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; results of the methods that finished are in --out (if set)", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

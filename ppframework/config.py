@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ STAGE_KEYS: tuple[str, ...] = ("select_probe", "score_channels", "fuse_history",
 class StrictModel(BaseModel):
     """Base for every config model: unknown fields are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -71,12 +72,46 @@ class CalibrationConfig(StrictModel):
 class PruningConfig(StrictModel):
     """How much to prune and where."""
 
-    ratio: float = Field(0.4, ge=0.0, lt=1.0, description="model-wide target ratio p")
-    targets: list[Literal["attention", "mlp"]] = Field(default_factory=lambda: ["attention", "mlp"])
+    ratio: float = Field(0.4, description="model-wide target ratio p, a finite number in [0, 1)")
+    targets: list[Literal["attention", "mlp"]] = Field(
+        default_factory=lambda: ["attention", "mlp"], description="blocks to prune: attention and/or mlp"
+    )
     skip_layers: list[int] = Field(default_factory=lambda: [0, 1, 2])
     inflate_ratio: bool = Field(True, description="p' = round(L / (L - skipped) * p, 2)")
     round_to: int = Field(8, ge=1, description="kept MLP width rounded up to a multiple of this")
     gqa_policy: Literal["query-only", "group"] = "query-only"
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio(cls, value: Any) -> Any:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return value  # pydantic reports "a valid number"
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            return value
+        if not (math.isfinite(number) and 0.0 <= number < 1.0):
+            raise ValueError(f"must be a finite number in [0, 1), got {number}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be a finite number in [0, 1), got {value!r}")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                "is empty, so the method would prune nothing; name at least one of 'attention', 'mlp' "
+                "(for an unpruned baseline use ratio 0 or the 'dense' preset)"
+            )
+        return list(dict.fromkeys(value))
 
     @field_validator("skip_layers")
     @classmethod
@@ -432,6 +467,13 @@ class RunConfig(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"methods: duplicate method labels {duplicates}; give each a distinct `name`")
+        data = self.data
+        if data.max_batches is not None and data.warmup_batches >= data.max_batches:
+            raise ValueError(
+                f"data.warmup_batches ({data.warmup_batches}) must be less than data.max_batches "
+                f"({data.max_batches}): warm-up batches are not scored, so no batch would be; raise "
+                "data.max_batches or lower data.warmup_batches"
+            )
         seq = self.calibration.seq_len
         if seq is not None and seq < self.data.seq_len:
             raise ValueError(
@@ -476,13 +518,28 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"--set {text!r}: empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return path, ""
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"--set {text!r}: the value {raw!r} is not valid YAML ({reason}); quote it to pass a string, "
+            "e.g. --set 'note=\"[text\"'"
+        ) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML; list items by index) to a raw dict."""
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], *, default_methods: bool = True
+) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML; list items by index) to a raw dict.
+
+    With ``default_methods`` (run configs) a missing ``methods`` list is materialised as the default
+    ``[{"preset": "pp"}]`` so that ``methods.0.*`` can address it; ablation files pass False.
+    """
     data = copy.deepcopy(raw)
-    if overrides and "methods" not in data:
+    if overrides and default_methods and "methods" not in data:
         data["methods"] = [{"preset": "pp"}]  # the default, materialised so methods.0.* can address it
     for text in overrides:
         path, value = _parse_override(text)
@@ -493,10 +550,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"--set {text!r}: {part!r} is not an index of a list of {len(node)}")
                 node = node[int(part)]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = [] if nxt.isdigit() else {}
-            node = node[part]
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = [] if nxt.isdigit() else {}
+                node = node[part]
+            if not isinstance(node, dict | list):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(
+                    f"--set {text!r}: {where} is a {type(node).__name__} ({node!r}), not a mapping or list, "
+                    f"so it has no field {nxt!r}; set {where}=... instead"
+                )
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
@@ -512,7 +575,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config: file {str(file)!r} does not exist")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config: {file} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 YAML "
+            "or JSON"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config: {file} cannot be read ({exc.strerror or exc})") from None
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

@@ -28,6 +28,7 @@ __all__ = [
     "DataError",
     "batched",
     "calibration_windows",
+    "dataset_source",
     "load_corpus_text",
     "load_documents",
     "make_windows",
@@ -205,9 +206,22 @@ def _file_documents(path: Path) -> list[str]:
     )
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed); :class:`DataError` naming the file otherwise."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            return handle.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data.name: file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it "
+            "to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or give another file."
+        ) from None
+    except OSError as exc:
+        raise DataError(f"data.name: file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
+
+
 def _text_file_lines(path: Path) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        text = handle.read()
+    text = _read_utf8(path)
     return _non_empty(line.rstrip("\r") for line in text.split("\n"))
 
 
@@ -216,7 +230,12 @@ def _table_file_documents(path: Path) -> list[str]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # ArrowInvalid, OSError: not a (complete) parquet file
+            raise DataError(
+                f"data.name: file {str(path)!r} is not a readable parquet file ({type(exc).__name__}: {exc})."
+            ) from None
         columns = list(table.column_names)
         values = table.column("text").to_pylist() if "text" in columns else None
     else:
@@ -239,7 +258,7 @@ def _table_file_documents(path: Path) -> list[str]:
 
 def _json_records(path: Path) -> list[dict[str, Any]]:
     """Read a ``.jsonl`` file, or a ``.json`` file holding an array of objects (or JSON lines)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_utf8(path)
     if path.suffix.lower() == ".json":
         try:
             loaded = json.loads(text)
@@ -276,6 +295,21 @@ def _check_records(path: Path, records: list[Any]) -> list[dict[str, Any]]:
 
 def _non_empty(rows: Iterable[str]) -> list[str]:
     return [row for row in rows if row.strip()]
+
+
+def dataset_source(name: str, split: str = "test", data_dir: str | Path | None = None) -> str:
+    """What a data set's content depends on, for cache keys: the resolved local file with its size and
+    modification time, or ``hub:<name>/<split>`` when there is no local copy. Reads no data."""
+    if name == "wikitext2":
+        path, _ = _local_file(data_dir, _WIKITEXT_LOCAL.format(split=split))
+    elif name == "c4":
+        path, _ = _local_file(data_dir, _C4_LOCAL)
+    else:
+        path = Path(name).expanduser()
+    if path is not None and path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"hub:{name}/{split}"
 
 
 # --------------------------------------------------------------------------- tokens and windows
@@ -315,7 +349,7 @@ def make_windows(
             ``"random"``: ``len(ids) // seq_len`` windows at offsets drawn uniformly from
             ``[0, len(ids) - seq_len]`` by a ``torch.Generator`` seeded with ``seed``.
         seed: the seed of the ``random`` policy.
-        max_windows: keep only the first ``max_windows`` windows (``data.n_windows``); ``None``: all.
+        max_windows: keep only the first ``max_windows`` windows; ``None``: all.
 
     Raises:
         DataError: unknown policy, non-positive sizes, or fewer than ``seq_len`` tokens.
@@ -329,7 +363,7 @@ def make_windows(
     if seq_len < 1:
         raise DataError(f"data.seq_len: must be a positive number of tokens, got {seq_len}.")
     if max_windows is not None and max_windows < 1:
-        raise DataError(f"data.n_windows: must be positive or unset (all windows), got {max_windows}.")
+        raise DataError(f"max_windows: must be positive or None (all windows), got {max_windows}.")
     n_tokens = ids.numel()
     n_windows = n_tokens // seq_len
     if n_windows == 0:
@@ -428,7 +462,7 @@ def batched(windows: torch.Tensor, batch_size: int, drop_last: bool = True) -> l
     if stop == 0:
         raise DataError(
             f"data.batch_size: {n_windows} windows do not fill one batch of {batch_size}; lower "
-            f"data.batch_size or raise data.n_windows (or use a longer text / shorter data.seq_len)."
+            f"data.batch_size or data.seq_len, or use a longer text (data.name)."
         )
     if stop < n_windows:
         logger.info("Dropping the last %d windows (partial batch of %d)", n_windows - stop, batch_size)

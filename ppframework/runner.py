@@ -1,12 +1,20 @@
-"""``ppf run``: dense vs each configured method on the same batches, in one process."""
+"""``ppf run``: dense vs each configured method on the same batches, in one process.
+
+The whole run is checked first (:func:`ppframework.preflight.preflight`), before the model loads.
+With ``cfg.out_dir`` set, the folder is locked for the run and the results so far are written
+(atomically) after dense and after every method, so an interrupted run keeps its finished rows. A
+method that raises is recorded as a failed row (:attr:`MethodResult.error`) and the others still run.
+"""
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
+import math
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +22,15 @@ from typing import Any
 import torch
 
 from ppframework import data as data_mod
-from ppframework.api import build_pipeline, calibration_history, load_eval_text
+from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import RunConfig
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
 from ppframework.models import load_model
+from ppframework.outputs import atomic_write_text, hold_out_dir, write_json
 from ppframework.pipeline import Pipeline
+from ppframework.preflight import preflight
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +51,60 @@ class MethodResult:
     probe_flops_share: float = 0.0
     ideal_time_ratio: float = 1.0
     static: bool = False
+    error: str | None = None
+    """Why the method failed (its measurements are then NaN, ``null`` in results.json), or None."""
+
+    @classmethod
+    def failed(cls, label: str, ratio: float, error: str) -> MethodResult:
+        """The row of a method that raised ``error``."""
+        nan = float("nan")
+        return cls(
+            label, ratio, nan, nan, nan, nan, nan, delta_perplexity=nan, ideal_time_ratio=nan, error=error
+        )
 
 
 @dataclass
 class RunReport:
-    """Everything ``ppf run`` measured, with the settings that produced it."""
+    """Everything ``ppf run`` measured, with the settings that produced it.
+
+    ``complete`` is False in the partial reports written while the run is still going.
+    """
 
     rows: list[MethodResult]
     settings: dict[str, Any]
     calibration: dict[str, Any] | None
     environment: dict[str, Any]
     elapsed_s: float
+    complete: bool = True
+
+    @property
+    def failures(self) -> list[MethodResult]:
+        """The rows of methods that failed."""
+        return [row for row in self.rows if row.error]
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """A JSON-serialisable dict (non-finite numbers are written as ``null`` by :func:`write_report`)."""
         return {
             "rows": [asdict(r) for r in self.rows],
             "settings": self.settings,
             "calibration": self.calibration,
             "environment": self.environment,
             "elapsed_s": self.elapsed_s,
+            "complete": self.complete,
+            "failed": [row.method for row in self.failures],
         }
 
 
-def eval_batches(cfg: RunConfig, tokenizer: Any, text: str | None = None) -> list[torch.Tensor]:
-    """The evaluation windows of ``cfg.data`` cut into fixed-size batches."""
+def eval_batches(
+    cfg: RunConfig, tokenizer: Any, text: str | None = None, ids: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The evaluation windows of ``cfg.data`` cut into fixed-size batches (``ids``: the text's
+    token ids when already tokenised, e.g. by the preflight check)."""
     d = cfg.data
-    if text is None:
-        text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
-    ids = data_mod.tokenize_text(text, tokenizer)
+    if ids is None:
+        if text is None:
+            text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
+        ids = data_mod.tokenize_text(text, tokenizer)
     windows = data_mod.make_windows(ids, d.seq_len, d.window_policy, cfg.seed)
     batches = data_mod.batched(windows, d.batch_size)
     return batches[: d.max_batches] if d.max_batches else batches
@@ -126,11 +161,41 @@ def pipeline_flops(pipe: Pipeline, skip_batches: int = 0) -> FlopsReport:
     return counter.report()
 
 
-def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
-    """Evaluate dense and every method of ``cfg`` on the same batches; see :class:`RunReport`."""
+def run(
+    cfg: RunConfig,
+    *,
+    progress: bool | None = None,
+    method_fields: list[str] | None = None,
+    extra_settings: dict[str, Any] | None = None,
+) -> RunReport:
+    """Evaluate dense and every method of ``cfg`` on the same batches; see :class:`RunReport`.
+
+    Args:
+        cfg: the validated run config; with ``cfg.out_dir`` the folder is locked during the run and
+            partial results are written into it after every method.
+        progress: show progress bars (default ``cfg.progress``).
+        method_fields: how to name each method in error messages (an ablation passes
+            ``variants.<name> ...``; default ``methods[i]``).
+        extra_settings: merged into the report's settings (e.g. the ablation's points).
+
+    A method that raises does not stop the run: its row carries the error (see
+    :attr:`RunReport.failures`). Configuration problems raise :class:`ConfigError` before the model loads.
+    """
     progress = cfg.progress if progress is None else progress
     start = time.perf_counter()
-    text = load_eval_text(cfg)
+    checked = preflight(cfg, method_fields=method_fields)
+    with hold_out_dir(cfg.out_dir) if cfg.out_dir else nullcontext():
+        return _run(cfg, checked.text, checked.eval_ids, progress, start, extra_settings or {})
+
+
+def _run(
+    cfg: RunConfig,
+    text: str,
+    ids: torch.Tensor | None,
+    progress: bool,
+    start: float,
+    extra_settings: dict[str, Any],
+) -> RunReport:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(
         cfg.model.name,
@@ -139,26 +204,49 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
         gguf_file=cfg.model.gguf_file,
         cache_dir=cfg.model.cache_dir,
     )
-    batches = eval_batches(cfg, tokenizer, text)
+    batches = eval_batches(cfg, tokenizer, text, ids)
     warmup = cfg.data.warmup_batches
     dense = evaluate_perplexity(model, batches, warmup_batches=warmup, progress=progress, desc="dense")
     rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense)]
+    settings = {**resolved_settings(cfg, model, batches), **extra_settings}
+    env = environment(model)
     calibration: HistoryStore | None = None
     calibration_info: dict[str, Any] | None = None
+    calibration_error: str | None = None
+
+    def report(complete: bool) -> RunReport:
+        elapsed = time.perf_counter() - start
+        return RunReport(list(rows), settings, calibration_info, env, elapsed, complete)
+
+    def save_partial() -> None:
+        if not cfg.out_dir:
+            return
+        try:
+            write_report(report(complete=False), cfg.out_dir)
+        except OSError as exc:
+            logger.warning("could not write partial results to %s: %s", cfg.out_dir, exc)
+
+    save_partial()
     for index, method in enumerate(cfg.methods):
-        history = None
-        if method.needs_calibration:
-            if calibration is None:
-                calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
-            history = calibration.clone()
-        pipe = build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
-        with pipe:
-            result = evaluate_perplexity(
-                model, batches, warmup_batches=warmup, progress=progress, desc=method.label
-            )
-        flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
-        rows.append(
-            _row(
+        try:
+            history = None
+            if method.needs_calibration:
+                if calibration_error is not None:
+                    raise RuntimeError(f"the shared calibration failed: {calibration_error}")
+                if calibration is None:
+                    try:
+                        calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
+                    except Exception as exc:
+                        calibration_error = f"{type(exc).__name__}: {exc}"
+                        raise
+                history = calibration.clone()
+            pipe = build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
+            with pipe:
+                result = evaluate_perplexity(
+                    model, batches, warmup_batches=warmup, progress=progress, desc=method.label
+                )
+            flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
+            row = _row(
                 method.label,
                 method.pruning.ratio,
                 pipe.layer_ratio,
@@ -168,9 +256,20 @@ def run(cfg: RunConfig, *, progress: bool | None = None) -> RunReport:
                 flops,
                 pipe.is_static,
             )
-        )
-    settings = resolved_settings(cfg, model, batches)
-    return RunReport(rows, settings, calibration_info, environment(model), time.perf_counter() - start)
+        except Exception as exc:  # one method's failure must not lose the others' results
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.error("method %s failed: %s", method.label, message)
+            logger.info("traceback of %s's failure", method.label, exc_info=True)
+            row = MethodResult.failed(method.label, method.pruning.ratio, message)
+        rows.append(row)
+        save_partial()
+    final = report(complete=True)
+    if cfg.out_dir:
+        try:
+            write_report(final, cfg.out_dir)
+        except OSError as exc:
+            logger.warning("could not write the results to %s: %s", cfg.out_dir, exc)
+    return final
 
 
 def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
@@ -216,12 +315,19 @@ def format_table(report: RunReport) -> str:
     ]
     for row in report.rows:
         kind = " (static)" if row.static else ""
+        if row.error:
+            lines.append(f"| {row.method} | {row.target_ratio:.2f} | - | - | FAILED | - | - | - | - | - |")
+            continue
         lines.append(
             f"| {row.method}{kind} | {row.target_ratio:.2f} | {row.layer_ratio:.2f} "
             f"| {row.realised_ratio:.3f} | {row.perplexity:.3f} | {row.delta_perplexity:+.3f} "
             f"| {row.median_forward_s:.3f} "
             f"| {row.time_ratio:.3f} | {row.ideal_time_ratio:.3f} | {row.probe_flops_share:.2%} |"
         )
+    for row in report.failures:
+        lines += ["", f"FAILED {row.method}: {row.error}"]
+    if not report.complete:
+        lines += ["", "(partial results: the run has not finished)"]
     if s.get("note"):
         lines += ["", f"note: {s['note']}"]
     lines += [
@@ -247,26 +353,30 @@ CSV_COLUMNS: tuple[str, ...] = (
     "ideal_time_ratio",
     "probe_flops_share",
     "static",
+    "error",
 )
 
 
+def _csv_value(value: Any) -> Any:
+    return "" if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_csv(report: RunReport, path: str | Path) -> Path:
-    """One row per method with :data:`CSV_COLUMNS`."""
-    path = Path(path)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in report.rows:
-            writer.writerow(asdict(row))
-    return path
+    """One row per method with :data:`CSV_COLUMNS` (non-finite numbers left empty), written atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow({key: _csv_value(value) for key, value in asdict(row).items()})
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def write_report(report: RunReport, out_dir: str | Path) -> Path:
-    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out_dir``; return the JSON path."""
+    """Write ``results.json`` (strict JSON: NaN/inf as null), ``results.csv`` and ``results.md`` into
+    ``out_dir``, each atomically; return the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(report.to_json(), indent=2))
+    path = write_json(out / "results.json", report.to_json())
     write_csv(report, out / "results.csv")
-    (out / "results.md").write_text(format_table(report) + "\n")
+    atomic_write_text(out / "results.md", format_table(report) + "\n")
     return path

@@ -427,5 +427,5 @@ def test_batched_keeps_the_partial_batch_when_asked() -> None:
 
 
 def test_batched_without_a_full_batch_names_the_fields() -> None:
-    with pytest.raises(DataError, match=r"data.batch_size.*data.n_windows"):
+    with pytest.raises(DataError, match=r"data.batch_size.*data.seq_len"):
         batched(torch.zeros(3, 4, dtype=torch.long), 4)
