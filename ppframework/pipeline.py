@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
 import torch
 from torch import nn
 
-from ppframework import hookspecs
+from ppframework import hookspecs, validation
 from ppframework.adapters import ModelAdapter, get_adapter
 from ppframework.adapters.base import BlockRunner, GatherBuffers, ProbeReuse, additive_attention_bias
+from ppframework.adapters.kv_cache import KVSlot, cache_length
 from ppframework.config import MethodConfig
+from ppframework.decoding import DecodeState
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
+from ppframework.positions import RowShift, row_shifts
 from ppframework.registry import StrategyRegistry, default_registry
 from ppframework.types import BlockContext, BlockInputs, BlockKind, BlockMask, Probe
 
@@ -32,7 +35,7 @@ def _no_stage(name: str) -> AbstractContextManager[None]:
 
 def inflated_ratio(ratio: float, num_layers: int, n_skipped: int, inflate: bool = True) -> float:
     """Per-layer ratio ``p' = round(L / (L - n_skipped) * p, 2)`` (or ``p`` without inflation)."""
-    if not inflate or n_skipped == 0:
+    if not inflate or n_skipped == 0 or ratio == 0:
         return ratio
     return round(num_layers / (num_layers - n_skipped) * ratio, 2)
 
@@ -67,20 +70,59 @@ class StageHooks:
 
 @dataclass
 class _Batch:
-    """What the backbone's forward pre-hook learns about the current batch."""
+    """What the backbone's forward pre-hook learns about the current forward.
+
+    A decision forward (nothing cached before) carries its mask in position layout (``shift`` rolls
+    left-padded rows so that columns are positions). A decode step continues a cache this pipeline
+    filled: ``past`` tokens are cached, ``key_mask`` covers them and the new ones.
+    """
 
     attention_mask: torch.Tensor
-    position_valid: torch.Tensor
+    position_valid: torch.Tensor | None
     has_padding: bool
-    rows_per_position: torch.Tensor
+    rows_per_position: torch.Tensor | None
+    shift: RowShift | None = None
+    decode: DecodeState | None = None
+    past: int = 0
+    key_mask: torch.Tensor | None = None
     _bias: dict[torch.dtype, torch.Tensor | None] = field(default_factory=dict)
+    _key_bias: dict[Any, torch.Tensor | None] = field(default_factory=dict)
+    _rotary: tuple[Any, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    @property
+    def decoding(self) -> bool:
+        """Whether this forward is a decode step (it continues a cache)."""
+        return self.decode is not None
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not self.has_padding:
+        if not self.has_padding or self.decoding:
             return None
         if dtype not in self._bias:
             self._bias[dtype] = additive_attention_bias(self.attention_mask, dtype)
         return self._bias[dtype]
+
+    def aligned_rotary(
+        self, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's rotary tables in this forward's layout (rolled once, shared by the layers)."""
+        if rotary is None or self.shift is None:
+            return rotary
+        if self._rotary is None or self._rotary[0] is not rotary[0]:
+            cos, sin = rotary
+            self._rotary = (rotary[0], (self.shift.to_positions(cos), self.shift.to_positions(sin)))
+        return self._rotary[1]
+
+    def kv_slot(self, cache: Any, layer_idx: int, full_kv: bool) -> KVSlot:
+        """A slot of the model's cache for one attention block of this forward."""
+        return KVSlot(
+            cache,
+            layer_idx,
+            self.past,
+            key_mask=self.key_mask,
+            shift=self.shift,
+            full_kv=full_kv,
+            bias_cache=self._key_bias,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,8 +154,15 @@ class Pipeline:
 
     Use as a context manager: inside ``with pipe:`` every forward of the model runs pruned.
     Attaching replaces the forward of each pruned decoder layer (weights stay shared);
-    detaching restores the original forwards exactly.
+    detaching restores the original forwards exactly. ``with`` blocks nest: only the outermost
+    exit detaches.
     """
+
+    #: Check every strategy's output at the hook boundary (:mod:`ppframework.validation`); a
+    #: broken one raises ``StrategyOutputError`` naming the stage and strategy. Set False per
+    #: pipeline to skip the checks (they cost up to two host-device syncs per block on CUDA).
+    validate_outputs: bool = True
+    _with_depth: int = 0  # nesting of `with pipe:` blocks
 
     def __init__(
         self,
@@ -145,9 +194,9 @@ class Pipeline:
                 f"{field_prefix}.pruning.skip_layers: {bad} out of range for a {n_layers}-layer model"
             )
         skipped = len(pruning.skip_layers)
-        self.layer_ratio = inflated_ratio(pruning.ratio, n_layers, skipped, pruning.inflate_ratio)
         if pruning.ratio > 0 and skipped >= n_layers:
             raise ConfigError(f"{field_prefix}.pruning.skip_layers: every layer is skipped; nothing to prune")
+        self.layer_ratio = inflated_ratio(pruning.ratio, n_layers, skipped, pruning.inflate_ratio)
         if self.layer_ratio >= 1.0:
             raise ConfigError(
                 f"{field_prefix}.pruning.ratio: {pruning.ratio} inflates to a per-layer ratio of "
@@ -180,6 +229,11 @@ class Pipeline:
         self._batch: _Batch | None = None
         self._handle: Any = None
         self._attached = False
+        #: The decision the last prefill made for the cache it filled (decode steps continue it).
+        self._decode: DecodeState | None = None
+        self._pinned_for_decode = False
+        #: The mask of every pruned block chosen by the last decision forward (a prefill included).
+        self.last_masks: dict[tuple[int, BlockKind], BlockMask] = {}
 
     # -- attach / detach -----------------------------------------------------------------------
     @property
@@ -197,6 +251,8 @@ class Pipeline:
                 "ppframework.build_pipeline (it calibrates or loads the cache) or pass history=..."
             )
         if self.history is not None:
+            required = self.pruned_layers if self.needs_history else ()
+            validation.check_history(self.history, self.adapter, required, self.targets)
             device = next(self.model.parameters()).device
             self.history.to(device)
         if not self.is_dense:
@@ -204,13 +260,13 @@ class Pipeline:
                 raise RuntimeError(
                     "another pipeline is already attached to this model; detach it first (use `with pipe:`)"
                 )
+            if self.is_static:  # before patching: a failing decision leaves the model untouched
+                self._decide_static()
             backbone = self._backbone()
             self._handle = backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
             for index in self.pruned_layers:
                 layer = self.adapter.layers[index]
                 layer.forward = self._layer_forward_fn(index, layer)
-            if self.is_static:
-                self._decide_static()
         self._attached = True
         return self
 
@@ -226,6 +282,7 @@ class Pipeline:
             if "forward" in layer.__dict__:
                 del layer.forward
         self._batch = None
+        self._end_decode()
         self._attached = False
 
     def release(self) -> None:
@@ -254,10 +311,15 @@ class Pipeline:
             runner.profiler = profiler
 
     def __enter__(self) -> Pipeline:
-        return self.attach()
+        self.attach()
+        self._with_depth += 1
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self._with_depth -= 1
+        if self._with_depth <= 0:  # only the outermost `with` detaches
+            self._with_depth = 0
+            self.detach()
 
     def _backbone(self) -> nn.Module:
         layers = self.adapter.layers
@@ -273,33 +335,84 @@ class Pipeline:
             ref = kwargs.get("inputs_embeds")
         batch, seq = ref.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise RuntimeError(
-                "ppframework prunes whole-sequence forwards; incremental decoding with a KV cache is not "
-                "supported yet. Call the model with use_cache=False."
-            )
         mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                "ppframework needs a 2-D attention_mask (batch, seq) of 1 for tokens, 0 for padding; a "
+                "4-D mask comes from a static cache (generate(cache_implementation='static')), which the "
+                "pipeline does not support: use the default dynamic cache"
+            )
+        past = cache_length(cache)
+        if past > 0:
+            self._batch = self._decode_batch(cache, past, batch, seq, mask, ref.device)
+            return args, kwargs
+        self._end_decode()
+        if cache is None and kwargs.get("use_cache") is not True:
+            kwargs["use_cache"] = False  # nothing will continue this forward: no cache to fill
         if mask is None:
             mask = torch.ones(batch, seq, dtype=torch.long, device=ref.device)
-        elif mask.dim() != 2:
+        elif mask.shape[1] != seq:
             raise ValueError(
-                "ppframework needs a 2-D attention_mask (batch, seq) of 1 for tokens, 0 for padding"
+                f"attention_mask: {mask.shape[1]} columns for {seq} tokens and nothing cached; "
+                "a forward without a cache needs one mask column per token"
             )
         if self.history is not None and self.history.max_positions and seq > self.history.max_positions:
             raise ValueError(
                 f"sequence length {seq} exceeds the history's {self.history.max_positions} positions; "
-                "calibrate with calibration.seq_len >= data.seq_len"
+                "calibrate with calibration.seq_len >= the longest input (data.seq_len, prompts)"
             )
         self.adapter.check_supported(seq)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = self.adapter.default_positions(mask)
+        shift = row_shifts(mask, positions) if positions is not None and positions.dim() == 2 else None
+        if shift is not None:
+            mask = shift.to_positions(mask)
         real = mask.bool()
-        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()), real.sum(dim=0))
+        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()), real.sum(dim=0), shift=shift)
         self.batch_index += 1
         self.record.removed_params.append(0.0)
-        kwargs["use_cache"] = False
         return args, kwargs
 
+    def _decode_batch(
+        self, cache: Any, past: int, batch: int, seq: int, mask: torch.Tensor | None, device: torch.device
+    ) -> _Batch:
+        """A decode step: it must continue the cache this pipeline's last prefill filled."""
+        state = self._decode
+        if state is None or not state.owns(cache):
+            raise RuntimeError(
+                "this forward continues a key/value cache that the attached pipeline did not fill with its "
+                "last decision (it was filled while detached, by another pipeline, or before a newer "
+                "decision); start generation from an empty cache while the pipeline is attached"
+            )
+        if mask is not None and mask.shape[1] != past + seq:
+            raise ValueError(
+                f"attention_mask: {mask.shape[1]} columns, but {past} cached + {seq} new tokens; pass the "
+                "mask of every token so far"
+            )
+        self.adapter.check_supported(past + seq)
+        state.steps += 1
+        if mask is None:
+            current = torch.ones(batch, seq, dtype=torch.long, device=device)
+        else:
+            current = mask[:, past:]
+        return _Batch(current, None, False, None, decode=state, past=past, key_mask=mask)
+
+    def _end_decode(self) -> None:
+        """Forget the last prefill's decision and free the weights it pinned for its decode steps."""
+        self._decode = None
+        if self._pinned_for_decode and not self.is_static:
+            for runner in self._runners.values():
+                runner.unpin_weights()
+        self._pinned_for_decode = False
+
     def _layer_forward_fn(self, index: int, layer: nn.Module):
+        original = type(layer).forward
+
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            batch = self._batch
+            if batch is not None and batch.decoding and batch.decode.policy == "dense":
+                return original(layer, hidden_states, *args, **kwargs)
             return self._layer_forward(index, layer, hidden_states, kwargs)
 
         return forward
@@ -312,7 +425,13 @@ class Pipeline:
             raise RuntimeError(
                 "the pipeline's layer ran outside a model forward; call the model, not the layer"
             )
-        rotary = self.adapter.rotary(kwargs)
+        rotary = batch.aligned_rotary(self.adapter.rotary(kwargs))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        new_cache = self._decode is None or not self._decode.owns(cache)
+        if cache is not None and not batch.decoding and new_cache:
+            self._decode = DecodeState.for_cache(cache, self.method.decode)
+        if batch.shift is not None:
+            hidden = batch.shift.to_positions(hidden)
         for kind in BlockKind:
             normed = self.adapter.block_input(layer, kind, hidden)
             inputs = BlockInputs(
@@ -323,41 +442,96 @@ class Pipeline:
                 rotary=rotary if kind is BlockKind.ATTENTION else None,
                 has_padding=batch.has_padding,
             )
-            out = self._run_block(index, kind, inputs, batch)
+            out = self._run_block(index, kind, inputs, batch, cache)
             hidden = self.adapter.block_residual(layer, kind, hidden, out)
+        if batch.shift is not None:
+            hidden = batch.shift.to_columns(hidden)
         return hidden
 
-    def _run_block(self, index: int, kind: BlockKind, inputs: BlockInputs, batch: _Batch) -> torch.Tensor:
+    def _slot(self, runner: BlockRunner, kind: BlockKind, batch: _Batch, cache: Any) -> KVSlot | None:
+        """The cache slot of an attention block's full pass (None without a cache or for the MLP)."""
+        if cache is None or kind is not BlockKind.ATTENTION:
+            return None
+        full_kv = not batch.decoding and self.method.decode == "dense"
+        return batch.kv_slot(cache, runner.layer_idx, full_kv)
+
+    def _infer(
+        self,
+        ctx: BlockContext,
+        runner: BlockRunner,
+        inputs: BlockInputs,
+        mask: BlockMask,
+        slot: KVSlot | None,
+    ) -> Any:
+        """``infer`` with the block's cache slot set on the runner for the duration of the call."""
+        if slot is None:
+            return self.hooks.infer(ctx, runner, inputs, mask)
+        if slot.full_kv and mask.kept_kv_heads is not None:
+            mask = replace(mask, kept_kv_heads=None)  # compute (and cache) every key/value head
+        runner.kv_slot = slot
+        try:
+            return self.hooks.infer(ctx, runner, inputs, mask)
+        finally:
+            runner.kv_slot = None
+
+    def _run_block(
+        self, index: int, kind: BlockKind, inputs: BlockInputs, batch: _Batch, cache: Any = None
+    ) -> torch.Tensor:
         runner = self._runners[(index, kind)]
+        slot = self._slot(runner, kind, batch, cache)
         if kind not in self.targets:
-            z = runner.pre_output(
-                inputs.normed,
-                attention_mask=inputs.attention_mask if batch.has_padding else None,
-                attn_bias=inputs.attn_bias,
-                rotary=inputs.rotary,
-            )
+            runner.kv_slot = slot
+            try:
+                z = runner.pre_output(
+                    inputs.normed,
+                    attention_mask=inputs.attention_mask if batch.has_padding else None,
+                    attn_bias=inputs.attn_bias,
+                    rotary=inputs.rotary,
+                )
+            finally:
+                runner.kv_slot = None
             return runner.output(z)
+        if batch.decode is not None:  # a frozen decode step: the prefill's mask, its pinned weights
+            mask = batch.decode.masks[(index, kind)]
+            ctx = self._context(index, kind, runner, inputs.normed.shape[1], None, False, False)
+            return self._infer(ctx, runner, inputs, mask, slot).output
         history = self.history.get(index, kind) if self.history is not None else None
         collect = history is not None and self.updates_history
         ctx = self._context(
             index, kind, runner, inputs.normed.shape[1], batch.position_valid, collect, batch.has_padding
         )
         hooks = self.hooks
+        check, picked = self.validate_outputs, self.strategies
         if self.is_static:
             mask = self._static_masks[(index, kind)]
-            result = hooks.infer(ctx, runner, inputs, mask)
+            result = self._infer(ctx, runner, inputs, mask, slot)
+            if check:
+                validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask)
             self._record(index, kind, mask, inputs.normed.shape, None)
+            self._remember(index, kind, mask, cache)
             return result.output
         stage = _no_stage if self._profiler is None else self._profiler.stage
         probe = hooks.select_probe(ctx, inputs.residual, inputs.normed, inputs.attention_mask)
+        if check:
+            validation.check_probe(probe, picked["select_probe"], ctx, *inputs.normed.shape[:2])
         states = None
         if probe is not None:
             with stage("probe_forward"):
                 states, inputs.probe_reuse = self._probe_pass(runner, probe, inputs, batch)
         scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
+        if check:
+            validation.check_scores(scores, picked["score_channels"], ctx, probe)
         scores = hooks.fuse_history(ctx, scores, history)
+        pending = validation.check_fused(scores, picked["fuse_history"], ctx) if check else None
         mask = hooks.apply_mask(ctx, scores, self.layer_ratio)
-        result = hooks.infer(ctx, runner, inputs, mask)
+        if check:
+            validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
+        if cache is not None and self.method.decode == "frozen":
+            runner.pin_weights()  # gathered once here, reused by every decode step of this generate
+            self._pinned_for_decode = True
+        result = self._infer(ctx, runner, inputs, mask, slot)
+        if check:
+            validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask)
         inputs.probe_reuse = None
         if collect and result.sq_mean is not None:
             with stage("history_update"):
@@ -371,7 +545,14 @@ class Pipeline:
                         self.method.history.momentum,
                     )
         self._record(index, kind, mask, inputs.normed.shape, probe)
+        self._remember(index, kind, mask, cache)
         return result.output
+
+    def _remember(self, index: int, kind: BlockKind, mask: BlockMask, cache: Any) -> None:
+        """Keep a decision's mask (for the decode steps that will continue its cache, if any)."""
+        self.last_masks[(index, kind)] = mask
+        if cache is not None and self._decode is not None:
+            self._decode.masks[(index, kind)] = mask
 
     def _context(
         self,
@@ -411,8 +592,16 @@ class Pipeline:
                 positions = history.sq_mean.shape[0] if history is not None else 1
                 ctx = self._context(index, kind, runner, positions, None, False)
                 scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
+                if self.validate_outputs:
+                    validation.check_scores(scores, self.strategies["score_channels"], ctx)
                 scores = self.hooks.fuse_history(ctx, scores, history)
-                self._static_masks[(index, kind)] = self.hooks.apply_mask(ctx, scores, self.layer_ratio)
+                if self.validate_outputs:
+                    validation.check_fused(scores, self.strategies["fuse_history"], ctx, defer=False)
+                mask = self.hooks.apply_mask(ctx, scores, self.layer_ratio)
+                if self.validate_outputs:
+                    hidden = runner.out_proj.weight.shape[0]
+                    validation.check_mask(mask, self.strategies["apply_mask"], ctx, hidden)
+                self._static_masks[(index, kind)] = mask
             runner.pin_weights()
 
     def _probe_pass(

@@ -58,14 +58,25 @@ def plugin_rows(registry: StrategyRegistry) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: not row["builtin"])  # stable: keeps load order otherwise
 
 
-def filter_line() -> str | None:
-    """A sentence describing ``PPF_LOAD_PLUGINS`` when it is set, else None."""
-    allowed = plugin_filter()
+def filter_line(registry: StrategyRegistry | None = None) -> str | None:
+    """A sentence describing ``PPF_LOAD_PLUGINS`` when it is set, else None.
+
+    With a ``registry`` whose entry points were loaded, the filter it was built with is described
+    and the installed distributions it hid are named.
+    """
+    allowed = registry.plugin_filter if registry is not None and registry.plugin_filter is not None else None
+    if allowed is None:
+        allowed = plugin_filter()
     if allowed is None:
         return None
     if not allowed:
-        return f"{LOAD_PLUGINS_ENV} is empty: no third-party plugins are loaded"
-    return f"{LOAD_PLUGINS_ENV}={','.join(sorted(allowed))}: only these plugin distributions are loaded"
+        line = f"{LOAD_PLUGINS_ENV} is empty: no third-party plugins are loaded"
+    else:
+        line = f"{LOAD_PLUGINS_ENV}={','.join(sorted(allowed))}: only these plugin distributions are loaded"
+    hidden = registry.hidden_plugins if registry is not None else []
+    if hidden:
+        line += f" (hidden: {', '.join(hidden)})"
+    return line
 
 
 def format_plugins(registry: StrategyRegistry) -> str:
@@ -87,7 +98,7 @@ def format_plugins(registry: StrategyRegistry) -> str:
             first, *rest = error.splitlines()
             lines.append(f"{indent}error: {first}")
             lines += [f"{indent}       {more}" for more in rest]
-    note = filter_line()
+    note = filter_line(registry)
     if note:
         lines += ["", note]
     return "\n".join(lines)

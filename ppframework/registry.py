@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "ppframework"
 LOAD_PLUGINS_ENV = "PPF_LOAD_PLUGINS"
 BUILTIN_SOURCE = "ppframework (built-in)"
+#: What a strategy name may look like: it is typed in configs and printed in tables.
+STRATEGY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+STRATEGY_NAME_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class StrategyRegistry:
     def __init__(self) -> None:
         self._strategies: dict[tuple[str, str], StrategyInfo] = {}
         self.plugins: list[PluginReport] = []
+        #: ``PPF_LOAD_PLUGINS`` as read when entry points were loaded (None = unset or not loaded).
+        self.plugin_filter: set[str] | None = None
+        #: Plugin distributions installed but not loaded because the filter left them out.
+        self.hidden_plugins: list[str] = []
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
 
@@ -144,6 +151,12 @@ class StrategyRegistry:
             raise ValueError(f"{cls!r} has stage {stage!r}; expected one of {hookspecs.STAGES}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{cls!r} needs a non-empty string `name`")
+        if not STRATEGY_NAME_PATTERN.fullmatch(name) or len(name) > STRATEGY_NAME_MAX:
+            raise ValueError(
+                f"{cls!r} has name {name!r}; a strategy name must match "
+                f"{STRATEGY_NAME_PATTERN.pattern!r} (lower-case letters, digits, '.', '_', '-'; "
+                f"starting with a letter or digit; at most {STRATEGY_NAME_MAX} characters)"
+            )
         method = getattr(cls, stage, None)
         if not callable(method):
             raise ValueError(f"{cls!r} declares stage {stage!r} but has no method of that name")
@@ -165,12 +178,15 @@ class StrategyRegistry:
     def load_entry_points(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
         """Load third-party plugins from the ``ppframework`` entry-point group; report failures."""
         allowed = plugin_filter()
+        self.plugin_filter = allowed
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in entry_points:
             dist = ep.dist.name if ep.dist is not None else ep.value
             if allowed is not None and normalise_distribution(dist) not in allowed:
                 logger.info("plugin %s not loaded (%s=%s)", dist, LOAD_PLUGINS_ENV, ",".join(sorted(allowed)))
+                if dist not in self.hidden_plugins:
+                    self.hidden_plugins.append(dist)
                 continue
             version = ep.dist.version if ep.dist is not None else ""
             try:
@@ -200,8 +216,32 @@ class StrategyRegistry:
             where = field_path or f"strategies.{stage}.name"
             raise ConfigError(
                 f"{where}: unknown {stage} strategy {name!r}; registered: {', '.join(self.names(stage))}"
+                + self.filter_hint()
             )
         return info
+
+    def filter_hint(self) -> str:
+        """`` (PPF_LOAD_PLUGINS=... is set; ...)`` when the plugin filter was active, else ``""``.
+
+        Names the installed distributions the filter hid and the filter's names that match no
+        installed distribution (a misspelling), so an unknown strategy can be traced to the filter.
+        """
+        allowed = self.plugin_filter
+        if allowed is None:
+            return ""
+        loaded = {normalise_distribution(r.name) for r in self.plugins if r.name != BUILTIN_SOURCE}
+        hidden = {normalise_distribution(d) for d in self.hidden_plugins}
+        unmatched = sorted(allowed - loaded - hidden)
+        names = ",".join(sorted(allowed))
+        parts = [f"{LOAD_PLUGINS_ENV}={names} is set" if allowed else f"{LOAD_PLUGINS_ENV} is set and empty"]
+        parts.append(
+            f"distributions it hid: {', '.join(self.hidden_plugins)}"
+            if self.hidden_plugins
+            else "it hid no installed distribution"
+        )
+        if unmatched:
+            parts.append(f"no installed plugin distribution is named {', '.join(unmatched)}")
+        return f" ({'; '.join(parts)})"
 
     def build_method(self, method: MethodConfig, field_prefix: str = "method") -> dict[str, Any]:
         """Validate and instantiate the five strategies of ``method`` (stage -> instance)."""

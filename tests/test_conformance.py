@@ -252,3 +252,18 @@ def test_importing_the_package_is_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_conformance_runs_the_pipelines_output_checks():
+    from ppframework.testing.conformance import _Subject
+    from ppframework.validation import check_mask
+
+    subject = _Subject(StructuredMask(), "apply_mask")
+    ctx = make_context("mlp")
+    bad = BlockMask(kept_units=torch.tensor([1, 1]), total_units=ctx.geometry.units)
+    with pytest.raises(AssertionError) as failure:
+        subject.require_accepted(check_mask, bad, ctx)
+    message = str(failure.value)
+    assert "'structured'" in message and "the pipeline's output checks accept the result" in message
+    assert "kept_units with repeated values [1, 1]" in message
+    subject.require_accepted(check_mask, BlockMask(torch.tensor([0, 1]), ctx.geometry.units), ctx)

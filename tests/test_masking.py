@@ -108,6 +108,7 @@ def test_inflated_ratio_examples() -> None:
     assert inflated_ratio(0.4, 32, 3) == pytest.approx(0.44)
     assert inflated_ratio(0.4, 32, 0) == 0.4
     assert inflated_ratio(0.4, 32, 3, inflate=False) == 0.4
+    assert inflated_ratio(0.0, 4, 4) == 0.0  # every layer skipped at ratio 0: no division by zero
 
 
 @settings(max_examples=50, deadline=None)

@@ -23,11 +23,13 @@ import torch
 
 from ppframework import hookspecs
 from ppframework.config import MethodConfig
+from ppframework.errors import ConfigError
 from ppframework.plugin_listing import format_plugins, plugin_rows
 from ppframework.registry import (
     BUILTIN_SOURCE,
     ENTRY_POINT_GROUP,
     LOAD_PLUGINS_ENV,
+    STRATEGY_NAME_PATTERN,
     PluginReport,
     StrategyRegistry,
     default_registry,
@@ -199,6 +201,48 @@ BROKEN_PLUGINS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
         """,
         None,
         ("ValueError", "select_prob", "stage"),
+    ),
+    "name-with-newline": (
+        """
+        from ppframework.hookspecs import hookimpl
+
+
+        class TwoLines:
+            stage = "select_probe"
+            name = "two\\nlines"
+
+            @hookimpl
+            def select_probe(self, ctx):
+                return None
+
+
+        @hookimpl
+        def ppf_register_strategies(register):
+            register(TwoLines)
+        """,
+        None,
+        ("ValueError", "'two\\nlines'", "strategy name must match"),
+    ),
+    "name-with-slash": (
+        """
+        from ppframework.hookspecs import hookimpl
+
+
+        class Slashed:
+            stage = "apply_mask"
+            name = "top/k"
+
+            @hookimpl
+            def apply_mask(self, ctx, scores, ratio):
+                return None
+
+
+        @hookimpl
+        def ppf_register_strategies(register):
+            register(Slashed)
+        """,
+        None,
+        ("ValueError", "'top/k'", "strategy name must match"),
     ),
     "stage-method-missing": (
         """
@@ -372,6 +416,48 @@ def test_installed_entry_points_are_discovered_from_sys_path(
     assert registry.get("select_probe", "on-path").source == "ppf-on-path"
 
 
+@pytest.mark.parametrize(
+    "name", ["UPPER", "-leading-dash", "with space", "tab\tname", "x" * 65, "dots/../up"]
+)
+def test_unsafe_strategy_names_are_refused_as_plugin_errors(site: FakeSite, name: str) -> None:
+    ep = site.add("ppf-unsafe", GOOD_PLUGIN.replace('"{name}"', repr(name)))
+    registry = fresh_registry([ep])
+    report = report_for(registry, "ppf-unsafe")
+    assert report.error is not None and "strategy name must match" in report.error
+    assert repr(name) in report.error and report.strategies == []
+    assert_builtins_work(registry)
+
+
+def test_builtin_and_example_strategy_names_are_safe() -> None:
+    names = [info.name for info in default_registry().all()]
+    assert "residual" in names
+    assert all(STRATEGY_NAME_PATTERN.fullmatch(name) for name in names), names
+
+
+def test_unknown_strategy_hints_at_the_plugin_filter(site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = site.add("ppf-example-thing", GOOD_PLUGIN.format(name="first-tokens"))
+    monkeypatch.setenv(LOAD_PLUGINS_ENV, "ppf-exmple-thing")  # misspelt
+    registry = fresh_registry([ep])
+    with pytest.raises(ConfigError) as raised:
+        registry.get("select_probe", "first-tokens")
+    assert str(raised.value).endswith(
+        f"({LOAD_PLUGINS_ENV}=ppf-exmple-thing is set; distributions it hid: ppf-example-thing; "
+        "no installed plugin distribution is named ppf-exmple-thing)"
+    )
+    assert "(hidden: ppf-example-thing)" in format_plugins(registry)
+
+    monkeypatch.setenv(LOAD_PLUGINS_ENV, "")
+    with pytest.raises(ConfigError, match=f"{LOAD_PLUGINS_ENV} is set and empty; distributions it hid"):
+        fresh_registry([ep]).get("select_probe", "first-tokens")
+
+    monkeypatch.delenv(LOAD_PLUGINS_ENV)
+    registry = fresh_registry([ep])
+    assert registry.get("select_probe", "first-tokens").source == "ppf-example-thing"
+    with pytest.raises(ConfigError) as raised:
+        registry.get("select_probe", "no-such-probe")
+    assert LOAD_PLUGINS_ENV not in str(raised.value)
+
+
 # -- plugin listing -----------------------------------------------------------------------------
 
 
@@ -494,3 +580,29 @@ def test_dataclass_fields_are_documented(plugin_doc: str, cls: type) -> None:
     missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in plugin_doc]
     assert cls.__name__ in plugin_doc
     assert not missing, f"docs/plugins.md does not mention {cls.__name__} fields {missing}"
+
+
+def test_plugin_guide_covers_probe_sizes_the_fusion_contract_and_the_output_checks(plugin_doc: str) -> None:
+    from ppframework.strategies.probe import probe_sizes
+    from ppframework.validation import StrategyOutputError
+
+    sig = inspect.signature(probe_sizes)
+    params = ", ".join(f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+    assert _squash(f"def probe_sizes({params}) -> {sig.return_annotation}:") in _squash(
+        python_blocks(plugin_doc)
+    )
+    fusion = plugin_doc.split("### `fuse_history`", 1)[1].split("### `apply_mask`", 1)[0]
+    for fragment in (
+        "scores.positions",
+        "position_valid",
+        "channel_mean",
+        "`variance`",
+        "history.mean",
+        "ValueError",
+    ):
+        assert fragment in fusion, f"the fuse_history contract does not mention {fragment}"
+    checks = plugin_doc.split("## Output checks", 1)[1].split("\n## ", 1)[0]
+    assert StrategyOutputError.__name__ in checks and "validate_outputs" in checks
+    for stage in hookspecs.STAGES:
+        assert f"| `{stage}` |" in checks, f"the output checks table has no row for {stage}"
+    assert "^[a-z0-9][a-z0-9._-]*$" in plugin_doc and "distributions it hid" in plugin_doc

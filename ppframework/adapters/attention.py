@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ppframework.adapters.kv_cache import KVSlot
 
 
 def additive_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -43,3 +49,69 @@ def causal_attention(
     if attn_bias is None:
         attn_bias = additive_attention_bias(attention_mask, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    scale: float,
+    slot: KVSlot | None = None,
+) -> torch.Tensor:
+    """Attention of this forward's queries: among themselves (:func:`causal_attention`) when nothing
+    was cached before, else over the cache's keys ``k``/``v`` with the slot's key mask."""
+    if slot is None or slot.past == 0:
+        return causal_attention(q, k, v, attention_mask, attn_bias, scale)
+    bias = slot.bias(q.shape[2], k.shape[2], q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+@dataclass(frozen=True)
+class HeadGroups:
+    """Where each query head goes when the queries are stacked per key/value head.
+
+    ``group_of[i]`` is query head ``i``'s key/value head; ``slot_of[i]`` its rank among the query
+    heads of that group; ``width`` the largest group (smaller groups are padded with zero queries).
+    """
+
+    kv_heads: int
+    width: int
+    group_of: torch.Tensor
+    slot_of: torch.Tensor
+
+    @classmethod
+    def build(cls, kv_index: torch.Tensor, kv_heads: int) -> HeadGroups:
+        """Groups for query heads whose key/value head (among ``kv_heads``) is ``kv_index``."""
+        counts = torch.bincount(kv_index, minlength=kv_heads)
+        order = torch.argsort(kv_index, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(kv_index.numel(), device=kv_index.device) - starts[kv_index[order]]
+        slot = torch.empty_like(kv_index)
+        slot[order] = rank
+        return cls(kv_heads, int(counts.max()), kv_index, slot)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: HeadGroups,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of (B, Hq, T, d) queries over (B, Hkv, L, d) keys/values shared by groups of query
+    heads, without copying the keys/values per query head (the queries are stacked per group instead).
+
+    ``bias`` (B or 1, 1, T, L) is the additive mask of every query head (None: see every key). For
+    decode steps, where copying a growing cache per query head would cost more than the step itself.
+    """
+    batch, _, seq, dim = q.shape
+    width = groups.width
+    stacked = q.new_zeros(batch, groups.kv_heads, width, seq, dim)
+    stacked[:, groups.group_of, groups.slot_of] = q
+    stacked = stacked.view(batch, groups.kv_heads, width * seq, dim)
+    mask = None if bias is None else bias.repeat(1, 1, width, 1)
+    out = F.scaled_dot_product_attention(stacked, k, v, attn_mask=mask, scale=scale)
+    return out.view(batch, groups.kv_heads, width, seq, dim)[:, groups.group_of, groups.slot_of]

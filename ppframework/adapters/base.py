@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppframework.adapters.attention import additive_attention_bias, causal_attention
+from ppframework.adapters.attention import additive_attention_bias, attend, causal_attention
 from ppframework.adapters.gather import (
     GatherBuffers,
     concat_parts,
@@ -22,15 +22,18 @@ from ppframework.adapters.gather import (
     sliced_linear,
     unit_channels,
 )
+from ppframework.adapters.kv_cache import KVSlot
 from ppframework.adapters.probe_reuse import ProbeReuse, fill_outside_probe, probe_rotary
 from ppframework.types import BlockGeometry, BlockKind
 
 __all__ = [
     "BlockRunner",
     "GatherBuffers",
+    "KVSlot",
     "ModelAdapter",
     "ProbeReuse",
     "additive_attention_bias",
+    "attend",
     "causal_attention",
     "fill_outside_probe",
     "gather_weight",
@@ -60,11 +63,18 @@ class BlockRunner(ABC):
     Sliced weights come from :meth:`gather`: pinned (static masks: gathered once and kept), into
     the pipeline's shared :class:`GatherBuffers` (``buffers``, set by the pipeline), or into new
     tensors. ``profiler``, when set (by the pipeline), times the gathers as the ``gather`` stage.
+
+    ``kv_slot`` is set by the pipeline, for attention blocks, only while the block's full batch runs
+    in a forward that uses the model's key/value cache (see :class:`KVSlot`): the runner stores the
+    keys and values it computes there and attends to what the cache returns. ``layer_idx`` is the
+    block's index into that cache.
     """
 
     geometry: BlockGeometry
     buffers: GatherBuffers | None = None
     profiler: Any = None
+    kv_slot: KVSlot | None = None
+    layer_idx: int = 0
     _pinned: dict[Any, tuple[Any, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None = None
     _channels_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
@@ -80,6 +90,11 @@ class BlockRunner(ABC):
     def unpin_weights(self) -> None:
         """Drop the pinned sliced weights (gather per call again)."""
         self._pinned = None
+
+    @property
+    def is_pinned(self) -> bool:
+        """Whether sliced weights are pinned (gathered once and kept)."""
+        return self._pinned is not None
 
     def gather(
         self,
@@ -291,6 +306,11 @@ class ModelAdapter(ABC):
         self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor, block_out: torch.Tensor
     ) -> torch.Tensor:
         """The residual stream after the block."""
+
+    def default_positions(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Token positions (B, T) the model uses when a forward without a cache gets no ``position_ids``
+        (None: each token's position is its column)."""
+        return None
 
     def rotary(self, layer_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rotary (cos, sin) the model passed to its layers, or None for absolute positions."""

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppframework.adapters.attention import HeadGroups, grouped_attention
 from ppframework.adapters.base import (
     BlockRunner,
     ModelAdapter,
     ProbeReuse,
-    causal_attention,
+    attend,
     fill_outside_probe,
     probe_rotary,
     unit_channels,
@@ -55,11 +56,13 @@ class LlamaAttentionRunner(BlockRunner):
     :class:`ProbeReuse` the probe's q/k/v projections (exact per token) fill the probe's tokens.
     """
 
-    def __init__(self, attn: nn.Module, geometry: BlockGeometry) -> None:
+    def __init__(self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0) -> None:
         self.attn = attn
         self.geometry = geometry
+        self.layer_idx = int(getattr(attn, "layer_idx", layer_idx))
         self.scaling = float(getattr(attn, "scaling", geometry.unit_width**-0.5))
         self._kv_memo: tuple[Any, Any, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._groups_memo: tuple[torch.Tensor, HeadGroups] | None = None
         self._dense_kv_index: torch.Tensor | None = None
 
     @property
@@ -119,7 +122,7 @@ class LlamaAttentionRunner(BlockRunner):
         k = self.linear(probe_x, attn.k_proj)
         v = self.linear(probe_x, attn.v_proj)
         rot = probe_rotary(rotary, rows, tokens)
-        states = self._attend(q, k, v, attention_mask, None, rot, None, None)
+        states = self._attend(q, k, v, attention_mask, None, rot, None, None, cache=False)
         return states, (ProbeReuse.build(x, rows, tokens, (q, k, v)) if keep_for_reuse else None)
 
     def _attend(
@@ -132,8 +135,12 @@ class LlamaAttentionRunner(BlockRunner):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         kept_units: torch.Tensor | None,
         kept_kv_heads: torch.Tensor | None,
+        cache: bool = True,
     ) -> torch.Tensor:
-        """Attention output (B, T, heads * d) from (B, T, width) projections (before rotary)."""
+        """Attention output (B, T, heads * d) from (B, T, width) projections (before rotary).
+
+        With the pipeline's :class:`KVSlot` set (and ``cache``), the rotated keys and values are stored
+        in the model's cache and the queries attend to what it holds."""
         batch, seq, _ = q.shape
         d = self.geometry.unit_width
         q = q.view(batch, seq, -1, d).transpose(1, 2)
@@ -143,14 +150,29 @@ class LlamaAttentionRunner(BlockRunner):
             cos, sin = rotary
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
+        slot = self.kv_slot if cache else None
+        if slot is not None:
+            k, v = slot.store(k, v)
         n_heads = q.shape[1]
         if n_heads != k.shape[1] or kept_units is not None:
             _, kv_index = self._kv_maps(kept_units, kept_kv_heads, q.device)
+            if kv_index is not None and slot is not None and slot.past > 0:
+                groups = self._head_groups(kv_index, k.shape[1])
+                bias = slot.bias(seq, k.shape[2], q.dtype)
+                out = grouped_attention(q, k, v, groups, bias, self.scaling)
+                return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
             if kv_index is not None:
                 k = k.index_select(1, kv_index)
                 v = v.index_select(1, kv_index)
-        out = causal_attention(q, k, v, attention_mask, attn_bias, self.scaling)
+        out = attend(q, k, v, attention_mask, attn_bias, self.scaling, slot)
         return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
+
+    def _head_groups(self, kv_index: torch.Tensor, kv_heads: int) -> HeadGroups:
+        """The query stacking of :func:`grouped_attention` for ``kv_index``, remembered per tensor."""
+        memo = self._groups_memo
+        if memo is None or memo[0] is not kv_index or memo[1].kv_heads != kv_heads:
+            memo = self._groups_memo = (kv_index, HeadGroups.build(kv_index, kv_heads))
+        return memo[1]
 
     def _kv_maps(
         self, kept_units: torch.Tensor | None, kept_kv_heads: torch.Tensor | None, device: torch.device
@@ -269,7 +291,7 @@ class LlamaLikeAdapter(ModelAdapter):
     def runner(self, layer_index: int, kind: BlockKind) -> BlockRunner:
         layer = self.layers[layer_index]
         if kind is BlockKind.ATTENTION:
-            return LlamaAttentionRunner(layer.self_attn, self.geometry(kind))
+            return LlamaAttentionRunner(layer.self_attn, self.geometry(kind), layer_index)
         return LlamaMLPRunner(layer.mlp, self.geometry(kind))
 
     def block_input(self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor) -> torch.Tensor:

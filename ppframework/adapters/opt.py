@@ -5,16 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ppframework.adapters.base import BlockRunner, ModelAdapter, ProbeReuse, causal_attention
+from ppframework.adapters.base import BlockRunner, ModelAdapter, ProbeReuse, attend
 from ppframework.types import BlockGeometry, BlockKind
 
 
 class OPTAttentionRunner(BlockRunner):
-    """OPT attention (q, k, v pruned together by head) on kept heads."""
+    """OPT attention (q, k, v pruned together by head) on kept heads.
 
-    def __init__(self, attn: nn.Module, geometry: BlockGeometry) -> None:
+    With a :class:`~ppframework.adapters.kv_cache.KVSlot` the cache holds the kept heads' keys and
+    values, or every head's when the slot asks for ``full_kv`` (dense decode steps follow)."""
+
+    def __init__(self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0) -> None:
         self.attn = attn
         self.geometry = geometry
+        self.layer_idx = int(getattr(attn, "layer_idx", layer_idx))
         self.scaling = float(getattr(attn, "scaling", geometry.unit_width**-0.5))
 
     @property
@@ -40,9 +44,17 @@ class OPTAttentionRunner(BlockRunner):
             .view(batch, seq, -1, d)
             .transpose(1, 2)
         )
-        k = self.linear(x, self.attn.k_proj, rows=rows, role="attn.k").view(batch, seq, -1, d).transpose(1, 2)
-        v = self.linear(x, self.attn.v_proj, rows=rows, role="attn.v").view(batch, seq, -1, d).transpose(1, 2)
-        out = causal_attention(q, k, v, attention_mask, attn_bias, scale=1.0)
+        slot = self.kv_slot
+        kv_rows = None if slot is not None and slot.full_kv else rows
+        k = self.linear(x, self.attn.k_proj, rows=kv_rows, role="attn.k")
+        v = self.linear(x, self.attn.v_proj, rows=kv_rows, role="attn.v")
+        k = k.view(batch, seq, -1, d).transpose(1, 2)
+        v = v.view(batch, seq, -1, d).transpose(1, 2)
+        if slot is not None:
+            k, v = slot.store(k, v)
+            if kv_rows is None and kept_units is not None:
+                k, v = k.index_select(1, kept_units), v.index_select(1, kept_units)
+        out = attend(q, k, v, attention_mask, attn_bias, 1.0, slot)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
@@ -92,8 +104,13 @@ class OPTAdapter(ModelAdapter):
     def runner(self, layer_index: int, kind: BlockKind) -> BlockRunner:
         layer = self.layers[layer_index]
         if kind is BlockKind.ATTENTION:
-            return OPTAttentionRunner(layer.self_attn, self.geometry(kind))
+            return OPTAttentionRunner(layer.self_attn, self.geometry(kind), layer_index)
         return OPTMLPRunner(layer, self.geometry(kind))
+
+    def default_positions(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """OPT counts positions over real tokens (its learned embeddings skip padding)."""
+        mask = attention_mask.long()
+        return mask.cumsum(dim=1) * mask - 1
 
     def _norm(self, layer: nn.Module, kind: BlockKind) -> nn.Module:
         return layer.self_attn_layer_norm if kind is BlockKind.ATTENTION else layer.final_layer_norm

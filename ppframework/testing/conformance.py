@@ -20,6 +20,10 @@ or checks every registered strategy (built-ins and installed plugins)::
     def test_conforms(info):
         check_strategy(info.build(), max_examples=10)
 
+Every check also runs the pipeline's own output check of the stage (:mod:`ppframework.validation`,
+rule "the pipeline's output checks accept the result"), so a strategy that conforms is never
+rejected by the pipeline.
+
 The checks need ``hypothesis`` (the ``test`` extra); it is imported when a check runs, so importing
 this module does not need it. They run on the CPU with small tensors; :func:`check_infer` builds a
 one-layer tiny LLaMA (grouped-query attention, rotary) and a one-layer tiny OPT once per process.
@@ -46,6 +50,7 @@ from ppframework.types import (
     ChannelScores,
     Probe,
 )
+from ppframework.validation import check_fused, check_mask, check_output, check_probe, check_scores
 
 if TYPE_CHECKING:
     from ppframework.registry import StrategyInfo, StrategyRegistry
@@ -290,6 +295,15 @@ class _Subject:
         self.require(bool(torch.isfinite(value).all()), rule, lambda: f"{what} = {_fmt(value)} is not finite")
         if nonnegative:
             self.require(bool((value >= 0).all()), rule, lambda: f"{what} = {_fmt(value)} has negatives")
+
+    def require_accepted(self, check: Callable[..., Any], value: Any, *args: Any, **kwargs: Any) -> None:
+        """The pipeline's own output check (:mod:`ppframework.validation`) accepts ``value``."""
+        from ppframework.validation import StrategyOutputError
+
+        try:
+            check(value, self.strategy, *args, **kwargs)
+        except StrategyOutputError as exc:
+            raise self.error("the pipeline's output checks accept the result", str(exc)) from exc
 
     def require_unchanged(self, before: dict[str, Any], after: dict[str, Any], rule: str) -> None:
         """Every tensor (or value) in ``after`` equals its snapshot in ``before``."""
@@ -574,6 +588,7 @@ def _probe_case(
         "never chooses an all-padding row",
         lambda: f"batch_index={_fmt(rows)}, attention_mask={_fmt(mask)}",
     )
+    subject.require_accepted(check_probe, probe, ctx(), batch, seq)
     subject.require(
         isinstance(again, Probe)
         and _same(again.batch_index, probe.batch_index)
@@ -758,6 +773,7 @@ def _score_case(
                 "position_valid is False exactly where no probe row is real",
                 lambda: f"position_valid={_fmt(position_valid)}, probe.valid={_fmt(probe.valid)}",
             )
+    subject.require_accepted(check_scores, scores, ctx(), probe)
     _check_combine(subject, scores, channels, gen)
     again = subject.call(ctx=ctx(), **inputs)
     subject.require(
@@ -929,6 +945,7 @@ def _fuse_case(
             fused.channel_mean, (channels,), "channel_mean has shape (C,)", "channel_mean"
         )
         subject.require_finite(channel_mean, "channel_mean is finite", "channel_mean")
+    subject.require_accepted(check_fused, fused, ctx, defer=False)
 
 
 def check_fuse_history(strategy: Any, *, max_examples: int = 20) -> None:
@@ -1114,6 +1131,7 @@ def _mask_case(
     mask = subject.call(ctx=context, scores=scores, ratio=ratio)
     subject.require_unchanged(before, _fields(scores, "scores"), "the scores are not modified")
     kept, _ = _check_mask(subject, context, mask, ratio, hidden)
+    subject.require_accepted(check_mask, mask, context, hidden)
     again = subject.call(ctx=ctx(), scores=_cloned(scores), ratio=ratio)
     subject.require(
         isinstance(again, BlockMask)
@@ -1297,6 +1315,7 @@ def _infer_case(
             "a keep-all mask reproduces the unpruned block (plus output_bias) on real tokens",
             lambda: f"max abs difference {_max_diff(output[real], expected[real]):.3g}",
         )
+    subject.require_accepted(check_output, out, ctx, (batch, seq, size), block_mask)
     if not collect:
         return
     channels = runner.channels_of(block_mask.kept_units)

@@ -1,0 +1,109 @@
+"""A block's view of the model's own key/value cache (transformers ``Cache`` objects) for one forward.
+
+The pipeline hands an attention runner a :class:`KVSlot` while it runs the block's full batch (never
+while it runs the probe). The runner computes keys and values for the units it runs, stores them with
+:meth:`KVSlot.store` (through the cache's own ``update``, so any of transformers' cache classes works)
+and attends to what comes back, with :meth:`KVSlot.key_bias` as the mask when earlier tokens are
+cached. Which key/value heads a layer's cache holds is therefore decided by what the runner computes:
+all of them under the paper's ``query-only`` GQA policy, only the kept groups under ``group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ppframework.positions import RowShift
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already held by a transformers cache (0 for None or an empty cache)."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+def key_bias(
+    key_mask: torch.Tensor | None, past: int, queries: int, keys: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive attention bias (B or 1, 1, queries, keys) for queries that follow ``past`` cached tokens.
+
+    Query ``i`` sits at column ``past + i`` and may see key ``j`` when ``j <= past + i`` and the key is
+    real text (``key_mask[b, j] == 1``; None = every key is real; keys past the mask's width, the unused
+    slots of a static cache, are never seen). None when nothing needs masking (one query, every key real).
+    """
+    if key_mask is None and queries == 1 and keys == past + 1:
+        return None
+    device = key_mask.device if key_mask is not None else None
+    query_at = torch.arange(queries, device=device) + past
+    key_at = torch.arange(keys, device=device)
+    allowed = (key_at[None, :] <= query_at[:, None])[None]
+    if key_mask is not None:
+        real = key_mask.bool()
+        width = real.shape[1]
+        if width < keys:
+            real = torch.nn.functional.pad(real, (0, keys - width), value=False)
+        elif width > keys:
+            real = real[:, :keys]
+        allowed = allowed & real[:, None, :]
+    allowed = allowed | (key_at[None, :] == query_at[:, None])[None]  # never an all-masked row
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+@dataclass
+class KVSlot:
+    """One attention block's share of the model's cache for one forward.
+
+    Attributes:
+        cache: the transformers ``Cache`` the model passed to its layers.
+        layer_idx: the attention module's index into the cache.
+        past: tokens the cache held before this forward.
+        key_mask: (B, past + T) 1 for real keys, or None when every key is real.
+        shift: the forward's left-padding roll (decision forwards only): the runner works in position
+            layout, the cache holds the model's column layout.
+        full_kv: store every key/value head even when the runner prunes some (the cache then also
+            serves dense decode steps).
+        bias_cache: biases already built in this forward, shared by every layer.
+    """
+
+    cache: Any
+    layer_idx: int
+    past: int
+    key_mask: torch.Tensor | None = None
+    shift: RowShift | None = None
+    full_kv: bool = False
+    bias_cache: dict[tuple[int, int, torch.dtype], torch.Tensor | None] = field(default_factory=dict)
+    stored: bool = False
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this forward's (B, heads, T, d) keys and values; return what the queries attend to.
+
+        With nothing cached before, that is ``keys``/``values`` themselves (in the runner's layout);
+        otherwise the cache's whole content. Storing twice in one forward is an error: an ``infer``
+        strategy must run the block's full batch once.
+        """
+        if self.stored:
+            raise RuntimeError(
+                f"the key/value cache of layer {self.layer_idx} was written twice in one forward: the infer "
+                "strategy ran the attention block's full batch more than once"
+            )
+        self.stored = True
+        if self.shift is not None:
+            stored_k, stored_v = self.shift.to_columns(keys, dim=2), self.shift.to_columns(values, dim=2)
+        else:
+            stored_k, stored_v = keys, values
+        all_k, all_v = self.cache.update(stored_k, stored_v, self.layer_idx)
+        if self.past == 0:
+            return keys, values
+        return all_k, all_v
+
+    def bias(self, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """:func:`key_bias` for this forward (built once per shape and shared by the layers)."""
+        key = (queries, keys, dtype)
+        if key not in self.bias_cache:
+            self.bias_cache[key] = key_bias(self.key_mask, self.past, queries, keys, dtype)
+        return self.bias_cache[key]

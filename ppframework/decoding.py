@@ -1,0 +1,50 @@
+"""What decode steps do: the ``decode`` policy of a method and the per-``generate`` decode state.
+
+A forward with an empty key/value cache (or none) is a *decision* forward: the method runs exactly
+as for any batch (probe, fuse, mask, sliced inference, history update at real positions). When it
+fills a cache, the pipeline remembers that cache and the per-block masks it decided. A later forward
+that continues that cache is a *decode* step, run by the method's ``decode`` policy:
+
+``frozen`` (default)
+    every pruned block reuses the mask decided at prefill, on sliced weights gathered once for the
+    whole ``generate`` call; the cache stays consistent for any attention layout (under the
+    ``group`` GQA policy it holds only the kept key/value heads).
+``dense``
+    decode steps run the unpruned layers (prefill-only pruning); the prefill then stores every
+    key/value head in the cache, so the dense layers find the keys they expect.
+
+Decode steps never touch the history, run no probe and record no pruning events: the history
+describes the prompts the method decided on, one entry per position.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ppframework.types import BlockKind, BlockMask
+
+DecodePolicy = Literal["frozen", "dense"]
+
+#: The decode policies a method can name (``MethodConfig.decode``).
+DECODE_POLICIES: tuple[str, ...] = ("frozen", "dense")
+
+
+@dataclass
+class DecodeState:
+    """The decision one prefill made, kept for the decode steps that continue its cache."""
+
+    cache: weakref.ReferenceType[Any]
+    policy: DecodePolicy
+    masks: dict[tuple[int, BlockKind], BlockMask] = field(default_factory=dict)
+    steps: int = 0
+
+    @classmethod
+    def for_cache(cls, cache: Any, policy: DecodePolicy) -> DecodeState:
+        """A fresh state bound to ``cache`` (held weakly: a finished generation frees it)."""
+        return cls(weakref.ref(cache), policy)
+
+    def owns(self, cache: Any) -> bool:
+        """Whether ``cache`` is the one this state's prefill filled."""
+        return cache is not None and self.cache() is cache
