@@ -102,19 +102,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.limit is not None:
         overrides.append(f"evaluation.zeroshot.limit={args.limit}")
+        overrides.append(f"evaluation.generation.limit={args.limit}")
     cfg = load_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
     if args.no_progress:
         cfg.progress = False
-    report = evaluate(cfg)
-    if cfg.out_dir:
-        path = write_eval_report(report, cfg.out_dir)
-    print(format_eval_table(report))
-    if cfg.out_dir:
-        print(f"\nwrote {path} (+ results.csv, results.md{', plots' if report.plots else ''})")
+    with _out_lock(cfg.out_dir):
+        report = evaluate(cfg)
+        print(format_eval_table(report))
+        path = (
+            _write_results(lambda: write_eval_report(report, cfg.out_dir), cfg.out_dir)
+            if cfg.out_dir
+            else None
+        )
+        if path:
+            print(f"\nwrote {path} (+ results.csv, results.md{', plots' if report.plots else ''})")
     print(f"total time {report.elapsed_s:.1f} s")
-    return 0
+    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ppframework.api import load_config
+    from ppframework.generation.compare import check_prompts, compare_generation, format_generate_table
+    from ppframework.outputs import atomic_write_text, write_json
+
+    check_prompts(args.prompt, args.max_new_tokens)
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+    with _out_lock(cfg.out_dir):
+        report = compare_generation(cfg, args.prompt, args.max_new_tokens)
+        table = format_generate_table(report)
+        print(table)
+        if cfg.out_dir:
+            out = Path(cfg.out_dir)
+
+            def write() -> Path:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / "results.md", table + "\n")
+                return write_json(out / "results.json", report.to_json())
+
+            path = _write_results(write, cfg.out_dir)
+            if path:
+                print(f"\nwrote {path} (+ results.md)")
+        else:
+            path = None
+    print(f"total time {report.elapsed_s:.1f} s")
+    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -190,10 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("config", help="YAML or JSON run config (its `evaluation` section)")
     _add_set_option(evaluate, "evaluation.runtime.repeats=3")
-    evaluate.add_argument("--limit", type=int, help="first N items per zero-shot task (quick runs)")
+    evaluate.add_argument(
+        "--limit", type=int, help="first N items per zero-shot and generation task (quick runs)"
+    )
     evaluate.add_argument("--out", help="directory for results.json/.csv/.md and the PNG plots")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     evaluate.set_defaults(func=_cmd_eval)
+
+    generate = sub.add_parser(
+        "generate",
+        help="dense and each method complete the prompts with model.generate(): text, tokens, prefill "
+        "seconds, decode tokens/s",
+    )
+    generate.add_argument("config", help="YAML or JSON run config (model, calibration, methods)")
+    generate.add_argument(
+        "--prompt", action="append", default=[], metavar="TEXT", help="text to continue (repeat for a batch)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64)")
+    _add_set_option(generate, "methods.0.decode=dense")
+    generate.add_argument("--out", help="directory for results.json and results.md")
+    generate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    generate.set_defaults(func=_cmd_generate)
 
     plugins = sub.add_parser("plugins", help="list plugin distributions, their strategies and load errors")
     plugins.set_defaults(func=_cmd_plugins)

@@ -186,6 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pruning": {"ratio": 0.4},
         "strategies": _pp_strategies(),
         "history": _CALIBRATION_EMA,
+        "decode": "frozen",
     },
     "full-batch": {
         "description": "Full-batch probing (paper's oracle): the whole batch is the probe, no history, "
@@ -193,12 +194,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(select_probe="full", fuse_history="none"),
         "history": _NO_HISTORY,
+        "decode": "frozen",
     },
     "no-history": {
         "description": "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(fuse_history="none"),
         "history": _NO_HISTORY,
+        "decode": "frozen",
     },
     "history-only": {
         "description": "History only (ablation): no probe; a_c from calibration + EMA 0.99 history, the "
@@ -206,6 +209,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(select_probe="none", fuse_history="history-only"),
         "history": _CALIBRATION_EMA,
+        "decode": "frozen",
     },
     "random-probe": {
         "description": "Random probe (ablation): uniform random positions then sequences at PP's sizes; "
@@ -215,6 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             select_probe={"name": "random", "params": {"seq_ratio": 0.5, "batch_ratio": 0.05}}
         ),
         "history": _CALIBRATION_EMA,
+        "decode": "frozen",
     },
     "fixed-fusion": {
         "description": "Fixed-ratio fusion (ablation): F = (1-q) Hist + q P with q = 0.5 instead of "
@@ -222,6 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(fuse_history={"name": "fixed", "params": {"probe_weight": 0.5}}),
         "history": _CALIBRATION_EMA,
+        "decode": "frozen",
     },
     "static-ppsp": {
         "description": "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
@@ -229,6 +235,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(select_probe="none", fuse_history="history-only"),
         "history": _CALIBRATION_ONLY,
+        "decode": "frozen",
     },
     "wanda-sp": {
         "description": "Wanda-sp (static baseline): S_c = sum_i |W[i,c]| sqrt(a_c) from calibration, heads "
@@ -238,6 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             select_probe="none", fuse_history="history-only", score_channels="wanda-sp"
         ),
         "history": _CALIBRATION_ONLY,
+        "decode": "frozen",
     },
     "flap": {
         "description": "FLAP (static baseline): S_c = fluct_c * sum_i W[i,c]^2 (calibration variance summed "
@@ -250,6 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             score_channels={"name": "flap", "params": {"bias_compensation": True}},
         ),
         "history": _CALIBRATION_ONLY,
+        "decode": "frozen",
     },
     "magnitude": {
         "description": "Magnitude (static baseline): S_c = sum_i |W[i,c]|, weights only, heads by sum; "
@@ -259,12 +268,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             select_probe="none", fuse_history="history-only", score_channels="magnitude"
         ),
         "history": _NO_HISTORY,
+        "decode": "frozen",
     },
     "dense": {
         "description": "No pruning (ratio 0): the pipeline does not touch the model.",
         "pruning": {"ratio": 0.0},
         "strategies": _pp_strategies(),
         "history": _NO_HISTORY,
+        "decode": "frozen",
     },
 }
 
@@ -365,6 +376,11 @@ class MethodConfig(StrictModel):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     strategies: StrategiesConfig = Field(default_factory=lambda: StrategiesConfig(**_pp_strategies()))
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    decode: Literal["frozen", "dense"] = Field(
+        "frozen",
+        description="decode steps of generate(): frozen = reuse the masks decided at prefill on sliced "
+        "weights gathered once; dense = run them unpruned (prefill-only pruning)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -433,12 +449,51 @@ class RuntimeConfig(StrictModel):
     warmup: int = Field(1, ge=0, description="untimed forwards of each before timing")
 
 
+GENERATION_TASK_NAMES: tuple[str, ...] = ("humaneval", "mbpp", "xsum")
+
+
+class GenerationTaskConfig(StrictModel):
+    """One generation task of ``ppf eval`` and how much of it to run."""
+
+    name: Literal["humaneval", "mbpp", "xsum"]
+    limit: int | None = Field(None, ge=1, description="first N items (None = all; --limit caps it too)")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's (256 code, 64 XSum)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class GenerationConfig(StrictModel):
+    """Generation tasks of ``ppf eval`` (HumanEval, MBPP: pass@1; XSum: ROUGE) through model.generate()."""
+
+    enabled: bool = False
+    tasks: list[GenerationTaskConfig] = Field(
+        default_factory=lambda: [GenerationTaskConfig(name=n) for n in GENERATION_TASK_NAMES]
+    )
+    limit: int | None = Field(None, ge=1, description="cap on items per task (set by --limit)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call (input order, left padding)")
+    timeout_s: float = Field(10.0, gt=0, description="time limit of each generated program (code tasks)")
+    workers: int = Field(2, ge=1, description="programs run in parallel (code tasks)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, value: list[GenerationTaskConfig]) -> list[GenerationTaskConfig]:
+        names = [t.name for t in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task(s) {duplicates} listed twice")
+        return value
+
+
 class EvaluationConfig(StrictModel):
     """What ``ppf eval`` measures besides perplexity, and the efficiency comparison."""
 
     perplexity: bool = True
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     baselines: list[str] | None = Field(
         None,
         description="method labels (e.g. 'flap 40%') to compare PRR against; None = every static method",

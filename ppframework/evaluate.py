@@ -11,6 +11,7 @@ order in which they are taken.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -26,9 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ppframework.api import build_pipeline, calibration_history, load_eval_text
+from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import MethodConfig, RunConfig
 from ppframework.errors import ConfigError
+from ppframework.generation.evaluation import (
+    GenerationTaskResult,
+    add_decode_ratios,
+    check_generation_data,
+    load_generation_items,
+    run_generation_tasks,
+)
 from ppframework.history import HistoryStore
 from ppframework.metrics.efficiency import accuracy_prr, prr, prr_ratio
 from ppframework.metrics.memory import PeakMemory, format_bytes
@@ -36,7 +44,9 @@ from ppframework.metrics.perplexity import evaluate_perplexity
 from ppframework.metrics.runtime import DecoderTimer
 from ppframework.metrics.timing import timed
 from ppframework.models import load_model
+from ppframework.outputs import atomic_path, atomic_write_text, write_json
 from ppframework.pipeline import Pipeline
+from ppframework.preflight import preflight
 from ppframework.runner import environment, eval_batches, pipeline_flops, resolved_settings
 from ppframework.zeroshot import evaluate_tasks, get_task
 
@@ -111,6 +121,7 @@ class EvalRow:
     accuracy_prr: float | None = None
     prr_ratios: dict[str, float] = field(default_factory=dict)
     accuracy_prr_ratios: dict[str, float] = field(default_factory=dict)
+    generation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ideal_time_ratio(self) -> float:
@@ -129,6 +140,8 @@ class EvalReport:
     elapsed_s: float
     baselines: list[str]
     plots: list[str] = field(default_factory=list)
+    #: One record per generated completion (method, task, item, text, score), for generations.jsonl.
+    generations: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (derived ratios included)."""
@@ -244,7 +257,11 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     progress = cfg.progress if progress is None else progress
     start = time.perf_counter()
     check_tasks(cfg)
-    text = load_eval_text(cfg)
+    check_generation_data(cfg)
+    zs = cfg.evaluation.zeroshot
+    longest_request = (zs.max_length or cfg.calibration_seq_len) if zs.enabled else None
+    checked = preflight(cfg, zeroshot_length=longest_request)
+    text = checked.text
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(
         cfg.model.name,
@@ -254,7 +271,12 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         cache_dir=cfg.model.cache_dir,
     )
     ev = cfg.evaluation
-    batches = eval_batches(cfg, tokenizer, text)
+    gen_items = (
+        load_generation_items(cfg, tokenizer, getattr(model.config, "max_position_embeddings", None))
+        if ev.generation.enabled
+        else {}
+    )
+    batches = eval_batches(cfg, tokenizer, text, checked.eval_ids)
     warmup = cfg.data.warmup_batches
     device = next(model.parameters()).device
     calibration: HistoryStore | None = None
@@ -271,6 +293,7 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         return build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
 
     rows: list[EvalRow] = []
+    gen_results: list[dict[str, GenerationTaskResult]] = []
     layers = make_layers(model)
     for index in [-1, *range(len(cfg.methods))]:
         dense = index < 0
@@ -297,6 +320,14 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
                 row.accuracy = _zeroshot(model, tokenizer, cfg, progress)
             row.mean_acc = _mean(row.accuracy, "acc")
             row.mean_acc_norm = _mean(row.accuracy, "acc_norm")
+        if ev.generation.enabled:
+            gen_pipe = None if dense else make_pipe(index)
+            with gen_pipe if gen_pipe is not None else nullcontext():
+                gen_results.append(
+                    run_generation_tasks(model, tokenizer, gen_items, cfg, label=label, progress=progress)
+                )
+            if gen_pipe is not None:
+                gen_pipe.release()
         if ev.runtime.enabled and not dense:
             timing_pipe = make_pipe(index)
             timing = time_against_dense(
@@ -323,9 +354,20 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     static = {r.method: r.static for r in rows}
     baselines = list(ev.baselines) if ev.baselines is not None else default_baselines(cfg.methods, static)
     add_efficiency(rows, baselines)
+    add_decode_ratios(gen_results)
+    records: list[dict[str, Any]] = []
+    for row, results in zip(rows, gen_results, strict=False):
+        row.generation = {task: result.summary() for task, result in results.items()}
+        records += [record for result in results.values() for record in result.records]
     settings = resolved_settings(cfg, model, batches)
     return EvalReport(
-        rows, settings, calibration_info, environment(model), time.perf_counter() - start, baselines
+        rows,
+        settings,
+        calibration_info,
+        environment(model),
+        time.perf_counter() - start,
+        baselines,
+        generations=records,
     )
 
 
@@ -428,6 +470,7 @@ def format_eval_table(report: EvalReport) -> str:
             "",
             "accuracy cells are acc / acc_norm (acc_norm divides by the continuation's byte length).",
         ]
+    lines += generation_table(report)
     lines += [
         "",
         "time ratio = median method forward / median dense forward over interleaved pairs on the same batch "
@@ -440,6 +483,48 @@ def format_eval_table(report: EvalReport) -> str:
     if report.plots:
         lines += ["", "plots: " + ", ".join(report.plots)]
     return "\n".join(lines)
+
+
+def _main_metric(task: str) -> str:
+    return "rougeL" if task == "xsum" else "pass@1"
+
+
+def generation_table(report: EvalReport) -> list[str]:
+    """Markdown lines of the generation tasks (none when they did not run)."""
+    tasks = list(report.rows[0].generation) if report.rows else []
+    if not tasks:
+        return []
+    header = "| method | " + " | ".join(
+        f"{t} {'R-1 / R-2 / R-L' if t == 'xsum' else 'pass@1'} | {t} decode tok/s (ratio) | {t} prefill s"
+        for t in tasks
+    )
+    lines = ["", header + " |", "|---|" + "---|---|---|" * len(tasks)]
+    for row in report.rows:
+        cells = []
+        for task in tasks:
+            g = row.generation.get(task)
+            if g is None:
+                cells += ["-", "-", "-"]
+                continue
+            m = g["metrics"]
+            quality = (
+                f"{m['rouge1']:.4f} / {m['rouge2']:.4f} / {m['rougeL']:.4f}"
+                if task == "xsum"
+                else f"{_fmt(m.get('pass@1'), '.4f')} ({g['n_items']})"
+            )
+            tps = f"{_fmt(g['decode_tokens_per_s'], '.1f')} ({_fmt(g['decode_tps_ratio'], '.3f')})"
+            cells += [quality, tps, _fmt(g["prefill_s"], ".2f")]
+        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "generation: greedy model.generate() with the KV cache, prompts in input order, left padding, batch "
+        f"{report.settings['evaluation']['generation']['batch_size']}; pass@1 = share of items whose program "
+        "passes its tests in the sandbox (n items in brackets); ROUGE F1 with stemming. decode tok/s = new "
+        "tokens after each row's first / decode seconds, ratio = method / dense on the same task (batches "
+        "end when their last row stops, so it depends on the lengths generated); prefill s = total prompt "
+        "forwards, the method's decision included.",
+    ]
+    return lines
 
 
 EVAL_CSV_COLUMNS: tuple[str, ...] = (
@@ -471,26 +556,35 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
         out[f"acc_norm_{task}"] = values["acc_norm"]
     for name, value in row.prr_ratios.items():
         out[f"prr_ratio_vs_{name}"] = value
+    for task, g in row.generation.items():
+        for metric, value in g["metrics"].items():
+            out[f"gen_{task}_{metric}"] = value
+        for key in ("decode_tokens_per_s", "decode_tps_ratio", "prefill_s", "n_items"):
+            out[f"gen_{task}_{key}"] = g[key]
     return out
 
 
 def write_eval_report(
     report: EvalReport, out_dir: str | Path, plot: Callable[..., Path] | None = None
 ) -> Path:
-    """Write results.json, results.csv, results.md and the PNG plots into ``out_dir``."""
+    """Write results.json (strict JSON: NaN/inf as null), results.csv, results.md and the PNG plots
+    into ``out_dir``, each file atomically (a temporary file in the folder, then ``os.replace``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if report.settings["evaluation"]["plot"]:
         report.plots = write_plots(report, out, plot)
-    path = out / "results.json"
-    path.write_text(json.dumps(report.to_json(), indent=2, default=str))
+    path = write_json(out / "results.json", report.to_json())
     rows = [_csv_row(r) for r in report.rows]
     columns = list(EVAL_CSV_COLUMNS) + sorted({k for r in rows for k in r} - set(EVAL_CSV_COLUMNS))
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.md").write_text(format_eval_table(report) + "\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_text(out / "results.md", format_eval_table(report) + "\n")
+    if report.generations:
+        lines = [json.dumps(record, ensure_ascii=False) for record in report.generations]
+        atomic_write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
     return path
 
 
@@ -500,6 +594,12 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
         from ppframework.plotting import plot_quality_vs_speed as plot
     written = []
 
+    def draw(points: list[dict[str, Any]], name: str, *args: Any, **kwargs: Any) -> Path:
+        target = out / name
+        with atomic_path(target) as tmp:  # a crash mid-plot never leaves a broken PNG behind
+            plot(points, tmp, *args, **kwargs)
+        return target
+
     def family(row: EvalRow) -> str:
         return row.method.rsplit(" ", 1)[0] if row.method != "dense" else "dense"
 
@@ -508,15 +608,31 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
             {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.perplexity}
             for r in report.rows
         ]
-        path = plot(
-            points, out / "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True
-        )
+        path = draw(points, "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True)
         written.append(str(path))
     if all(r.mean_acc is not None for r in report.rows):
         points = [
             {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.mean_acc}
             for r in report.rows
         ]
-        path = plot(points, out / "accuracy_vs_runtime.png", "mean zero-shot accuracy", "accuracy vs runtime")
+        path = draw(points, "accuracy_vs_runtime.png", "mean zero-shot accuracy", "accuracy vs runtime")
         written.append(str(path))
+    for task in report.rows[0].generation if report.rows else {}:
+        metric = _main_metric(task)
+        points = []
+        for r in report.rows:
+            g = r.generation.get(task)
+            if g is None or not g.get("decode_tps_ratio"):
+                continue
+            points.append(
+                {
+                    "method": family(r),
+                    "ratio": r.target_ratio,
+                    "time_ratio": 1.0 / g["decode_tps_ratio"],
+                    "value": g["metrics"][metric],
+                }
+            )
+        if len(points) == len(report.rows):
+            path = draw(points, f"{task}_vs_decode_runtime.png", f"{task} {metric}", f"{task} vs decode time")
+            written.append(str(path))
     return written

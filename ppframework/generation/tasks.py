@@ -1,0 +1,383 @@
+"""The generation tasks of ``ppf eval``: HumanEval, MBPP (pass@1) and XSum (ROUGE-1/2/L F1).
+
+Data comes only from the local data folder (found by :func:`ppframework.data.resolve_data_dir`); nothing
+is downloaded. Files (see the data folder's README):
+
+==========  ==========================================  ===========================================
+task        file under ``<data_dir>``                   prompt
+==========  ==========================================  ===========================================
+humaneval   ``generation/humaneval/HumanEval.jsonl.gz``  the ``prompt`` field (signature + docstring)
+mbpp        ``generation/mbpp/test.jsonl``               a docstring: text and first test (below)
+xsum        ``generation/xsum/test.jsonl``               :data:`XSUM_TEMPLATE` with the document
+==========  ==========================================  ===========================================
+
+The MBPP prompt is bigcode-evaluation-harness's zero-shot (InCoder-style) form
+``'\"\"\"\\n' + text + '\\n' + test_list[0] + '\\n\"\"\"\\n'``, i.e. the task text and its first
+test inside a triple-quoted string (docs/evaluation.md: "the task text and its first test").
+
+Stop strings and their sources:
+
+* HumanEval: ``["\\nclass", "\\ndef", "\\n#", "\\n@", "\\nprint", "\\nif", "\\n```"]``, the stop words of
+  bigcode-evaluation-harness's ``humaneval`` task without its StarCoder-only ``<file_sep>``; a
+  superset of the Codex paper's ``["\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint"]``. They match
+  only at column 0, so the function body (indented) is never cut.
+* MBPP: ``["\\nclass", "\\nassert", '\\n\"\"\"', "\\nprint", "\\nif", "\\n<|/", "\\n```"]``, exactly
+  bigcode-evaluation-harness's ``mbpp`` task.
+* XSum: ``["\\n"]`` (one-sentence summary), completion stripped.
+
+Programs run in :mod:`ppframework.generation.sandbox`:
+
+* HumanEval: ``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)\\n"``.
+* MBPP: ``prompt + completion + "\\n" + test_setup_code + "\\n" + "\\n".join(test_list)`` with CRLF
+  turned into LF. The setup code comes *after* the completion: in the test split only task 367 has
+  one and it builds ``Node`` objects, a class the solution defines.
+
+pass@1 is the fraction of items whose single (greedy) completion passes. XSum uses Google's
+``rouge-score`` (``RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)``), F1 averaged over
+items, in [0, 1].
+
+Prompt length: when ``load`` gets a ``tokenizer``, every item's reference holds ``prompt_tokens`` (the
+tokenized prompt length, special tokens included) so the caller can check it against its limits;
+code prompts are never cut. For XSum with ``max_prompt_tokens`` the *document* is cut from its end so
+that the whole prompt fits; ``reference["truncated"]`` records whether it was.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ppframework.data import resolve_data_dir
+from ppframework.errors import ConfigError
+from ppframework.generation.sandbox import run_programs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GENERATION_TASKS",
+    "XSUM_TEMPLATE",
+    "GenerationItem",
+    "GenerationTask",
+    "HumanEvalTask",
+    "MBPPTask",
+    "TaskScore",
+    "XSumTask",
+    "cut_at_stop",
+    "get_generation_task",
+]
+
+GENERATION_TASKS: tuple[str, ...] = ("humaneval", "mbpp", "xsum")
+"""Names understood by :func:`get_generation_task`."""
+
+XSUM_TEMPLATE = "Article: {document}\n\nSummarize the article above in one sentence.\nSummary:"
+"""XSum prompt form (a plain instruction; the model continues after ``Summary:``)."""
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One prompt to complete; ``reference`` holds what scoring needs (tests, summary, ...)."""
+
+    task: str
+    item_id: str
+    prompt: str
+    reference: dict[str, Any]
+
+
+@dataclass
+class TaskScore:
+    """A task's metrics (name -> value) over ``n_items`` items, and one record per item."""
+
+    task: str
+    metrics: dict[str, float]
+    n_items: int
+    per_item: list[dict[str, Any]] = field(default_factory=list)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Return ``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            pos = text.find(s)
+            if 0 <= pos < cut:
+                cut = pos
+    return text[:cut]
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class GenerationTask(ABC):
+    """A generation benchmark: local data, prompt form, stop strings, post-processing and scoring."""
+
+    name: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]
+    max_new_tokens: ClassVar[int]
+    stop: ClassVar[tuple[str, ...]]
+    relative_path: ClassVar[str]
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """The stop strings as a fresh list (for ``generate(stop_strings=...)``)."""
+        return list(self.stop)
+
+    def data_file(self, data_dir: str | Path | None = None) -> Path:
+        """The task's file in the data folder; ConfigError if the folder or the file is missing."""
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            raise ConfigError(
+                f"{self.name}: no data folder found (set data.data_dir or PPF_DATA_DIR); the task reads "
+                f"<data_dir>/{self.relative_path} and never downloads."
+            )
+        path = root / self.relative_path
+        if not path.is_file():
+            raise ConfigError(
+                f"{self.name}: data file {str(path)!r} does not exist; put the file there or point "
+                f"data.data_dir / PPF_DATA_DIR at a folder holding {self.relative_path}."
+            )
+        return path
+
+    def load(
+        self,
+        data_dir: str | Path | None = None,
+        limit: int | None = None,
+        tokenizer: Any = None,
+        max_prompt_tokens: int | None = None,
+    ) -> list[GenerationItem]:
+        """Read the first ``limit`` items (all if None) from the local data folder.
+
+        With a ``tokenizer``, each reference gets ``prompt_tokens``; see the module docstring for
+        ``max_prompt_tokens`` (XSum only cuts; code prompts are reported, never cut).
+        """
+        if limit is not None and limit < 1:
+            raise ConfigError(f"{self.name}: limit must be a positive number of items (got {limit}).")
+        if max_prompt_tokens is not None and tokenizer is None:
+            raise ConfigError(f"{self.name}: max_prompt_tokens needs a tokenizer to count tokens.")
+        records = _read_jsonl(self.data_file(data_dir))
+        items = [self._item(r, tokenizer, max_prompt_tokens) for r in records[:limit]]
+        logger.debug("loaded %d %s items", len(items), self.name)
+        return items
+
+    @abstractmethod
+    def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
+        """Build one item from one data record."""
+
+    def postprocess(self, item: GenerationItem, completion: str) -> str:
+        """Cut a raw completion at the first stop string (idempotent)."""
+        return cut_at_stop(completion, self.stop)
+
+    @abstractmethod
+    def score(
+        self,
+        items: Sequence[GenerationItem],
+        completions: Sequence[str],
+        *,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+    ) -> TaskScore:
+        """Score raw completions (``postprocess`` is applied here) against the items' references."""
+
+    def _check_lengths(self, items: Sequence[GenerationItem], completions: Sequence[str]) -> None:
+        if len(items) != len(completions):
+            raise ValueError(f"{self.name}: {len(items)} items but {len(completions)} completions")
+
+
+class _CodeTask(GenerationTask):
+    """pass@1 of greedy completions, each program run in the sandbox."""
+
+    metric_names = ("pass@1",)
+
+    @abstractmethod
+    def program(self, item: GenerationItem, completion: str) -> str:
+        """The whole test program for a post-processed completion."""
+
+    def score(
+        self,
+        items: Sequence[GenerationItem],
+        completions: Sequence[str],
+        *,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+    ) -> TaskScore:
+        """Run every item's program; pass@1 = fraction passed (NaN for no items)."""
+        self._check_lengths(items, completions)
+        programs = [
+            self.program(it, self.postprocess(it, c)) for it, c in zip(items, completions, strict=True)
+        ]
+        results = run_programs(programs, workers=workers, timeout_s=timeout_s)
+        per_item = [
+            {"item_id": it.item_id, "passed": r.passed, "status": r.status, "detail": r.detail}
+            for it, r in zip(items, results, strict=True)
+        ]
+        passed = sum(r.passed for r in results)
+        value = passed / len(results) if results else math.nan
+        return TaskScore(self.name, {"pass@1": value}, len(items), per_item)
+
+
+class HumanEvalTask(_CodeTask):
+    """HumanEval (164 problems): complete the function from its signature and docstring."""
+
+    name = "humaneval"
+    max_new_tokens = 256
+    stop = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+    relative_path = "generation/humaneval/HumanEval.jsonl.gz"
+
+    def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
+        ref: dict[str, Any] = {k: record[k] for k in ("task_id", "entry_point", "test", "canonical_solution")}
+        if tokenizer is not None:
+            ref["prompt_tokens"] = _count_tokens(tokenizer, record["prompt"])
+        return GenerationItem(self.name, record["task_id"], record["prompt"], ref)
+
+    def program(self, item: GenerationItem, completion: str) -> str:
+        """``prompt + completion``, the tests and ``check(entry_point)``."""
+        ref = item.reference
+        return f"{item.prompt}{completion}\n{ref['test']}\ncheck({ref['entry_point']})\n"
+
+
+def _lf(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+class MBPPTask(_CodeTask):
+    """MBPP test split (tasks 11-510), zero-shot: the task text and its first test in a docstring."""
+
+    name = "mbpp"
+    max_new_tokens = 256
+    stop = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
+    relative_path = "generation/mbpp/test.jsonl"
+
+    def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
+        tests = [_lf(t) for t in record["test_list"]]
+        text = _lf(record["text"])
+        prompt = f'"""\n{text}\n{tests[0]}\n"""\n'
+        ref: dict[str, Any] = {
+            "task_id": record["task_id"],
+            "code": _lf(record["code"]),
+            "test_list": tests,
+            "test_setup_code": _lf(record.get("test_setup_code") or ""),
+            "challenge_test_list": [_lf(t) for t in record.get("challenge_test_list") or []],
+        }
+        if tokenizer is not None:
+            ref["prompt_tokens"] = _count_tokens(tokenizer, prompt)
+        return GenerationItem(self.name, str(record["task_id"]), prompt, ref)
+
+    def program(self, item: GenerationItem, completion: str) -> str:
+        """``prompt + completion``, then the setup code and all ``test_list`` asserts."""
+        ref = item.reference
+        tests = "\n".join(ref["test_list"])
+        return f"{item.prompt}{completion}\n{ref['test_setup_code']}\n{tests}\n"
+
+
+class XSumTask(GenerationTask):
+    """XSum (first N of the 1,000 stored test items): one-sentence summary, ROUGE-1/2/L F1."""
+
+    name = "xsum"
+    metric_names = ("rouge1", "rouge2", "rougeL")
+    max_new_tokens = 64
+    stop = ("\n",)
+    relative_path = "generation/xsum/test.jsonl"
+
+    def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
+        document = record["document"].strip()
+        prompt = XSUM_TEMPLATE.format(document=document)
+        truncated = False
+        n_tokens = _count_tokens(tokenizer, prompt) if tokenizer is not None else None
+        if max_prompt_tokens is not None and n_tokens is not None and n_tokens > max_prompt_tokens:
+            document = self._fit_document(record, document, tokenizer, max_prompt_tokens)
+            prompt = XSUM_TEMPLATE.format(document=document)
+            n_tokens = _count_tokens(tokenizer, prompt)
+            truncated = True
+        ref: dict[str, Any] = {"id": str(record["id"]), "summary": record["summary"], "truncated": truncated}
+        if n_tokens is not None:
+            ref["prompt_tokens"] = n_tokens
+        return GenerationItem(self.name, str(record["id"]), prompt, ref)
+
+    def _fit_document(self, record: dict[str, Any], document: str, tokenizer: Any, limit: int) -> str:
+        """Keep the longest token prefix of ``document`` whose prompt fits ``limit`` tokens."""
+        overhead = _count_tokens(tokenizer, XSUM_TEMPLATE.format(document=""))
+        if overhead > limit:
+            raise ConfigError(
+                f"xsum item {record['id']}: the instruction alone takes {overhead} tokens, more than "
+                f"max_prompt_tokens={limit}."
+            )
+        if getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
+            ends = [end for _, end in enc["offset_mapping"]]
+
+            def prefix(n: int) -> str:
+                return document[: ends[n - 1]] if n > 0 else ""
+        else:
+            ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+            ends = ids
+
+            def prefix(n: int) -> str:
+                return tokenizer.decode(ids[:n], skip_special_tokens=True)
+
+        lo, hi = 0, len(ends)  # binary search for the largest n whose prompt fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _count_tokens(tokenizer, XSUM_TEMPLATE.format(document=prefix(mid).rstrip())) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return prefix(lo).rstrip()
+
+    def postprocess(self, item: GenerationItem, completion: str) -> str:
+        """Cut at the first newline and strip."""
+        return cut_at_stop(completion, self.stop).strip()
+
+    def score(
+        self,
+        items: Sequence[GenerationItem],
+        completions: Sequence[str],
+        *,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+    ) -> TaskScore:
+        """Mean ROUGE-1/2/L F1 (stemming on) against ``summary``; ``workers``/``timeout_s`` unused."""
+        self._check_lengths(items, completions)
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ConfigError(
+                "xsum needs the rouge-score package: pip install 'ppframework[generation]'"
+            ) from exc
+        scorer = rouge_scorer.RougeScorer(list(self.metric_names), use_stemmer=True)
+        per_item: list[dict[str, Any]] = []
+        totals = dict.fromkeys(self.metric_names, 0.0)
+        for item, raw in zip(items, completions, strict=True):
+            summary = self.postprocess(item, raw)
+            scores = scorer.score(item.reference["summary"], summary)
+            row: dict[str, Any] = {"item_id": item.item_id, "summary": summary}
+            for name in self.metric_names:
+                row[name] = scores[name].fmeasure
+                totals[name] += scores[name].fmeasure
+            per_item.append(row)
+        n = len(items)
+        metrics = {k: (v / n if n else math.nan) for k, v in totals.items()}
+        return TaskScore(self.name, metrics, n, per_item)
+
+
+_TASKS: dict[str, type[GenerationTask]] = {"humaneval": HumanEvalTask, "mbpp": MBPPTask, "xsum": XSumTask}
+
+
+def get_generation_task(name: str) -> GenerationTask:
+    """Return a task by name (one of :data:`GENERATION_TASKS`); ConfigError listing them otherwise."""
+    cls = _TASKS.get(str(name).strip().lower())
+    if cls is None:
+        raise ConfigError(f"unknown generation task {name!r}; choose one of {', '.join(GENERATION_TASKS)}.")
+    return cls()
