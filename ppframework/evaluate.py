@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,8 @@ class EvalReport:
     elapsed_s: float
     baselines: list[str]
     plots: list[str] = field(default_factory=list)
+    #: False in the partial reports written after each method while the evaluation is still going.
+    complete: bool = True
     #: One record per generated completion (method, task, item, text, score), for generations.jsonl.
     generations: list[dict[str, Any]] = field(default_factory=list)
 
@@ -158,6 +160,7 @@ class EvalReport:
             "environment": self.environment,
             "elapsed_s": self.elapsed_s,
             "plots": self.plots,
+            "complete": self.complete,
         }
 
 
@@ -292,6 +295,25 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
             history = calibration.clone()
         return build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
 
+    def save_partial(rows: list[EvalRow], gen_results: list[dict[str, GenerationTaskResult]]) -> None:
+        """Write what has finished so far (no plots), so a crash later loses no finished method."""
+        partial = [replace(r) for r in rows]
+        records = _attach_generation(partial, gen_results)
+        report = EvalReport(
+            partial,
+            resolved_settings(cfg, model, batches),
+            calibration_info,
+            environment(model),
+            time.perf_counter() - start,
+            [],
+            generations=records,
+            complete=False,
+        )
+        try:
+            write_eval_report(report, cfg.out_dir, plots=False)
+        except OSError as exc:
+            logger.warning("could not write partial results to %s: %s", cfg.out_dir, exc)
+
     rows: list[EvalRow] = []
     gen_results: list[dict[str, GenerationTaskResult]] = []
     layers = make_layers(model)
@@ -350,15 +372,13 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         if pipe is not None:
             pipe.release()
         rows.append(row)
+        if cfg.out_dir and index < len(cfg.methods) - 1:
+            save_partial(rows, gen_results)
 
     static = {r.method: r.static for r in rows}
     baselines = list(ev.baselines) if ev.baselines is not None else default_baselines(cfg.methods, static)
     add_efficiency(rows, baselines)
-    add_decode_ratios(gen_results)
-    records: list[dict[str, Any]] = []
-    for row, results in zip(rows, gen_results, strict=False):
-        row.generation = {task: result.summary() for task, result in results.items()}
-        records += [record for result in results.values() for record in result.records]
+    records = _attach_generation(rows, gen_results)
     settings = resolved_settings(cfg, model, batches)
     return EvalReport(
         rows,
@@ -369,6 +389,17 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         baselines,
         generations=records,
     )
+
+
+def _attach_generation(rows: list[EvalRow], gen_results: list[dict[str, GenerationTaskResult]]) -> list[dict]:
+    """Put each row's generation summaries (decode ratios against dense included) on it; return every
+    completion record."""
+    add_decode_ratios(gen_results)
+    records: list[dict[str, Any]] = []
+    for row, results in zip(rows, gen_results, strict=False):
+        row.generation = {task: result.summary() for task, result in results.items()}
+        records += [record for result in results.values() for record in result.records]
+    return records
 
 
 def make_layers(model: nn.Module) -> nn.ModuleList:
@@ -482,6 +513,8 @@ def format_eval_table(report: EvalReport) -> str:
     ]
     if report.plots:
         lines += ["", "plots: " + ", ".join(report.plots)]
+    if not report.complete:
+        lines += ["", "(partial results: the evaluation has not finished; PRR and plots come at the end)"]
     return "\n".join(lines)
 
 
@@ -565,13 +598,13 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
 
 
 def write_eval_report(
-    report: EvalReport, out_dir: str | Path, plot: Callable[..., Path] | None = None
+    report: EvalReport, out_dir: str | Path, plot: Callable[..., Path] | None = None, plots: bool = True
 ) -> Path:
     """Write results.json (strict JSON: NaN/inf as null), results.csv, results.md and the PNG plots
     into ``out_dir``, each file atomically (a temporary file in the folder, then ``os.replace``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if report.settings["evaluation"]["plot"]:
+    if plots and report.settings["evaluation"]["plot"]:
         report.plots = write_plots(report, out, plot)
     path = write_json(out / "results.json", report.to_json())
     rows = [_csv_row(r) for r in report.rows]

@@ -195,3 +195,40 @@ def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error(
     assert cli.main(["eval", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "evaluation.generation.tasks[0]" in err and "calibration.seq_len" in err
+
+
+def test_ppf_eval_keeps_finished_methods_when_a_later_one_crashes(
+    tmp_path, tiny_model_dir, tiny_text_file, capsys, monkeypatch
+):
+    import ppframework.evaluate
+
+    data = _generation_data(tmp_path / "data")
+    evaluation = {
+        "perplexity": False,
+        "zeroshot": {"enabled": False},
+        "runtime": {"enabled": False},
+        "generation": {"enabled": True, "batch_size": 2, "tasks": [{"name": "xsum", "max_new_tokens": 4}]},
+    }
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
+    text = yaml.safe_load(config.read_text())
+    text["data"]["data_dir"] = str(data)
+    config.write_text(yaml.safe_dump(text))
+    real = ppframework.evaluate.run_generation_tasks
+    calls = []
+
+    def crash_on_the_last_method(*args, **kwargs):
+        calls.append(kwargs["label"])
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppframework.evaluate, "run_generation_tasks", crash_on_the_last_method)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli.main(["eval", str(config), "--out", str(out), "--no-progress"])
+    report = json.loads((out / "results.json").read_text())
+    assert report["complete"] is False
+    assert [r["method"] for r in report["rows"]] == ["dense", "pp 40%"]
+    assert report["rows"][1]["generation"]["xsum"]["n_items"] == 3
+    assert "partial results" in (out / "results.md").read_text()
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 6
