@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The prepared GPU check (under 8 minutes on one H200): the test suite's CUDA-marked tests, then
-# the speed benchmark's workload (b) -- a LLaMA-2-7B-shaped model with random weights, fp16, at
-# the paper's batch 20 x 1024 -- and its table. Installs nothing.
+# The prepared GPU check: the test suite's CUDA-marked tests, then the speed benchmark's workload
+# (b) -- a LLaMA-2-7B-shaped model with random weights, fp16, at the paper's batch 20 x 1024 -- and
+# its table (under 8 minutes on one H200), then the generation benchmark on the same 7B-shaped fp16
+# model: model.generate with the KV cache, batch 1 and 8, 128-token prompts, 128 new tokens, prefill
+# and decode timed separately (about 3-4 minutes more). Installs nothing.
 #
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
+#   GPU_CHECK_STEPS=generation benchmarks/gpu_check.sh     # only the generation benchmark
 #
 # PYTHON: an interpreter with torch (CUDA), transformers, pytest, hypothesis and this package
-# importable (default: python). RESULTS_DIR: where speed.json / speed.md go (default: $OUT/7b-cuda
-# when $OUT is set, else benchmarks/results/7b-cuda).
+# importable (default: python). GPU_CHECK_STEPS: which steps run, any of "tests forward generation"
+# (default: all three). RESULTS_DIR: where the forward benchmark's speed.json / speed.md go
+# (default: $OUT/7b-cuda when $OUT is set, else benchmarks/results/7b-cuda); GEN_RESULTS_DIR: the
+# generation benchmark's (default: $RESULTS_DIR-generation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 RESULTS_DIR=${RESULTS_DIR:-${OUT:-benchmarks/results}/7b-cuda}
+GEN_RESULTS_DIR=${GEN_RESULTS_DIR:-${RESULTS_DIR}-generation}
+GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-tests forward generation}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() { [[ " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
 
 "$PYTHON" - <<'PY'
 import sys
@@ -22,13 +31,26 @@ if not torch.cuda.is_available():
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {torch.cuda.get_device_name(0)}")
 PY
 
-echo "== CUDA-marked tests"
-timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_fast_paths.py tests/test_runtime_memory.py
+if step tests; then
+    echo "== CUDA-marked tests"
+    timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_fast_paths.py tests/test_runtime_memory.py
+fi
 
-echo "== workload (b): 7B-shaped fp16, batch 20 x 1024"
-mkdir -p "$RESULTS_DIR"
-timeout 300 "$PYTHON" benchmarks/speed.py --workload 7b --device cuda --dtype float16 \
-    --batch 20 --seq 1024 --ratios 0.2 0.4 --repeats 5 --out "$RESULTS_DIR" > "$RESULTS_DIR/stdout.txt"
+if step forward; then
+    echo "== workload (b): 7B-shaped fp16, batch 20 x 1024"
+    mkdir -p "$RESULTS_DIR"
+    timeout 300 "$PYTHON" benchmarks/speed.py --workload 7b --device cuda --dtype float16 \
+        --batch 20 --seq 1024 --ratios 0.2 0.4 --repeats 5 --out "$RESULTS_DIR" > "$RESULTS_DIR/stdout.txt"
+    echo "== table ($RESULTS_DIR/speed.md)"
+    cat "$RESULTS_DIR/speed.md"
+fi
 
-echo "== table ($RESULTS_DIR/speed.md)"
-cat "$RESULTS_DIR/speed.md"
+if step generation; then
+    echo "== generation: 7B-shaped fp16, batch 1 and 8, 128-token prompts, 128 new tokens"
+    mkdir -p "$GEN_RESULTS_DIR"
+    timeout 360 "$PYTHON" benchmarks/speed.py --generation --workload 7b --device cuda --dtype float16 \
+        --gen-batches 1 8 --prompt-len 128 --new-tokens 128 --ratios 0.2 0.4 --static wanda-sp \
+        --repeats 3 --out "$GEN_RESULTS_DIR" > "$GEN_RESULTS_DIR/stdout.txt"
+    echo "== table ($GEN_RESULTS_DIR/speed.md)"
+    cat "$GEN_RESULTS_DIR/speed.md"
+fi

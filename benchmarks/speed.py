@@ -7,6 +7,12 @@ ratio, the realisation ``(1 - measured ratio) / (1 - ideal ratio)``, PP's per-ba
 stage as a share of the dense decoder time, tokens per second and peak memory. Writes
 ``speed.json`` and ``speed.md`` into ``--out``. See ``benchmarks/README.md``.
 
+``--generation`` times ``model.generate`` instead (greedy, KV cache, a fixed number of new tokens):
+prefill seconds and decode tokens per second, separately, at each ``--gen-batches`` size, for dense,
+``pp`` and the static baselines, interleaved; with the decode step's kept-weight (bytes) ideal
+speed-up and the share of it measured, and PP's per-generate overhead (its prefill against the
+static baseline's at the same ratio).
+
 Workloads (``--workload``):
 
 * ``smollm2``: SmolLM2-135M-Instruct, offline (``ppframework.models.load_model("smollm2-135m")``);
@@ -31,6 +37,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -44,13 +51,15 @@ from torch import nn
 from ppframework.adapters import get_adapter
 from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
+from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter
 from ppframework.metrics.memory import PeakMemory
 from ppframework.metrics.runtime import DecoderTimer, TimingStats, time_interleaved
 from ppframework.metrics.stage_profile import OVERHEAD_GROUPS, StageProfiler
+from ppframework.metrics.timing import synchronize
 from ppframework.pipeline import BlockEvent, Pipeline
 from ppframework.runner import pipeline_flops
-from ppframework.types import BlockKind
+from ppframework.types import BlockKind, BlockMask
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-shape": {
@@ -128,21 +137,30 @@ def random_llama(
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
     """The workload's model and a one-line description of it."""
+    model, description, _ = build_model_and_tokenizer(args, device, dtype)
+    return model, description
+
+
+def build_model_and_tokenizer(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, str, Any]:
+    """The workload's model, a one-line description of it and its tokenizer (None: random weights)."""
     if args.workload == "smollm2":
         from ppframework.models import load_model
 
-        model, _ = load_model("smollm2-135m", dtype=args.dtype, device=str(device))
+        model, tokenizer = load_model("smollm2-135m", dtype=args.dtype, device=str(device))
         if args.layers is not None:
             model.model.layers = model.model.layers[: args.layers]
             model.config.num_hidden_layers = args.layers
-        return model, "SmolLM2-135M-Instruct (offline GGUF, dequantised)"
+        return model, "SmolLM2-135M-Instruct (offline GGUF, dequantised)", tokenizer
     if args.workload == "tiny":
         from ppframework.testing.tiny import tiny_model
 
-        return tiny_model("llama-gqa", seed=args.seed).to(device=device, dtype=dtype), "tiny llama-gqa"
+        model = tiny_model("llama-gqa", seed=args.seed).to(device=device, dtype=dtype)
+        return model, "tiny llama-gqa", None
     shape = SHAPES[args.workload]
     model = random_llama(shape, device, dtype, args.seq, args.seed, args.layers)
-    return model, f"{args.workload}-shaped LLaMA, random weights"
+    return model, f"{args.workload}-shaped LLaMA, random weights", None
 
 
 def model_shape(model: nn.Module) -> dict[str, Any]:
@@ -162,13 +180,21 @@ def model_shape(model: nn.Module) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ methods
 def method(
-    preset: str, ratio: float, skip_layers: list[int], round_to: int, probe_seq_ratio: float | None = None
+    preset: str,
+    ratio: float,
+    skip_layers: list[int],
+    round_to: int,
+    probe_seq_ratio: float | None = None,
+    decode: str | None = None,
 ) -> MethodConfig:
     """A preset at ``ratio`` with the benchmark's skipped layers and width rounding; a
     ``probe_seq_ratio`` replaces the residual probe's fraction of positions (a named, result-changing
-    option, never the ``pp`` default)."""
+    option, never the ``pp`` default); ``decode`` sets the decode policy of ``generate`` (None: the
+    preset's, ``frozen``)."""
     pruning = {"ratio": ratio, "skip_layers": skip_layers, "round_to": round_to}
     data: dict[str, Any] = {"preset": preset, "pruning": pruning}
+    if decode is not None:
+        data["decode"] = decode
     if probe_seq_ratio is not None:
         data["name"] = f"pp probe-tokens {probe_seq_ratio:g}"
         params = {"seq_ratio": probe_seq_ratio, "batch_ratio": 0.05}
@@ -195,8 +221,18 @@ def reused_flops(pipe: Pipeline, skip_batches: int) -> int:
     return total
 
 
+def statics(args: argparse.Namespace) -> list[str]:
+    """The static baseline presets of ``--static`` (``none``: no baseline)."""
+    return [name for name in args.static if name != "none"]
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def _gain_fraction(speedup: float, ideal: float) -> float:
+    """``(speedup - 1) / (ideal - 1)``: the share of the ideal speed gain measured (NaN: no ideal gain)."""
+    return (speedup - 1.0) / (ideal - 1.0) if ideal > 1.0 else float("nan")
 
 
 def _realisation(measured: float, ideal: float) -> float:
@@ -244,10 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pipes[f"pp probe-tokens {seq_ratio:g} {ratio:.0%}"] = Pipeline(
                 model, method("pp", ratio, skip, round_to, seq_ratio), history=history.clone()
             )
-        if args.static != "none":
-            static_method = method(args.static, ratio, skip, round_to)
+        for static in statics(args):
+            static_method = method(static, ratio, skip, round_to)
             hist = history if static_method.needs_calibration else None  # frozen: shared, never updated
-            pipes[f"{args.static} {ratio:.0%}"] = Pipeline(model, static_method, history=hist)
+            pipes[f"{static} {ratio:.0%}"] = Pipeline(model, static_method, history=hist)
     if args.reuse_probe != "auto":
         for pipe in pipes.values():
             if pipe is not None:
@@ -367,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "seq": args.seq,
         "ratios": args.ratios,
-        "static": args.static,
+        "static": ", ".join(args.static),
         "skip_layers": skip,
         "round_to": round_to,
         "repeats": args.repeats,
@@ -377,6 +413,366 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.calib_batches} random-token batch(es) of {args.batch} x {args.seq} (speed only)"
         ),
         "reuse_probe": args.reuse_probe,
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    return {"settings": settings, "rows": rows, "elapsed_s": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------ generation
+def generation_prompts(
+    args: argparse.Namespace, tokenizer: Any, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, str]:
+    """``max(--gen-batches)`` prompts of ``--prompt-len`` tokens, the same for every method: the first
+    consecutive windows of the WikiText-2 test text (workloads with a tokenizer), else random tokens.
+    Batch ``B`` uses the first ``B`` of them."""
+    n, seq = max(args.gen_batches), args.prompt_len
+    if tokenizer is not None:
+        from ppframework import data as data_mod
+
+        text = data_mod.load_corpus_text("wikitext2", "test", args.data_dir)
+        windows = data_mod.make_windows(data_mod.tokenize_text(text, tokenizer), seq, "contiguous")
+        if windows.shape[0] < n:
+            raise SystemExit(f"WikiText-2 test has only {windows.shape[0]} windows of {seq} tokens")
+        source = f"the first {n} consecutive {seq}-token windows of WikiText-2 test"
+        return windows[:n].to(device), source
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    windows = torch.randint(0, vocab, (n, seq), generator=gen)
+    return windows.to(device), f"{n} random-token prompts of {seq} tokens"
+
+
+def generation_history(
+    args: argparse.Namespace, model: nn.Module, tokenizer: Any, vocab: int
+) -> tuple[HistoryStore, str]:
+    """The calibration history: C4 validation windows for a real model (through the library's cached
+    calibration, ``seq_len`` >= the prompt length), random tokens for a random-weight one."""
+    seq = max(args.calib_seq or args.prompt_len, args.prompt_len)
+    if tokenizer is not None:
+        from ppframework.api import calibration_history
+        from ppframework.config import RunConfig
+
+        cfg = RunConfig.model_validate(
+            {
+                "model": {"name": "smollm2-135m"},
+                "data": {"name": "wikitext2", "seq_len": args.prompt_len, "data_dir": args.data_dir},
+                "calibration": {"dataset": "c4", "n_samples": args.calib_samples, "seq_len": seq},
+            }
+        )
+        store, info = calibration_history(model, tokenizer, cfg, progress=False)
+        cached = " (from the on-disk cache)" if info["from_cache"] else ""
+        return store, f"{args.calib_samples} C4 validation windows of {seq} tokens, seed 0{cached}"
+    batch = max(args.gen_batches)
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(args.calib_batches)]
+    store = calibrate(model, get_adapter(model), calib, progress=False)
+    return store, f"{args.calib_batches} random-token batch(es) of {batch} x {seq} (speed only)"
+
+
+def projection_params(
+    adapter: Any, kind: BlockKind, kept_units: int | None = None, kept_kv_heads: int | None = None
+) -> int:
+    """Weights of one block's projections (biases excluded) when ``kept_units`` query heads / channels
+    and ``kept_kv_heads`` key/value heads are kept (None: all)."""
+    hidden = int(adapter.config.hidden_size)
+    geo = adapter.geometry(kind)
+    units = geo.units if kept_units is None else kept_units
+    if kind is BlockKind.ATTENTION:
+        kv = geo.num_kv_heads if kept_kv_heads is None else kept_kv_heads
+        return 2 * hidden * geo.unit_width * (units + kv)  # q + o per query head, k + v per kv head
+    return adapter.mlp_matrices * hidden * units
+
+
+def decode_weight_bytes(
+    model: nn.Module, masks: dict[tuple[int, BlockKind], BlockMask], batch: int
+) -> dict[str, int]:
+    """Bytes of weights one decode step of ``batch`` rows reads under ``masks`` (empty: dense).
+
+    ``projections``: every decoder layer's attention and MLP projection weights, of the kept units
+    only where a mask applies (skipped layers and unmasked blocks in full); ``lm_head``: the output
+    projection, read in full (the embedding matrix itself when tied); ``embedding_rows``: the ``batch``
+    rows the embedding lookup reads; ``other``: every other parameter (norms, biases, ...) in full.
+    """
+    adapter = get_adapter(model)
+    itemsize = next(model.parameters()).element_size()
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_params = 0 if head is None else sum(p.numel() for p in head.parameters())
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    unique = sum(p.numel() for p in model.parameters())  # tied tensors counted once
+    dense_projections = adapter.num_layers * sum(projection_params(adapter, kind) for kind in BlockKind)
+    other = (
+        unique - embedding.numel() - (head_params - (embedding.numel() if tied else 0)) - dense_projections
+    )
+    kept = 0
+    for index in range(adapter.num_layers):
+        for kind in BlockKind:
+            mask = masks.get((index, kind))
+            if mask is None:
+                kept += projection_params(adapter, kind)
+            else:
+                kv = None if mask.kept_kv_heads is None else int(mask.kept_kv_heads.numel())
+                kept += projection_params(adapter, kind, mask.n_kept, kv)
+    parts = {
+        "projections": kept * itemsize,
+        "projections_dense": dense_projections * itemsize,
+        "lm_head": head_params * itemsize,
+        "embedding_rows": batch * int(embedding.shape[1]) * itemsize,
+        "other": other * itemsize,
+    }
+    parts["total"] = parts["projections"] + parts["lm_head"] + parts["embedding_rows"] + parts["other"]
+    return parts
+
+
+def kv_cache_bytes(
+    model: nn.Module, masks: dict[tuple[int, BlockKind], BlockMask], batch: int, prompt: int, steps: int
+) -> int:
+    """Mean bytes of cached keys and values the attention reads per decode step (``steps`` steps after a
+    ``prompt``-token prefill; the key/value heads each layer caches). Informational, not in the ideal."""
+    adapter = get_adapter(model)
+    geo = adapter.geometry(BlockKind.ATTENTION)
+    itemsize = next(model.parameters()).element_size()
+    heads = 0
+    for index in range(adapter.num_layers):
+        mask = masks.get((index, BlockKind.ATTENTION))
+        cached = mask.kept_kv_heads if mask is not None else None
+        heads += geo.num_kv_heads if cached is None else int(cached.numel())
+    context = prompt + (steps + 1) / 2  # mean keys per step (the step's own token included)
+    return int(2 * heads * geo.unit_width * batch * context * itemsize)
+
+
+def _pad_id(model: nn.Module, tokenizer: Any) -> int:
+    for source in (tokenizer, getattr(model, "generation_config", None), model.config):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    return 0
+
+
+def run_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``model.generate`` (prefill and decode separately) for dense and every method; the report."""
+    from transformers.utils import logging as hf_logging
+
+    from ppframework.generation.runner import _ForwardTimer
+
+    hf_logging.set_verbosity_error()  # generate's per-call notices
+    device_name, dtype_name, _, _ = DEFAULTS[args.workload]
+    args.device = args.device or device_name
+    args.dtype = args.dtype or dtype_name
+    args.seq = args.prompt_len  # random-weight models: max_position_embeddings >= max(seq, 2048)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    round_to = args.round_to if args.round_to is not None else (64 if device.type == "cuda" else 8)
+    skip = (
+        args.skip_layers if args.skip_layers is not None else ([0] if args.workload == "tiny" else [0, 1, 2])
+    )
+    torch.manual_seed(args.seed)
+
+    start = time.perf_counter()
+    model, description, tokenizer = build_model_and_tokenizer(args, device, dtype)
+    vocab = int(model.config.vocab_size)
+    prompts, prompt_source = generation_prompts(args, tokenizer, vocab, device)
+    history, calibration = generation_history(args, model, tokenizer, vocab)
+    setup_s = time.perf_counter() - start
+    log(f"model ready ({description}, {args.device}, {args.dtype}) and calibrated in {setup_s:.1f} s")
+
+    pipes: dict[str, Pipeline | None] = {"dense": None}
+    for ratio in args.ratios:
+        pp = method("pp", ratio, skip, round_to, decode=args.decode)
+        pipes[f"pp {ratio:.0%}"] = Pipeline(model, pp, history=history.clone())
+        for static in statics(args):
+            static_method = method(static, ratio, skip, round_to, decode=args.decode)
+            hist = history if static_method.needs_calibration else None
+            pipes[f"{static} {ratio:.0%}"] = Pipeline(model, static_method, history=hist)
+
+    pad = _pad_id(model, tokenizer)
+    new_tokens = args.new_tokens
+    timer = _ForwardTimer(model, cuda=device.type == "cuda")
+    records: dict[tuple[str, int], list[dict[str, float]]] = {}
+    masks_seen: dict[tuple[str, int], dict[tuple[int, BlockKind], BlockMask]] = {}
+
+    layers = get_adapter(model).layers
+
+    def generate(name: str, batch: int, tokens: int, keep: bool) -> Callable[[], None]:
+        pipe = pipes[name]
+        ids = prompts[:batch]
+        attention = torch.ones_like(ids)
+
+        def call() -> None:
+            timer.calls.clear()
+            decoder = DecoderTimer(layers, device)
+            synchronize(device)
+            begin = time.perf_counter()
+            with pipe if pipe is not None else nullcontext(), decoder, torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=pad,
+                )
+            synchronize(device)
+            total = time.perf_counter() - begin
+            calls = list(timer.calls)
+            if out.shape[1] != ids.shape[1] + tokens or len(calls) != tokens:
+                raise RuntimeError(
+                    f"{name}: {out.shape[1] - ids.shape[1]} new tokens in {len(calls)} forwards, "
+                    f"expected {tokens} and {tokens}"
+                )
+            if keep:
+                records.setdefault((name, batch), []).append(
+                    {
+                        "prefill_s": calls[0][0],
+                        "decode_s": sum(seconds for seconds, _ in calls[1:]),
+                        "decode_decoder_s": sum(decoder.seconds[1:]),
+                        "decode_step_s": [seconds for seconds, _ in calls[1:]],
+                        "decode_steps": len(calls) - 1,
+                        "generate_s": total,
+                    }
+                )
+            if pipe is not None:
+                masks_seen[(name, batch)] = dict(pipe.last_masks)
+
+        return call
+
+    for batch in args.gen_batches:
+        for _ in range(args.warmup):
+            for name in pipes:
+                generate(name, batch, args.warmup_new_tokens, keep=False)()
+        time_interleaved(
+            {name: generate(name, batch, new_tokens, keep=True) for name in pipes},
+            repeats=args.repeats,
+            warmup=0,
+            device=device,
+        )
+        log(
+            f"batch {batch}: "
+            + ", ".join(
+                f"{name} {statistics.median(r['decode_s'] for r in records[(name, batch)]):.2f}s"
+                for name in pipes
+            )
+        )
+    timer.remove()
+
+    steps = new_tokens - 1
+    rows: list[dict[str, Any]] = []
+    for batch in args.gen_batches:
+        dense_bytes = decode_weight_bytes(model, {}, batch)
+        reference: dict[str, float] = {}
+        for name, pipe in pipes.items():
+            recs = records[(name, batch)]
+            prefill = TimingStats(name, [r["prefill_s"] for r in recs])
+            decode = TimingStats(name, [r["decode_s"] for r in recs], tokens=batch * steps)
+            layers_only = TimingStats(name, [r["decode_decoder_s"] for r in recs])
+            whole = TimingStats(name, [r["generate_s"] for r in recs])
+            step = statistics.median(t for r in recs for t in r["decode_step_s"])
+            if pipe is None:
+                reference = {
+                    "step": step,
+                    "prefill": prefill.median,
+                    "decode": decode.median,
+                    "decoder": layers_only.median,
+                    "generate": whole.median,
+                }
+            frozen = pipe is not None and not pipe.is_dense and pipe.method.decode == "frozen"
+            masks = masks_seen.get((name, batch), {}) if frozen else {}
+            weights = decode_weight_bytes(model, masks, batch)
+            ideal = dense_bytes["total"] / weights["total"]
+            speedup = _ratio(reference["decode"], decode.median)
+            rows.append(
+                {
+                    "variant": name,
+                    "batch": batch,
+                    "method": "unmodified model" if pipe is None else (pipe.method.name or "pp"),
+                    "target_ratio": 0.0 if pipe is None else pipe.method.pruning.ratio,
+                    "layer_ratio": 0.0 if pipe is None else pipe.layer_ratio,
+                    "static": bool(pipe is not None and pipe.is_static),
+                    "decode_policy": "dense model" if pipe is None else pipe.method.decode,
+                    "realised_ratio": 1.0 - weights["projections"] / weights["projections_dense"],
+                    "kept_units": {
+                        f"{index}.{kind.value}": mask.n_kept
+                        for (index, kind), mask in sorted(
+                            masks.items(), key=lambda item: (item[0][0], item[0][1].value)
+                        )
+                    },
+                    "prefill": {**prefill.to_dict(), "ratio": _ratio(prefill.median, reference["prefill"])},
+                    "decode": {
+                        **decode.to_dict(),
+                        "steps": steps,
+                        "speedup": speedup,
+                    },
+                    "decode_decoder_layers": {
+                        **layers_only.to_dict(),
+                        "speedup": _ratio(reference["decoder"], layers_only.median),
+                        "ideal_speedup": weights["projections_dense"] / weights["projections"],
+                    },
+                    "generate": {**whole.to_dict(), "ratio": _ratio(whole.median, reference["generate"])},
+                    "decode_tokens_per_s": decode.tokens_per_s(),
+                    "decode_step_median": {
+                        "median_s": step,
+                        "tokens_per_s": batch / step,
+                        "speedup": _ratio(reference["step"], step),
+                        "gain_fraction_of_ideal": _gain_fraction(_ratio(reference["step"], step), ideal),
+                        "seconds": [r["decode_step_s"] for r in recs],
+                    },
+                    "weight_bytes_per_step": weights,
+                    "ideal_decode_speedup": ideal,
+                    "gain_fraction_of_ideal": _gain_fraction(speedup, ideal),
+                    "speedup_over_ideal": speedup / ideal,
+                    "kv_cache_bytes_per_step": kv_cache_bytes(model, masks, batch, args.prompt_len, steps),
+                }
+            )
+    by_key = {(row["variant"], row["batch"]): row for row in rows}
+    for row in rows:
+        if not row["variant"].startswith("pp "):
+            continue
+        batch, label = row["batch"], row["variant"].removeprefix("pp ")
+        dense = by_key[("dense", batch)]
+        dense_generate = dense["prefill"]["median_s"] + dense["decode"]["median_s"]
+        overhead = {}
+        for static in statics(args):
+            other = by_key.get((f"{static} {label}", batch))
+            if other is None:
+                continue
+            extra = row["prefill"]["median_s"] - other["prefill"]["median_s"]
+            overhead[static] = {
+                "seconds": extra,
+                "prefill_ratio": _ratio(row["prefill"]["median_s"], other["prefill"]["median_s"]),
+                "share_of_dense_prefill": extra / dense["prefill"]["median_s"],
+                "share_of_dense_generate": extra / dense_generate,
+            }
+        row["per_generate_overhead_vs_static"] = overhead
+
+    settings = {
+        "mode": "generation",
+        "workload": args.workload,
+        "model": description,
+        "shape": model_shape(model),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "dtype": args.dtype,
+        "batches": args.gen_batches,
+        "prompt_len": args.prompt_len,
+        "prompts": prompt_source,
+        "new_tokens": new_tokens,
+        "decode_steps": steps,
+        "decode": args.decode or "frozen",
+        "ratios": args.ratios,
+        "static": ", ".join(statics(args)) or "none",
+        "skip_layers": skip,
+        "round_to": round_to,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "warmup_new_tokens": args.warmup_new_tokens,
+        "calibration": calibration,
         "threads": torch.get_num_threads(),
         "seed": args.seed,
         "torch": torch.__version__,
@@ -510,6 +906,106 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def format_generation_markdown(report: dict[str, Any]) -> str:
+    """The generation report as markdown: settings, main table, per-generate overhead, targets."""
+    s = report["settings"]
+    shape = s["shape"]
+    lines = [
+        f"# Generation speed: {s['model']}",
+        "",
+        f"{s['workload']} (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+        f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} kv, MLP "
+        f"{shape['intermediate_size']}, vocab {shape['vocab_size']}); {s['device']} ({s['device_name']}), "
+        f"{s['dtype']}, {s['threads']} thread(s). `model.generate`, greedy, {s['new_tokens']} new tokens "
+        f"(min = max, no stop strings: 1 prefill + {s['decode_steps']} decode steps for every method), "
+        f"KV cache, decode policy `{s['decode']}`; prompts: {s['prompts']} (batch B uses the first B); "
+        f"batches {s['batches']}; skip layers {s['skip_layers']}, round_to {s['round_to']}; calibration: "
+        f"{s['calibration']}; {s['repeats']} interleaved repeats after {s['warmup']} warm-up round(s) of "
+        f"{s['warmup_new_tokens']} new tokens; torch {s['torch']}.",
+        "",
+        "| variant | batch | realised | prefill s | prefill ratio | decode tokens/s | decode speed-up "
+        "| kept-bytes ideal | gain / ideal gain | speed-up / ideal "
+        "| step-median speed-up (gain / ideal gain) | decoder layers: speed-up / ideal "
+        "| KV read / dense weights |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        label = row["variant"] + (" (static)" if row["static"] else "")
+        dense_bytes = row["weight_bytes_per_step"]["total"] * row["ideal_decode_speedup"]
+        layers, steps = row["decode_decoder_layers"], row["decode_step_median"]
+        lines.append(
+            f"| {label} | {row['batch']} | {row['realised_ratio']:.3f} | {row['prefill']['median_s']:.4f} "
+            f"| {row['prefill']['ratio']:.3f} | {row['decode_tokens_per_s']:.1f} "
+            f"| {row['decode']['speedup']:.3f} | {row['ideal_decode_speedup']:.3f} "
+            f"| {_fmt(row['gain_fraction_of_ideal'], '.2f')} | {row['speedup_over_ideal']:.3f} "
+            f"| {steps['speedup']:.3f} ({_fmt(steps['gain_fraction_of_ideal'], '.2f')}) "
+            f"| {layers['speedup']:.3f} / {layers['ideal_speedup']:.3f} "
+            f"| {row['kv_cache_bytes_per_step'] / dense_bytes:.1%} |"
+        )
+    overhead_rows = [
+        (row, static, o)
+        for row in report["rows"]
+        for static, o in row.get("per_generate_overhead_vs_static", {}).items()
+    ]
+    if overhead_rows:
+        lines += [
+            "",
+            "The pipeline's per-generate overhead: pp's prefill (probe, scoring, fusion, masking, the one "
+            "gather of the sliced weights its decode steps reuse, history update) against the static "
+            "baseline's at the same ratio (decided once, sliced weights kept):",
+            "",
+            "| variant | batch | vs | pp prefill s | static prefill s | extra s | prefill ratio "
+            "| share of dense prefill | share of dense generate |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows = {(r["variant"], r["batch"]): r for r in report["rows"]}
+        for row, static, o in overhead_rows:
+            other = rows[(f"{static} {row['variant'].removeprefix('pp ')}", row["batch"])]
+            lines.append(
+                f"| {row['variant']} | {row['batch']} | {static} | {row['prefill']['median_s']:.4f} "
+                f"| {other['prefill']['median_s']:.4f} | {o['seconds']:+.4f} | {o['prefill_ratio']:.3f} "
+                f"| {o['share_of_dense_prefill']:+.1%} | {o['share_of_dense_generate']:+.2%} |"
+            )
+    lines += ["", *generation_target_lines(report)]
+    lines += [
+        "",
+        "Columns: *realised* = fraction of decoder projection weights the decode steps skip (the prefill's "
+        "masks); *prefill s* = median seconds of the prompt forward (probe, decision, gather included), "
+        "*prefill ratio* = / dense's; *decode tokens/s* = batch x decode steps / median decode seconds "
+        "(model forwards only, from forward hooks); *decode speed-up* = method tokens/s / dense tokens/s "
+        "(> 1 = faster); *kept-bytes ideal* = weight bytes a dense decode step reads / those the method's "
+        "step reads (decoder projections of the kept units, plus what every step reads in full: the LM "
+        "head (the tied embedding matrix), norms and other parameters, and the batch's embedding rows); "
+        "*gain / ideal gain* = (speed-up - 1) / (ideal - 1); *speed-up / ideal* = speed-up / ideal; "
+        "*step-median speed-up* = dense's median decode-step seconds (pooled over every step of every "
+        "repeat) / the method's: robust to bursts of load from other processes, which a whole-call sum "
+        "is not; "
+        "*decoder layers*: the decode steps' time inside the decoder layers alone (first layer's entry to "
+        "last layer's exit), dense's / the method's, next to the projections-only bytes ideal; *KV "
+        "read / dense weights* = mean cached key/value bytes a decode step attends over, / the dense "
+        "step's weight bytes (not in the ideal).",
+    ]
+    return "\n".join(lines)
+
+
+def generation_target_lines(report: dict[str, Any]) -> list[str]:
+    """The issue's generation target, per pruned row: decode with frozen masks reaches >= 0.9 of the
+    kept-weight (bytes) ideal gain (informational, never asserted)."""
+    out = ["Target: decode tokens/s gain >= 0.9 of the kept-weight (bytes) ideal gain:"]
+    for row in report["rows"]:
+        fraction = row["gain_fraction_of_ideal"]
+        if math.isnan(fraction):
+            continue
+        step = row["decode_step_median"]["gain_fraction_of_ideal"]
+        out.append(
+            f"- {row['variant']}, batch {row['batch']}: speed-up {row['decode']['speedup']:.3f} vs ideal "
+            f"{row['ideal_decode_speedup']:.3f}, {_fmt(fraction, '.2f')} of the ideal gain "
+            f"({_ok(fraction >= 0.9)}); step median: speed-up {row['decode_step_median']['speedup']:.3f}, "
+            f"{_fmt(step, '.2f')} of the ideal gain ({_ok(step >= 0.9)})"
+        )
+    return out
+
+
 def _ok(flag: bool) -> str:
     return "met" if flag else "NOT met"
 
@@ -526,8 +1022,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: per workload")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: per workload)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: per workload)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    parser.add_argument("--static", default="wanda-sp", help="static baseline preset, or 'none'")
+    parser.add_argument(
+        "--generation",
+        action="store_true",
+        help="time model.generate (prefill and decode separately) instead of whole-sequence forwards",
+    )
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", default=None, help="default 0.2 0.4 0.6 (--generation: 0.2 0.4)"
+    )
+    parser.add_argument(
+        "--static", nargs="+", default=["wanda-sp"], help="static baseline preset(s), or 'none'"
+    )
     parser.add_argument(
         "--probe-seq-ratios",
         type=float,
@@ -535,7 +1040,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra pp variants probing this fraction of positions instead of 0.5 (changes results)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed interleaved rounds (default 5; --generation: 3)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
         "--profile-forwards", type=int, default=2, help="profiled forwards per pruned variant"
@@ -547,21 +1054,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse-probe", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    gen = parser.add_argument_group("--generation")
+    gen.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    gen.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default 128)")
+    gen.add_argument("--new-tokens", type=int, default=128, help="new tokens, min = max (default 128)")
+    gen.add_argument(
+        "--warmup-new-tokens", type=int, default=16, help="new tokens of each warm-up generate (default 16)"
+    )
+    gen.add_argument(
+        "--decode", choices=("frozen", "dense"), default=None, help="decode policy (default frozen)"
+    )
+    gen.add_argument(
+        "--calib-samples", type=int, default=32, help="C4 calibration windows (smollm2; default 32)"
+    )
+    gen.add_argument("--calib-seq", type=int, default=None, help="calibration tokens (default: --prompt-len)")
+    gen.add_argument("--data-dir", default=None, help="WikiText-2 / C4 folder (default: the library's)")
     parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/<workload>-<device>)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ratios is None:
+        args.ratios = [0.2, 0.4] if args.generation else [0.2, 0.4, 0.6]
+    if args.repeats is None:
+        args.repeats = 3 if args.generation else 5
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    report = run_generation(args) if args.generation else run(args)
+    suffix = "-generation" if args.generation else ""
     out = Path(
-        args.out or Path(__file__).parent / "results" / f"{args.workload}-{args.device.replace(':', '')}"
+        args.out
+        or Path(__file__).parent / "results" / f"{args.workload}-{args.device.replace(':', '')}{suffix}"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report, indent=2, default=str))
-    markdown = format_markdown(report)
+    markdown = format_generation_markdown(report) if args.generation else format_markdown(report)
     (out / "speed.md").write_text(markdown + "\n")
     print(markdown)
     log(f"wrote {out / 'speed.json'} and {out / 'speed.md'} ({report['elapsed_s']:.0f} s)")

@@ -1,14 +1,25 @@
-"""``benchmarks/speed.py`` end to end on the tiny model: the report has every documented field.
+"""``benchmarks/speed.py`` end to end on the tiny model: the report has every documented field, for
+the whole-forward benchmark and for ``--generation``; the kept-weight bytes of a decode step by hand.
 
 No timing assertions: this only checks that the benchmark runs and writes what it promises.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from ppframework.config import MethodConfig
+from ppframework.pipeline import Pipeline
+from ppframework.testing.tiny import tiny_model
+from ppframework.types import BlockKind, BlockMask
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
@@ -76,3 +87,179 @@ def test_speed_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
         assert 0 < pp["ideal_ratio_decoder"] < 1 and pp["probe_flops_share"] > 0
         assert pp["flops"]["probe_reused"] > 0  # CPU: the probe's exact values are reused
     assert rows["wanda-sp 40%"]["static"] and "overhead_s" not in rows["wanda-sp 40%"]
+
+
+GENERATION_ROW_KEYS = {
+    "variant",
+    "batch",
+    "method",
+    "target_ratio",
+    "layer_ratio",
+    "static",
+    "decode_policy",
+    "realised_ratio",
+    "kept_units",
+    "prefill",
+    "decode",
+    "generate",
+    "decode_tokens_per_s",
+    "decode_decoder_layers",
+    "decode_step_median",
+    "weight_bytes_per_step",
+    "ideal_decode_speedup",
+    "gain_fraction_of_ideal",
+    "speedup_over_ideal",
+    "kv_cache_bytes_per_step",
+}
+
+
+def test_generation_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
+    """``--generation`` on the tiny model (CPU): prefill and decode timed separately per batch size,
+    finite positive ratios, a kept-bytes ideal of exactly 1 at ratio 0 and above 1 when pruning."""
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--generation",
+        "--workload",
+        "tiny",
+        "--ratios",
+        "0",
+        "0.4",
+        "--gen-batches",
+        "1",
+        "2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "6",
+        "--warmup-new-tokens",
+        "2",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "speed.json").read_text())
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "| variant | batch |" in markdown and "kept-bytes ideal" in markdown and "Target:" in markdown
+    settings = report["settings"]
+    assert settings["mode"] == "generation" and settings["workload"] == "tiny"
+    assert settings["batches"] == [1, 2] and settings["new_tokens"] == 6 and settings["decode_steps"] == 5
+    assert settings["decode"] == "frozen" and settings["static"] == "wanda-sp"
+    keys = [(row["variant"], row["batch"]) for row in report["rows"]]
+    variants = ["dense", "pp 0%", "wanda-sp 0%", "pp 40%", "wanda-sp 40%"]
+    assert keys == [(v, b) for b in (1, 2) for v in variants]
+    for row in report["rows"]:
+        assert GENERATION_ROW_KEYS <= row.keys(), GENERATION_ROW_KEYS - row.keys()
+        assert len(row["prefill"]["seconds"]) == 2 and len(row["decode"]["seconds"]) == 2
+        assert row["decode"]["steps"] == 5
+        assert [len(call) for call in row["decode_step_median"]["seconds"]] == [5, 5]
+        for value in (
+            row["prefill"]["ratio"],
+            row["decode"]["speedup"],
+            row["decode_tokens_per_s"],
+            row["ideal_decode_speedup"],
+            row["speedup_over_ideal"],
+            row["generate"]["ratio"],
+            row["decode_decoder_layers"]["speedup"],
+            row["decode_decoder_layers"]["ideal_speedup"],
+            row["decode_step_median"]["speedup"],
+        ):
+            assert math.isfinite(value) and value > 0, (row["variant"], value)
+    rows = {(row["variant"], row["batch"]): row for row in report["rows"]}
+    for batch in (1, 2):
+        dense = rows[("dense", batch)]
+        assert dense["prefill"]["ratio"] == 1.0 and dense["decode"]["speedup"] == 1.0
+        for name in ("dense", "pp 0%", "wanda-sp 0%"):
+            assert rows[(name, batch)]["ideal_decode_speedup"] == 1.0
+            assert math.isnan(rows[(name, batch)]["gain_fraction_of_ideal"])
+        for name in ("pp 40%", "wanda-sp 40%"):
+            row = rows[(name, batch)]
+            assert row["ideal_decode_speedup"] > 1.0 and 0 < row["realised_ratio"] < 1
+            assert math.isfinite(row["gain_fraction_of_ideal"])
+        # pp and wanda-sp keep the same number of units: the same ideal
+        assert (
+            rows[("pp 40%", batch)]["ideal_decode_speedup"]
+            == rows[("wanda-sp 40%", batch)]["ideal_decode_speedup"]
+        )
+        overhead = rows[("pp 40%", batch)]["per_generate_overhead_vs_static"]["wanda-sp"]
+        assert math.isfinite(overhead["seconds"]) and overhead["prefill_ratio"] > 0
+
+
+def test_generation_benchmark_random_weight_path(tmp_path: Path) -> None:
+    """The path ``gpu_check.sh`` runs with the 7B shape (a LLaMA built on ``meta`` and materialised with
+    random weights, random-token prompts and calibration, no tokenizer), on CPU with the SmolLM2 shape
+    cut to 2 layers."""
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--generation",
+        "--workload",
+        "smollm2-shape",
+        "--layers",
+        "2",
+        "--skip-layers",
+        "0",
+        "--ratios",
+        "0.4",
+        "--gen-batches",
+        "2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "4",
+        "--warmup-new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["settings"]["prompts"] == "2 random-token prompts of 16 tokens"
+    assert [row["variant"] for row in report["rows"]] == ["dense", "pp 40%", "wanda-sp 40%"]
+    for row in report["rows"][1:]:
+        assert row["ideal_decode_speedup"] > 1.0 and math.isfinite(row["decode"]["speedup"])
+
+
+def _speed_module():
+    spec = importlib.util.spec_from_file_location("ppf_speed_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_kept_weight_bytes_by_hand(tied: bool) -> None:
+    """The decode step's weight bytes on the tiny llama-gqa (hidden 64, 4 layers, 4 heads x 16, 2 kv
+    heads, MLP 128, vocabulary 256), counted by hand; a tied LM head is read in full all the same."""
+    speed = _speed_module()
+    model = tiny_model("llama-gqa", tie_word_embeddings=tied)
+    projections = 4 * (2 * 64 * 16 * (4 + 2) + 3 * 64 * 128)  # 147456
+    method = MethodConfig.model_validate({"preset": "pp", "pruning": {"skip_layers": [0]}})
+    assert projections == Pipeline(model, method).total_prunable_params()
+    norms, head = 4 * 2 * 64 + 64, 256 * 64
+    dense = speed.decode_weight_bytes(model, {}, batch=3)
+    assert dense["projections"] == dense["projections_dense"] == 4 * projections
+    assert dense["other"] == 4 * norms and dense["lm_head"] == 4 * head
+    assert dense["embedding_rows"] == 4 * 3 * 64
+    assert dense["total"] == 4 * (projections + norms + head + 3 * 64)
+    masks = {
+        (1, BlockKind.ATTENTION): BlockMask(torch.tensor([0, 3]), 4),
+        (2, BlockKind.MLP): BlockMask(torch.arange(64), 128),
+        (3, BlockKind.ATTENTION): BlockMask(torch.tensor([0, 1]), 4, kept_kv_heads=torch.tensor([0])),
+    }
+    pruned = speed.decode_weight_bytes(model, masks, batch=3)
+    kept = projections - 2 * (2 * 64 * 16) - 64 * 3 * 64 - (2 * (2 * 64 * 16) + 2 * 64 * 16)
+    assert pruned["projections"] == 4 * kept
+    assert pruned["total"] == 4 * (kept + norms + head + 3 * 64)
+    assert speed.kv_cache_bytes(model, {}, batch=2, prompt=10, steps=5) == 2 * 4 * 2 * 16 * 2 * 13 * 4
+    assert speed.kv_cache_bytes(model, masks, 2, 10, 5) == 2 * (3 * 2 + 1) * 16 * 2 * 13 * 4
