@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ppframework.errors import ConfigError
 from ppframework.generation.runner import generate_completions
@@ -27,7 +28,7 @@ def test_humaneval_loads_all_items(shared_data_dir: Path) -> None:
     first = items[0]
     assert first.task == "humaneval" and first.item_id == "HumanEval/0"
     assert first.prompt.startswith("from typing import List\n\n\ndef has_close_elements(")
-    assert first.prompt.endswith('"""\n')
+    assert first.prompt.endswith('"""')  # stripped, as bigcode's default humaneval task
     assert first.reference["entry_point"] == "has_close_elements"
     assert "def check(candidate)" in first.reference["test"]
     assert [it.item_id for it in task.load(shared_data_dir, limit=3)] == [f"HumanEval/{i}" for i in range(3)]
@@ -110,10 +111,12 @@ def test_postprocess_cuts_at_the_first_stop_string() -> None:
 def test_humaneval_canonical_solutions_pass_and_wrong_completion_fails(shared_data_dir: Path) -> None:
     task = get_generation_task("humaneval")
     items = task.load(shared_data_dir, limit=5)
-    score = task.score(items, [it.reference["canonical_solution"] for it in items], workers=2)
+    # the model continues the stripped prompt, so its body starts with the newline the strip removed
+    solutions = ["\n" + it.reference["canonical_solution"] for it in items]
+    score = task.score(items, solutions, workers=2)
     assert score.metrics == {"pass@1": 1.0} and score.n_items == 5
     assert all(row["status"] == "passed" for row in score.per_item)
-    wrong = task.score(items[:2], ["    return None\n", items[1].reference["canonical_solution"]])
+    wrong = task.score(items[:2], ["\n    return None\n", solutions[1]])
     assert wrong.metrics["pass@1"] == 0.5
     assert [row["passed"] for row in wrong.per_item] == [False, True]
 
@@ -204,3 +207,41 @@ def test_empty_and_too_long_prompts_raise(llama_and_tokenizer: tuple[Any, Any]) 
         generate_completions(model, tok, ["a", ""], batch_size=2, max_new_tokens=4, stop=[])
     with pytest.raises(ConfigError, match=r"prompt 1 has 251 tokens.*max_position_embeddings=256"):
         generate_completions(model, tok, ["a", "x" * 250], batch_size=2, max_new_tokens=8, stop=[])
+
+
+def test_xsum_summary_that_starts_on_a_new_line_is_kept() -> None:
+    task = get_generation_task("xsum")
+    item = GenerationItem("xsum", "1", "Article: x\n\nSummary:", {"summary": "a b"})
+    assert task.postprocess(item, "\n\n A river rose.\nMore text") == "A river rose."
+    assert task.postprocess(item, " A river rose.") == "A river rose."
+
+
+def test_stop_after_text_ignores_stop_strings_in_leading_whitespace() -> None:
+    from ppframework.generation.runner import StopAfterText
+
+    tok = tiny_tokenizer()
+    prompt = tok("ab")["input_ids"]
+    rows = [
+        prompt + tok("\n\nxy", add_special_tokens=False)["input_ids"],
+        prompt + tok("\nx\nyz", add_special_tokens=False)["input_ids"],
+    ]
+    width = min(len(r) for r in rows)
+    rows = [r[:width] for r in rows]  # same length: "\n\nxy"[:n] vs "\nx\nyz"[:n]
+    criterion = StopAfterText(tok, ["\n"], len(prompt))
+    done = criterion(torch.tensor(rows), None)
+    assert done.tolist() == [False, True]
+
+
+def test_xsum_uses_the_chat_template_when_the_tokenizer_has_one(shared_data_dir: Path) -> None:
+    task = get_generation_task("xsum")
+    tok = tiny_tokenizer()
+    plain = task.load(shared_data_dir, limit=1, tokenizer=tok)[0]
+    assert plain.prompt.endswith("Summary:")
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}[end]{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    chat = task.load(shared_data_dir, limit=2, tokenizer=tok, max_prompt_tokens=200)
+    assert chat[0].prompt.startswith("[user]Summarize the following article in one sentence.\n\nArticle: ")
+    assert all(it.prompt.endswith("[end][assistant]") for it in chat)
+    assert all(it.reference["prompt_tokens"] <= 200 and it.reference["truncated"] for it in chat)

@@ -135,6 +135,7 @@ def run_generation_tasks(
             stop=task.stop_strings,
             progress=progress,
             desc=f"{task_cfg.name} {label}",
+            stop_after_text=task.stop_after_text,
         )
         score = task.score(task_items, run.completions, workers=gen.workers, timeout_s=gen.timeout_s)
         records = [

@@ -9,6 +9,8 @@ Decoding: the text of a row's new tokens (padding and special tokens skipped) is
 ``decode(prompt + new)[len(decode(prompt)):]`` when that prefix matches, else ``decode(new)``; this keeps
 the leading space/indentation that SentencePiece tokenizers drop when new tokens are decoded alone.
 The text is then cut at the first stop string (``generate`` stops a row at a stop string but keeps it).
+With ``stop_after_text`` (XSum) leading whitespace is dropped first and stop strings count only after
+some text (:class:`StopAfterText`), so a completion that starts on a new line is not cut to nothing.
 
 Timing: a forward pre-hook and a forward hook on the model record each forward's wall time (with a
 CUDA synchronize on CUDA) and input length. The first forward of each ``generate`` call is the
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ppframework.errors import ConfigError
 from ppframework.generation.tasks import cut_at_stop
@@ -122,6 +125,24 @@ def _decode_new(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> st
     return whole[len(head) :] if whole.startswith(head) else alone
 
 
+class StopAfterText(StoppingCriteria):
+    """Stops each row once its new text, leading whitespace ignored, contains a stop string.
+
+    ``generate(stop_strings=...)`` would stop a row on a stop string among its very first tokens
+    (a summary that starts on a new line); this one only counts stop strings after some text.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        done = [any(s in text.lstrip() for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def generate_completions(
     model: Any,
     tokenizer: Any,
@@ -132,6 +153,7 @@ def generate_completions(
     stop: Sequence[str],
     progress: bool = False,
     desc: str = "generate",
+    stop_after_text: bool = False,
 ) -> GenerationRun:
     """Greedily complete ``prompts`` in chunks of ``batch_size`` (input order) and time each phase.
 
@@ -173,6 +195,11 @@ def generate_completions(
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
             timer.calls.clear()
+            if stop_after_text and stop:
+                criterion = StopAfterText(tokenizer, stop, width)
+                stopping = {"stopping_criteria": StoppingCriteriaList([criterion])}
+            else:
+                stopping = {"stop_strings": list(stop) or None, "tokenizer": tokenizer}
             with torch.inference_mode():
                 out = model.generate(
                     input_ids,
@@ -180,9 +207,8 @@ def generate_completions(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     use_cache=True,
-                    stop_strings=list(stop) or None,
-                    tokenizer=tokenizer,
                     pad_token_id=pad_id,
+                    **stopping,
                 )
             calls = list(timer.calls)
             run.batch_sizes.append(len(chunk))
@@ -200,7 +226,7 @@ def generate_completions(
                         break
                 run.new_tokens.append(n)
                 text = _decode_new(tokenizer, ids, row[:n])
-                run.completions.append(cut_at_stop(text, stop))
+                run.completions.append(cut_at_stop(text.lstrip() if stop_after_text else text, stop))
     finally:
         timer.remove()
     logger.debug(

@@ -6,9 +6,13 @@ is downloaded. Files (see the data folder's README):
 ==========  ==========================================  ===========================================
 task        file under ``<data_dir>``                   prompt
 ==========  ==========================================  ===========================================
-humaneval   ``generation/humaneval/HumanEval.jsonl.gz``  the ``prompt`` field (signature + docstring)
+humaneval   ``generation/humaneval/HumanEval.jsonl.gz``  the ``prompt`` field (signature + docstring),
+                                                        stripped (bigcode's default ``humaneval``)
 mbpp        ``generation/mbpp/test.jsonl``               a docstring: text and first test (below)
-xsum        ``generation/xsum/test.jsonl``               :data:`XSUM_TEMPLATE` with the document
+xsum        ``generation/xsum/test.jsonl``               :func:`xsum_prompt`: the chat form of
+                                                        :data:`XSUM_INSTRUCTION` when the tokenizer
+                                                        has a chat template, else
+                                                        :data:`XSUM_TEMPLATE`
 ==========  ==========================================  ===========================================
 
 The MBPP prompt is bigcode-evaluation-harness's zero-shot (InCoder-style) form
@@ -62,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "GENERATION_TASKS",
+    "XSUM_INSTRUCTION",
     "XSUM_TEMPLATE",
     "GenerationItem",
     "GenerationTask",
@@ -77,7 +82,19 @@ GENERATION_TASKS: tuple[str, ...] = ("humaneval", "mbpp", "xsum")
 """Names understood by :func:`get_generation_task`."""
 
 XSUM_TEMPLATE = "Article: {document}\n\nSummarize the article above in one sentence.\nSummary:"
-"""XSum prompt form (a plain instruction; the model continues after ``Summary:``)."""
+"""XSum prompt form for tokenizers without a chat template (the model continues after ``Summary:``)."""
+
+XSUM_INSTRUCTION = "Summarize the following article in one sentence.\n\nArticle: {document}"
+"""XSum request for instruction-tuned models: the user turn of the tokenizer's chat template (with the
+generation prompt), since such a model answers a plain ``Summary:`` continuation with an end-of-turn."""
+
+
+def xsum_prompt(document: str, tokenizer: Any = None) -> str:
+    """The XSum prompt for ``document``: the chat form when ``tokenizer`` has a chat template."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": XSUM_INSTRUCTION.format(document=document)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return XSUM_TEMPLATE.format(document=document)
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,8 @@ class GenerationTask(ABC):
     max_new_tokens: ClassVar[int]
     stop: ClassVar[tuple[str, ...]]
     relative_path: ClassVar[str]
+    #: Stop strings count only after the first non-whitespace text (a summary may start on a new line).
+    stop_after_text: ClassVar[bool] = False
 
     @property
     def stop_strings(self) -> list[str]:
@@ -238,9 +257,13 @@ class HumanEvalTask(_CodeTask):
 
     def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
         ref: dict[str, Any] = {k: record[k] for k in ("task_id", "entry_point", "test", "canonical_solution")}
+        # Stripped, as bigcode-evaluation-harness's default `humaneval` task does: a prompt ending in
+        # "\n" makes the model start the body with a lone indentation token it rarely predicts (a
+        # token-boundary artefact), and it starts a new top-level statement (a stop string) instead.
+        prompt = record["prompt"].strip()
         if tokenizer is not None:
-            ref["prompt_tokens"] = _count_tokens(tokenizer, record["prompt"])
-        return GenerationItem(self.name, record["task_id"], record["prompt"], ref)
+            ref["prompt_tokens"] = _count_tokens(tokenizer, prompt)
+        return GenerationItem(self.name, record["task_id"], prompt, ref)
 
     def program(self, item: GenerationItem, completion: str) -> str:
         """``prompt + completion``, the tests and ``check(entry_point)``."""
@@ -290,15 +313,16 @@ class XSumTask(GenerationTask):
     max_new_tokens = 64
     stop = ("\n",)
     relative_path = "generation/xsum/test.jsonl"
+    stop_after_text = True  # after "Summary:" the model often starts with a newline
 
     def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
         document = record["document"].strip()
-        prompt = XSUM_TEMPLATE.format(document=document)
+        prompt = xsum_prompt(document, tokenizer)
         truncated = False
         n_tokens = _count_tokens(tokenizer, prompt) if tokenizer is not None else None
         if max_prompt_tokens is not None and n_tokens is not None and n_tokens > max_prompt_tokens:
             document = self._fit_document(record, document, tokenizer, max_prompt_tokens)
-            prompt = XSUM_TEMPLATE.format(document=document)
+            prompt = xsum_prompt(document, tokenizer)
             n_tokens = _count_tokens(tokenizer, prompt)
             truncated = True
         ref: dict[str, Any] = {"id": str(record["id"]), "summary": record["summary"], "truncated": truncated}
@@ -308,7 +332,7 @@ class XSumTask(GenerationTask):
 
     def _fit_document(self, record: dict[str, Any], document: str, tokenizer: Any, limit: int) -> str:
         """Keep the longest token prefix of ``document`` whose prompt fits ``limit`` tokens."""
-        overhead = _count_tokens(tokenizer, XSUM_TEMPLATE.format(document=""))
+        overhead = _count_tokens(tokenizer, xsum_prompt("", tokenizer))
         if overhead > limit:
             raise ConfigError(
                 f"xsum item {record['id']}: the instruction alone takes {overhead} tokens, more than "
@@ -330,15 +354,15 @@ class XSumTask(GenerationTask):
         lo, hi = 0, len(ends)  # binary search for the largest n whose prompt fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if _count_tokens(tokenizer, XSUM_TEMPLATE.format(document=prefix(mid).rstrip())) <= limit:
+            if _count_tokens(tokenizer, xsum_prompt(prefix(mid).rstrip(), tokenizer)) <= limit:
                 lo = mid
             else:
                 hi = mid - 1
         return prefix(lo).rstrip()
 
     def postprocess(self, item: GenerationItem, completion: str) -> str:
-        """Cut at the first newline and strip."""
-        return cut_at_stop(completion, self.stop).strip()
+        """The first line of text (leading blank lines skipped), stripped."""
+        return cut_at_stop(completion.lstrip(), self.stop).strip()
 
     def score(
         self,
