@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ppframework.errors import ConfigError
 
-STAGE_KEYS: tuple[str, ...] = ("select_probe", "score_channels", "fuse_history", "apply_mask", "infer")
+STAGE_KEYS: tuple[str, ...] = (
+    "allocate",
+    "select_probe",
+    "score_channels",
+    "fuse_history",
+    "apply_mask",
+    "infer",
+)
 
 
 class StrictModel(BaseModel):
@@ -149,6 +156,7 @@ class StageConfig(StrictModel):
 
 def _pp_strategies() -> dict[str, Any]:
     return {
+        "allocate": {"name": "uniform"},
         "select_probe": {"name": "residual", "params": {"seq_ratio": 0.5, "batch_ratio": 0.05}},
         "score_channels": {"name": "ppsp"},
         "fuse_history": {"name": "importance-scaled"},
@@ -158,8 +166,12 @@ def _pp_strategies() -> dict[str, Any]:
 
 
 class StrategiesConfig(StrictModel):
-    """The strategy of each of the five stages."""
+    """The strategy of each of the six stages (``allocate`` defaults to ``uniform``)."""
 
+    allocate: StageConfig = Field(
+        default_factory=lambda: StageConfig(name="uniform"),
+        description="per-block ratios: uniform (p' everywhere) or adaptive (FLAP's global selection)",
+    )
     select_probe: StageConfig
     score_channels: StageConfig
     fuse_history: StageConfig
@@ -248,14 +260,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decode": "frozen",
     },
     "flap": {
-        "description": "FLAP (static baseline): S_c = fluct_c * sum_i W[i,c]^2 (calibration variance summed "
-        "over positions), heads by sum, with bias compensation; uniform per-layer ratio (no global "
-        "structure search); decided once, sliced weights cached.",
+        "description": "FLAP (static baseline) as the PP paper runs it: S_c = fluct_c * sum_i W[i,c]^2 with "
+        "fluct_c the calibration variance of the channel over all positions, heads by sum, bias "
+        "compensation, adaptive structure (scores standardised per block, one FLOPs-weighted global "
+        "selection); decided once, sliced weights cached.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(
+            allocate="adaptive",
+            select_probe="none",
+            fuse_history="history-only",
+            score_channels={"name": "flap", "params": {"bias_compensation": True}},
+        ),
+        "history": _CALIBRATION_ONLY,
+        "decode": "frozen",
+    },
+    "flap-uniform": {
+        "description": "FLAP metric at a uniform per-layer ratio (ablation of FLAP's structure search): "
+        "S_c = fluct_c * sum_i W[i,c]^2 with fluct_c the per-position variance summed over positions, "
+        "heads by sum, bias compensation; decided once, sliced weights cached.",
         "pruning": {"ratio": 0.4},
         "strategies": _strategies(
             select_probe="none",
             fuse_history="history-only",
-            score_channels={"name": "flap", "params": {"bias_compensation": True}},
+            score_channels={
+                "name": "flap",
+                "params": {"bias_compensation": True, "fluctuation": "per-position"},
+            },
         ),
         "history": _CALIBRATION_ONLY,
         "decode": "frozen",
@@ -325,6 +355,7 @@ ACTIVATION_METRICS = {"ppsp", "wanda-sp", "flap"}
 PROBE_FUSIONS = {"importance-scaled", "none", "fixed"}
 HISTORY_FUSIONS = {"importance-scaled", "history-only", "fixed"}
 BUILTIN_FUSIONS = PROBE_FUSIONS | HISTORY_FUSIONS
+BUILTIN_PROBES = {"residual", "random", "full", "none"}
 
 
 def method_inconsistency(method: MethodConfig) -> str | None:
@@ -338,6 +369,13 @@ def method_inconsistency(method: MethodConfig) -> str | None:
     probe, fusion, metric = st.select_probe.name, st.fuse_history.name, st.score_channels.name
     has_probe = probe != "none"
     has_history = method.history.init == "calibration"
+    history_moves = has_history and method.history.update != "frozen"
+    if st.allocate.name == "adaptive" and (probe in BUILTIN_PROBES - {"none"} or history_moves):
+        return (
+            "strategies.allocate: 'adaptive' ranks every block's scores before the first layer runs, which "
+            "only static methods can do; use select_probe 'none' and history.update 'frozen' (or "
+            "history.init 'none'), or allocate 'uniform'"
+        )
     if fusion not in BUILTIN_FUSIONS:
         return None
     if fusion == "fixed" and not (has_probe and has_history):
@@ -437,8 +475,43 @@ class ZeroShotConfig(StrictModel):
     max_length: int | None = Field(
         None,
         ge=2,
-        description="left-truncate longer requests to this many tokens (default: calibration seq_len)",
+        description="left-truncate longer requests to this many input tokens (default: the model's "
+        "context, or calibration.seq_len for every row when a method has a calibrated history)",
     )
+
+
+class LmEvalConfig(StrictModel):
+    """lm-evaluation-harness tasks (``ppf eval``, extra ``ppframework[lm-eval]``) on dense and each method.
+
+    The seven paper tasks read the local data folder (task configs in ``ppframework/lm_eval_tasks``);
+    any other name is a stock harness task (needs the hub or its cache).
+    """
+
+    enabled: bool = False
+    tasks: list[str] = Field(default_factory=lambda: list(ZEROSHOT_TASKS))
+    limit: int | None = Field(
+        None, ge=1, description="first N documents per task (None = all; --limit sets it)"
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (None = the task's default)")
+    batch_size: int = Field(8, ge=1, description="requests per forward (fixed; 'auto' is not allowed)")
+    max_length: int | None = Field(
+        None, ge=2, description="HFLM max_length (default: as evaluation.zeroshot.max_length)"
+    )
+    include_path: str | None = Field(None, description="extra folder of harness task YAMLs")
+    local_data: bool = Field(
+        True, description="run the seven paper tasks from the data folder (False: the stock hub tasks)"
+    )
+    seed: int = Field(1234, description="the harness's random/numpy/torch/few-shot seed")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one task")
+        duplicates = sorted({t for t in value if value.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"task(s) {duplicates} listed twice")
+        return value
 
 
 class RuntimeConfig(StrictModel):
@@ -492,6 +565,7 @@ class EvaluationConfig(StrictModel):
 
     perplexity: bool = True
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     baselines: list[str] | None = Field(

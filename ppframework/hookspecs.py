@@ -1,7 +1,8 @@
-"""pluggy hook specifications: the five pruning stages and strategy registration.
+"""pluggy hook specifications: the six pruning stages and strategy registration.
 
-For every pruned (layer, block) and every batch the pipeline calls, in order,
-``select_probe`` -> (probe forward, done by the model adapter) -> ``score_channels`` ->
+``allocate`` decides, once per attach (and per batch for strategies that opt in), how much each
+pruned block keeps. Then, for every pruned (layer, block) and every batch, the pipeline calls, in
+order, ``select_probe`` -> (probe forward, done by the model adapter) -> ``score_channels`` ->
 ``fuse_history`` -> ``apply_mask`` -> ``infer``. Each stage is ``firstresult``: the one strategy
 a pipeline selected for that stage answers. A strategy is a class with a ``stage`` and ``name``
 attribute, an optional pydantic ``Params`` model, and one ``@hookimpl`` method for its stage.
@@ -19,14 +20,30 @@ if TYPE_CHECKING:
 
     from ppframework.adapters.base import BlockRunner
     from ppframework.history import BlockHistory
-    from ppframework.types import BlockContext, BlockInputs, BlockMask, BlockOutput, ChannelScores, Probe
+    from ppframework.types import (
+        AllocationContext,
+        BlockContext,
+        BlockInputs,
+        BlockKey,
+        BlockMask,
+        BlockOutput,
+        ChannelScores,
+        Probe,
+    )
 
 PROJECT_NAME = "ppframework"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-STAGES: tuple[str, ...] = ("select_probe", "score_channels", "fuse_history", "apply_mask", "infer")
+STAGES: tuple[str, ...] = (
+    "allocate",
+    "select_probe",
+    "score_channels",
+    "fuse_history",
+    "apply_mask",
+    "infer",
+)
 
 
 @hookspec
@@ -37,6 +54,30 @@ def ppf_register_strategies(register: Callable[..., Any]) -> None:
     :data:`STAGES`), ``name`` (unique within the stage) and may define ``Params``, a pydantic
     model validating the strategy's parameters from the config. The host validates the class
     and reports duplicates.
+    """
+
+
+@hookspec(firstresult=True)
+def allocate(
+    plan: AllocationContext, scores: dict[BlockKey, ChannelScores] | None, target: float
+) -> dict[BlockKey, float]:
+    """Decide the pruning ratio of every pruned block (the method's per-layer and per-block structure).
+
+    Called once when the pipeline attaches (``plan.batch_index`` -1). A strategy whose class sets
+    ``needs_scores = True`` gets every pruned block's fused :class:`~ppframework.types.ChannelScores`
+    (so only static methods, which decide every block at attach, can use it); otherwise ``scores``
+    is None. A strategy whose class sets ``per_batch = True`` is asked again at the start of every
+    batch of a dynamic method (``plan.batch_index`` >= 0, ``plan.seq_len`` the batch's), with
+    ``scores`` None.
+
+    Args:
+        plan: the model's layers, geometries and the method's pruning settings.
+        scores: fused channel scores of every pruned block, or None (see above).
+        target: the model-wide target ratio ``p`` (``pruning.ratio``).
+
+    Returns:
+        ``{(layer, kind): ratio}`` for every block of ``plan.blocks``, each ratio in ``[0, 1)``;
+        ``apply_mask`` receives it as its ``ratio``.
     """
 
 
@@ -99,7 +140,8 @@ def apply_mask(ctx: BlockContext, scores: ChannelScores, ratio: float) -> BlockM
     Args:
         ctx: the block and batch being decided (geometry, rounding and GQA policy).
         scores: fused channel scores.
-        ratio: the per-layer pruning ratio p' for this block (already inflated for skipped layers).
+        ratio: this block's pruning ratio, as ``allocate`` decided it (``uniform``: the per-layer
+            ratio p', already inflated for skipped layers).
 
     Returns:
         A :class:`~ppframework.types.BlockMask` with sorted kept units.

@@ -1,4 +1,5 @@
-"""The Pipeline: attaches to a model and runs every pruned block through the five stage hooks."""
+"""The Pipeline: attaches to a model, asks ``allocate`` how much each pruned block keeps, and runs
+every pruned block through the five per-block stage hooks."""
 
 from __future__ import annotations
 
@@ -19,9 +20,19 @@ from ppframework.config import MethodConfig
 from ppframework.decoding import DecodeState
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
+from ppframework.metrics.flops import FlopsCounter
 from ppframework.positions import RowShift, row_shifts
 from ppframework.registry import StrategyRegistry, default_registry
-from ppframework.types import BlockContext, BlockInputs, BlockKind, BlockMask, Probe
+from ppframework.types import (
+    AllocationContext,
+    BlockContext,
+    BlockInputs,
+    BlockKey,
+    BlockKind,
+    BlockMask,
+    ChannelScores,
+    Probe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,11 @@ class StageHooks:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._hook = pm.hook
+
+    def allocate(
+        self, plan: AllocationContext, scores: dict[BlockKey, ChannelScores] | None, target: float
+    ) -> dict[BlockKey, float]:
+        return self._hook.allocate(plan=plan, scores=scores, target=target)
 
     def select_probe(
         self, ctx: BlockContext, residual: torch.Tensor, normed: torch.Tensor, attention_mask: torch.Tensor
@@ -82,6 +98,7 @@ class _Batch:
     has_padding: bool
     rows_per_position: torch.Tensor | None
     shift: RowShift | None = None
+    probe_flops_scale: float = 1.0
     decode: DecodeState | None = None
     past: int = 0
     key_mask: torch.Tensor | None = None
@@ -211,6 +228,20 @@ class Pipeline:
         self.updates_history = method.history.init == "calibration" and method.history.update != "frozen"
         probe_strategy = self.strategies["select_probe"]
         self.is_static = not getattr(probe_strategy, "dynamic", True) and not self.updates_history
+        allocator = self.strategies["allocate"]
+        self._allocation_needs_scores = bool(getattr(allocator, "needs_scores", False))
+        self._allocate_per_batch = bool(getattr(allocator, "per_batch", False)) and not self.is_static
+        if self._allocation_needs_scores and not self.is_static and self.pruned_layers:
+            raise ConfigError(
+                f"{field_prefix}.strategies.allocate: {method.strategies.allocate.name!r} needs every "
+                "block's scores before the first layer runs, which only static methods have (a probe with "
+                "dynamic = False and a frozen or absent history); use allocate 'uniform'"
+            )
+        #: The ratio ``apply_mask`` gets for each pruned block, as ``allocate`` decided it (filled
+        #: when the pipeline attaches; static methods: when they decide).
+        self.block_ratios: dict[BlockKey, float] = {}
+        self._flops = FlopsCounter.from_adapter(self.adapter)
+        self._probe_scales: dict[tuple[int, int], float] = {}
         self._static_masks: dict[tuple[int, BlockKind], BlockMask] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_index = -1
@@ -262,6 +293,8 @@ class Pipeline:
                 )
             if self.is_static:  # before patching: a failing decision leaves the model untouched
                 self._decide_static()
+            else:
+                self.block_ratios = self._allocate(None, self._history_positions())
             backbone = self._backbone()
             self._handle = backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
             for index in self.pruned_layers:
@@ -369,9 +402,18 @@ class Pipeline:
         if shift is not None:
             mask = shift.to_positions(mask)
         real = mask.bool()
-        self._batch = _Batch(mask, real.any(dim=0), not bool(real.all()), real.sum(dim=0), shift=shift)
+        self._batch = _Batch(
+            mask,
+            real.any(dim=0),
+            not bool(real.all()),
+            real.sum(dim=0),
+            shift=shift,
+            probe_flops_scale=self._probe_flops_scale(batch, seq),
+        )
         self.batch_index += 1
         self.record.removed_params.append(0.0)
+        if self._allocate_per_batch:
+            self.block_ratios = self._allocate(None, seq, self.batch_index)
         return args, kwargs
 
     def _decode_batch(
@@ -498,7 +540,14 @@ class Pipeline:
         history = self.history.get(index, kind) if self.history is not None else None
         collect = history is not None and self.updates_history
         ctx = self._context(
-            index, kind, runner, inputs.normed.shape[1], batch.position_valid, collect, batch.has_padding
+            index,
+            kind,
+            runner,
+            inputs.normed.shape[1],
+            batch.position_valid,
+            collect,
+            batch.has_padding,
+            batch.probe_flops_scale,
         )
         hooks = self.hooks
         check, picked = self.validate_outputs, self.strategies
@@ -523,7 +572,7 @@ class Pipeline:
             validation.check_scores(scores, picked["score_channels"], ctx, probe)
         scores = hooks.fuse_history(ctx, scores, history)
         pending = validation.check_fused(scores, picked["fuse_history"], ctx) if check else None
-        mask = hooks.apply_mask(ctx, scores, self.layer_ratio)
+        mask = hooks.apply_mask(ctx, scores, self.block_ratios[(index, kind)])
         if check:
             validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
         if cache is not None and self.method.decode == "frozen":
@@ -563,6 +612,7 @@ class Pipeline:
         position_valid: torch.Tensor | None,
         collect: bool,
         has_padding: bool | None = None,
+        probe_flops_scale: float = 1.0,
     ) -> BlockContext:
         return BlockContext(
             layer=index,
@@ -576,18 +626,24 @@ class Pipeline:
             position_valid=position_valid,
             collect_stats=collect,
             has_padding=has_padding,
+            mlp_matrices=int(self.adapter.mlp_matrices),
+            probe_flops_scale=probe_flops_scale,
         )
 
     def _decide_static(self) -> None:
         """Decide every block once from the history alone and pin its sliced weights.
 
         The decision sums the history over all the positions it covers (not over one batch's),
-        so it is the same for every batch; the sliced weights are gathered on first use and kept.
+        so it is the same for every batch. Every block is scored first, then ``allocate`` decides
+        each block's ratio (from the scores when the strategy asks for them), then each block's
+        mask is chosen; the sliced weights are gathered on first use and kept.
         """
-        for (index, kind), runner in self._runners.items():
-            if kind not in self.targets:
-                continue
-            if (index, kind) not in self._static_masks:
+        blocks = [key for key in self._runners if key[1] in self.targets]
+        if any(key not in self._static_masks for key in blocks):
+            contexts: dict[BlockKey, BlockContext] = {}
+            scored: dict[BlockKey, ChannelScores] = {}
+            for index, kind in blocks:
+                runner = self._runners[(index, kind)]
                 history = self.history.get(index, kind) if self.history is not None else None
                 positions = history.sq_mean.shape[0] if history is not None else 1
                 ctx = self._context(index, kind, runner, positions, None, False)
@@ -597,12 +653,64 @@ class Pipeline:
                 scores = self.hooks.fuse_history(ctx, scores, history)
                 if self.validate_outputs:
                     validation.check_fused(scores, self.strategies["fuse_history"], ctx, defer=False)
-                mask = self.hooks.apply_mask(ctx, scores, self.layer_ratio)
+                contexts[(index, kind)], scored[(index, kind)] = ctx, scores
+            given = scored if self._allocation_needs_scores else None
+            self.block_ratios = self._allocate(given, self._history_positions())
+            for key in blocks:
+                runner = self._runners[key]
+                mask = self.hooks.apply_mask(contexts[key], scored[key], self.block_ratios[key])
                 if self.validate_outputs:
                     hidden = runner.out_proj.weight.shape[0]
-                    validation.check_mask(mask, self.strategies["apply_mask"], ctx, hidden)
-                self._static_masks[(index, kind)] = mask
-            runner.pin_weights()
+                    validation.check_mask(mask, self.strategies["apply_mask"], contexts[key], hidden)
+                self._static_masks[key] = mask
+        for key in blocks:
+            self._runners[key].pin_weights()
+
+    # -- allocation ----------------------------------------------------------------------------
+    def allocation_context(self, seq_len: int = 1, batch_index: int = -1) -> AllocationContext:
+        """What the ``allocate`` strategy is told about the model and this method."""
+        pruning = self.method.pruning
+        attention = self.adapter.geometry(BlockKind.ATTENTION)
+        follow = self._flops.kv_follow_query or attention.group_size == 1  # k/v rows go with the head
+        return AllocationContext(
+            num_layers=self.adapter.num_layers,
+            pruned_layers=tuple(self.pruned_layers),
+            targets=tuple(kind for kind in BlockKind if kind in self.targets),
+            geometries={kind: self.adapter.geometry(kind) for kind in BlockKind},
+            hidden_size=int(self.adapter.config.hidden_size),
+            mlp_matrices=int(self.adapter.mlp_matrices),
+            layer_ratio=self.layer_ratio,
+            seq_len=max(int(seq_len), 1),
+            round_to=pruning.round_to,
+            gqa_policy=pruning.gqa_policy,
+            kv_follow_query=bool(follow),
+            batch_index=batch_index,
+        )
+
+    def _allocate(
+        self, scores: dict[BlockKey, ChannelScores] | None, seq_len: int, batch_index: int = -1
+    ) -> dict[BlockKey, float]:
+        """Ask ``allocate`` for every pruned block's ratio and check the answer."""
+        plan = self.allocation_context(seq_len, batch_index)
+        ratios = self.hooks.allocate(plan, scores, self.method.pruning.ratio)
+        if self.validate_outputs:
+            validation.check_allocation(ratios, self.strategies["allocate"], plan)
+        return ratios
+
+    def _history_positions(self) -> int:
+        """Positions the history covers (1 without a history): the sequence length of a decision
+        made at attach."""
+        return self.history.max_positions if self.history is not None and self.history.max_positions else 1
+
+    def _probe_flops_scale(self, batch: int, seq: int) -> float:
+        """Dense decoder FLOPs / dense FLOPs of the blocks that probe, for a (batch, seq) batch."""
+        key = (batch, seq)
+        if key not in self._probe_scales:
+            probed = sum(self._flops.dense_block_flops(kind, batch, seq) for kind in self.targets)
+            probed *= len(self.pruned_layers)
+            dense = self._flops.dense_decoder_flops(batch, seq)
+            self._probe_scales[key] = dense / probed if probed else 1.0
+        return self._probe_scales[key]
 
     def _probe_pass(
         self, runner: BlockRunner, probe: Probe, inputs: BlockInputs, batch: _Batch

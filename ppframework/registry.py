@@ -60,7 +60,12 @@ class StrategyInfo:
         try:
             validated = params_model.model_validate(params)
         except ValidationError as exc:
-            lines = [f"{field_path}.{format_location(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+            lines = [
+                f"{field_path}.{format_location(tuple(e['loc']))}: {e['msg']}"
+                if e["loc"]
+                else f"{field_path}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            ]
             raise ConfigError("\n".join(lines)) from None
         return self.cls(validated)
 
@@ -244,7 +249,7 @@ class StrategyRegistry:
         return f" ({'; '.join(parts)})"
 
     def build_method(self, method: MethodConfig, field_prefix: str = "method") -> dict[str, Any]:
-        """Validate and instantiate the five strategies of ``method`` (stage -> instance)."""
+        """Validate and instantiate the six strategies of ``method`` (stage -> instance)."""
         built = {}
         for stage in hookspecs.STAGES:
             stage_cfg = getattr(method.strategies, stage)

@@ -53,6 +53,10 @@ class MethodResult:
     static: bool = False
     error: str | None = None
     """Why the method failed (its measurements are then NaN, ``null`` in results.json), or None."""
+    min_block_ratio: float = 0.0
+    """The smallest ratio ``allocate`` gave a pruned block (``layer_ratio`` under ``uniform``)."""
+    max_block_ratio: float = 0.0
+    """The largest ratio ``allocate`` gave a pruned block."""
 
     @classmethod
     def failed(cls, label: str, ratio: float, error: str) -> MethodResult:
@@ -119,8 +123,10 @@ def _row(
     dense: PerplexityResult,
     flops: FlopsReport | None = None,
     static: bool = False,
+    block_ratios: dict[Any, float] | None = None,
 ) -> MethodResult:
     dense_s = dense.median_seconds
+    ratios = list((block_ratios or {}).values()) or [layer_ratio]
     return MethodResult(
         method=label,
         target_ratio=ratio,
@@ -134,6 +140,8 @@ def _row(
         probe_flops_share=flops.probe_share if flops else 0.0,
         ideal_time_ratio=flops.ideal_ratio_whole if flops else 1.0,
         static=static,
+        min_block_ratio=min(ratios),
+        max_block_ratio=max(ratios),
     )
 
 
@@ -255,6 +263,7 @@ def _run(
                 dense,
                 flops,
                 pipe.is_static,
+                pipe.block_ratios,
             )
         except Exception as exc:  # one method's failure must not lose the others' results
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -319,7 +328,7 @@ def format_table(report: RunReport) -> str:
             lines.append(f"| {row.method} | {row.target_ratio:.2f} | - | - | FAILED | - | - | - | - | - |")
             continue
         lines.append(
-            f"| {row.method}{kind} | {row.target_ratio:.2f} | {row.layer_ratio:.2f} "
+            f"| {row.method}{kind} | {row.target_ratio:.2f} | {_layer_ratio_cell(row)} "
             f"| {row.realised_ratio:.3f} | {row.perplexity:.3f} | {row.delta_perplexity:+.3f} "
             f"| {row.median_forward_s:.3f} "
             f"| {row.time_ratio:.3f} | {row.ideal_time_ratio:.3f} | {row.probe_flops_share:.2%} |"
@@ -332,6 +341,8 @@ def format_table(report: RunReport) -> str:
         lines += ["", f"note: {s['note']}"]
     lines += [
         "",
+        "per-layer ratio = the ratio each pruned block is given (min-max when the allocation gives "
+        "blocks different ratios, as adaptive FLAP does). "
         "realised ratio = fraction of all decoder attention+MLP projection weights removed, mean over "
         "scored batches (skipped layers and dense key/value heads included in the total). "
         "time ratio = median forward time / dense's, whole model incl. the unpruned LM head, timed "
@@ -339,6 +350,14 @@ def format_table(report: RunReport) -> str:
         "FLOPs of the whole forward; probe FLOPs share = probe FLOPs / dense decoder FLOPs.",
     ]
     return "\n".join(lines)
+
+
+def _layer_ratio_cell(row: MethodResult) -> str:
+    """``0.44``, or ``0.21-0.74`` when the blocks were given different ratios."""
+    low, high = row.min_block_ratio, row.max_block_ratio
+    if math.isfinite(low) and math.isfinite(high) and high - low > 1e-9:
+        return f"{low:.2f}-{high:.2f}"
+    return f"{row.layer_ratio:.2f}"
 
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -354,6 +373,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "probe_flops_share",
     "static",
     "error",
+    "min_block_ratio",
+    "max_block_ratio",
 )
 
 

@@ -46,6 +46,10 @@ class BlockGeometry:
         return self.units // self.num_kv_heads if self.num_kv_heads else 1
 
 
+#: A prunable block: (decoder layer index, block kind).
+BlockKey = tuple[int, BlockKind]
+
+
 @dataclass
 class BlockContext:
     """What a strategy may know about the block and batch it is deciding for.
@@ -64,6 +68,12 @@ class BlockContext:
         has_padding: whether any row of the batch has padding, known once per batch (None =
             unknown: look at the mask). Lets strategies skip per-block checks of the mask, which
             are host-device synchronisations on CUDA.
+        mlp_matrices: weight matrices of the model's MLP block, output projection included (3 for
+            the gated LLaMA MLP, 2 for OPT); for FLOPs arithmetic (e.g. a probe's FLOPs budget).
+        probe_flops_scale: dense FLOPs of the whole decoder divided by the dense FLOPs of the blocks
+            that run a probe, for this batch (>= 1; 1 when every block probes). A probe whose
+            budget is a share of the *decoder's* FLOPs spends ``share * probe_flops_scale`` of its
+            own block's dense FLOPs.
     """
 
     layer: int
@@ -77,6 +87,8 @@ class BlockContext:
     position_valid: torch.Tensor | None = None
     collect_stats: bool = False
     has_padding: bool | None = None
+    mlp_matrices: int = 3
+    probe_flops_scale: float = 1.0
 
 
 @dataclass
@@ -192,3 +204,65 @@ class BlockOutput:
     sq_mean: torch.Tensor | None = None
     position_valid: torch.Tensor | None = None
     kept_channels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AllocationContext:
+    """What an ``allocate`` strategy may know about the model and the method's pruning settings.
+
+    Attributes:
+        num_layers: decoder layers of the model.
+        pruned_layers: the layers the method prunes (sorted; skipped layers are not in it).
+        targets: the block kinds the method prunes.
+        geometries: each kind's :class:`BlockGeometry` (the same in every layer).
+        hidden_size: model width D.
+        mlp_matrices: weight matrices of the MLP block, output projection included (3 gated, 2 OPT).
+        layer_ratio: the uniform per-layer ratio ``p'`` (the target ``p`` inflated for skipped
+            layers when ``pruning.inflate_ratio`` is on, else ``p``).
+        seq_len: tokens per sequence the decision is made for (the calibration's positions for a
+            decision at attach, the batch's for a per-batch decision); FLOPs weights use it.
+        round_to: kept MLP width is rounded up to a multiple of this by the masking stage.
+        gqa_policy: ``query-only`` (a pruned query head removes its q row and o column; with
+            multi-head attention also its k and v rows) or ``group``.
+        kv_follow_query: whether pruning a query head also removes its key/value heads (multi-head
+            attention under ``query-only``, and OPT).
+        batch_index: -1 for the decision at attach; the batch's index for a per-batch decision.
+    """
+
+    num_layers: int
+    pruned_layers: tuple[int, ...]
+    targets: tuple[BlockKind, ...]
+    geometries: dict[BlockKind, BlockGeometry]
+    hidden_size: int
+    mlp_matrices: int
+    layer_ratio: float
+    seq_len: int = 1
+    round_to: int = 1
+    gqa_policy: str = "query-only"
+    kv_follow_query: bool = False
+    batch_index: int = -1
+
+    @property
+    def blocks(self) -> list[BlockKey]:
+        """Every pruned block ``(layer, kind)``, layer by layer."""
+        return [(layer, kind) for layer in self.pruned_layers for kind in BlockKind if kind in self.targets]
+
+    def unit_params(self, kind: BlockKind) -> int:
+        """Weights one unit (query head or MLP channel) removes when pruned, key/value rows included
+        when they follow the query head (biases excluded)."""
+        geo = self.geometries[BlockKind(kind)]
+        if BlockKind(kind) is BlockKind.ATTENTION:
+            matrices = 4 if self.kv_follow_query else 2
+            return matrices * self.hidden_size * geo.unit_width
+        return self.mlp_matrices * self.hidden_size
+
+    def unit_flops(self, kind: BlockKind) -> int:
+        """FLOPs one unit costs per sequence of ``seq_len`` tokens (2 FLOPs per multiply-add): a
+        query head's projections (k/v too when they follow it) plus its ``Q K^T`` and ``A V``
+        (counted as the full square, as :mod:`ppframework.metrics.flops` does); an MLP channel's
+        rows and column of every MLP matrix."""
+        T = self.seq_len
+        if BlockKind(kind) is BlockKind.ATTENTION:
+            hd = self.geometries[BlockKind.ATTENTION].unit_width
+            return T * self.unit_params(kind) * 2 + 2 * (2 * T * T * hd)
+        return 2 * T * self.unit_params(kind)

@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from ppframework.errors import ConfigError
-from ppframework.types import BlockContext, BlockKind, BlockMask, BlockOutput, ChannelScores, Probe
+from ppframework.types import (
+    AllocationContext,
+    BlockContext,
+    BlockKind,
+    BlockMask,
+    BlockOutput,
+    ChannelScores,
+    Probe,
+)
 
 if TYPE_CHECKING:
     from ppframework.adapters import ModelAdapter
@@ -37,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Pending",
     "StrategyOutputError",
+    "check_allocation",
     "check_fused",
     "check_history",
     "check_mask",
@@ -442,6 +451,39 @@ def check_output(
     check.tensor(out.sq_mean, "sq_mean", (seq, channels), rule)
     if out.position_valid is not None:
         check.tensor(out.position_valid, "position_valid", (seq,), f"position_valid must be None or ({seq},)")
+
+
+# ------------------------------------------------------------------------------------------
+# allocate
+
+
+def check_allocation(ratios: Any, strategy: Any, plan: AllocationContext) -> None:
+    """``allocate`` returned a dict with exactly ``plan.blocks`` as keys and, for each, a finite
+    ratio in ``[0, 1)`` (a real number, not a bool)."""
+    check = _Checker("allocate", strategy, None)
+    rule = (
+        "allocate must return {(layer, kind): ratio} for every pruned block (plan.blocks) and no other, "
+        "each ratio a finite number in [0, 1)"
+    )
+    if not isinstance(ratios, dict):
+        raise check.fail(_type_name(ratios), rule)
+    expected = set(plan.blocks)
+    missing = sorted(expected - set(ratios), key=str)
+    extra = sorted(set(ratios) - expected, key=str)
+    if missing:
+        raise check.fail(f"no ratio for the blocks {_short(missing)}", rule)
+    if extra:
+        raise check.fail(f"ratios for blocks that are not pruned {_short(extra)}", rule)
+    bad = [
+        (key, value)
+        for key, value in ratios.items()
+        if isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not np.isfinite(value)
+        or not 0 <= value < 1
+    ]
+    if bad:
+        raise check.fail(f"ratios outside [0, 1) {_short(bad)}", rule)
 
 
 # ------------------------------------------------------------------------------------------

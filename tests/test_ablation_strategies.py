@@ -69,7 +69,10 @@ def test_flap_score_by_hand():
     assert scores.weight_term.tolist() == [10.0, 5.0, 0.5, 4.0]  # sum_i W[i, c]^2
     scores.activation = torch.tensor([1.0, 2.0, 4.0, 0.5])
     assert scores.channel_scores().tolist() == [10.0, 10.0, 2.0, 2.0]
-    assert scores.statistic == "variance" and not scores.bias_compensation
+    assert scores.statistic == "fluctuation" and not scores.bias_compensation  # FLAP's all-position variance
+    per_position = FlapScore(FlapParams(fluctuation="per-position"))  # flap-uniform's statistic
+    scored = per_position.score_channels(ctx=ctx(), probe=None, probe_states=None, weight=W)
+    assert scored.statistic == "variance"
     assert FlapScore(FlapParams(bias_compensation=True)).score_channels(
         ctx=ctx(), probe=None, probe_states=None, weight=W
     ).bias_compensation
@@ -88,7 +91,8 @@ def test_flap_fluctuation_is_per_position_variance_summed_over_positions():
     history = BlockHistory(sq_mean=sq_mean, mean=mean)
     variance = history_statistic(history, 2, "variance")
     assert variance.tolist() == [[4.0, 0.0, 4.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
-    scores = FlapScore().score_channels(ctx=ctx(seq_len=2), probe=None, probe_states=None, weight=W)
+    flap = FlapScore(FlapParams(fluctuation="per-position"))
+    scores = flap.score_channels(ctx=ctx(seq_len=2), probe=None, probe_states=None, weight=W)
     fused = HistoryOnlyFusion().fuse_history(ctx=ctx(seq_len=2), scores=scores, history=history)
     assert fused.activation.tolist() == [5.0, 1.0, 4.0, 0.0]
 

@@ -34,7 +34,7 @@ from ppframework.registry import (
     StrategyRegistry,
     default_registry,
 )
-from ppframework.types import BlockContext, BlockMask, ChannelScores, Probe
+from ppframework.types import AllocationContext, BlockContext, BlockMask, ChannelScores, Probe
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DOC = REPO / "docs" / "plugins.md"
@@ -575,7 +575,9 @@ def test_hook_has_a_test(hook: str) -> None:
     assert referencing, f"no test under tests/ references the hook {hook}"
 
 
-@pytest.mark.parametrize("cls", [ChannelScores, BlockMask, Probe, BlockContext], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [ChannelScores, BlockMask, Probe, BlockContext, AllocationContext], ids=lambda c: c.__name__
+)
 def test_dataclass_fields_are_documented(plugin_doc: str, cls: type) -> None:
     missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in plugin_doc]
     assert cls.__name__ in plugin_doc

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ppframework.hookspecs import hookimpl
+from ppframework.strategies.allocation import AdaptiveAllocation, UniformAllocation
 from ppframework.strategies.fusion import (
     FixedFusion,
     HistoryOnlyFusion,
@@ -17,6 +18,8 @@ from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, R
 from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore, WandaSpScore
 
 BUILTIN_STRATEGIES: tuple[type, ...] = (
+    UniformAllocation,
+    AdaptiveAllocation,
     ResidualProbe,
     RandomProbe,
     FullBatchProbe,

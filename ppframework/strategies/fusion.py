@@ -34,8 +34,14 @@ def sum_valid_positions(values: torch.Tensor, position_valid: torch.Tensor | Non
     return (values * position_valid[:, None].to(values.dtype)).sum(dim=0)
 
 
+STATISTICS: tuple[str, ...] = ("sq_mean", "variance", "fluctuation")
+
+
 def history_statistic(history: BlockHistory, seq_len: int, statistic: str) -> torch.Tensor:
-    """Per-position history rows (seq_len, C) of ``sq_mean`` or of the variance ``E[X^2] - E[X]^2``."""
+    """Per-position history rows (seq_len, C) of ``sq_mean`` or of the variance ``E[X^2] - E[X]^2``.
+
+    ``fluctuation`` is not a per-position statistic; see :func:`all_position_fluctuation`.
+    """
     rows = history.sq_mean[:seq_len]
     if statistic == "sq_mean":
         return rows
@@ -43,11 +49,47 @@ def history_statistic(history: BlockHistory, seq_len: int, statistic: str) -> to
         if history.mean is None:
             raise ValueError("the variance statistic needs the calibration mean of X; this history has none")
         return (rows - history.mean[:seq_len].square()).clamp(min=0.0)
-    raise ValueError(f"unknown history statistic {statistic!r}; expected 'sq_mean' or 'variance'")
+    if statistic == "fluctuation":
+        raise ValueError("the fluctuation statistic spans all positions; use all_position_fluctuation")
+    raise ValueError(f"unknown history statistic {statistic!r}; expected one of {', '.join(STATISTICS)}")
+
+
+def all_position_fluctuation(
+    history: BlockHistory, seq_len: int, position_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FLAP's fluctuation (C,): the sample variance of each channel over every (sample, position)
+    pair of the calibration, around the channel's single mean over all of them.
+
+    Every position holds the same number of samples ``n`` (``history.samples``), so with the
+    per-position means ``m1[t] = E_n[X]`` and ``m2[t] = E_n[X^2]`` the all-position moments are
+    ``E[X] = mean_t m1[t]`` and ``E[X^2] = mean_t m2[t]`` over the ``P`` positions used (the first
+    ``seq_len``, real ones only when ``position_valid`` is given), and the unbiased variance over the
+    ``N = n * P`` values is ``(E[X^2] - E[X]^2) * N / (N - 1)`` (float64; clamped at 0). Without a
+    sample count (``samples`` 0) the factor ``N / (N - 1)`` is left out.
+    """
+    if history.mean is None:
+        raise ValueError("the fluctuation statistic needs the calibration mean of X; this history has none")
+    m2 = history.sq_mean[:seq_len].to(torch.float64)
+    m1 = history.mean[:seq_len].to(torch.float64)
+    if position_valid is not None:
+        weights = position_valid[: m2.shape[0]].to(torch.float64)
+    else:
+        weights = torch.ones(m2.shape[0], dtype=torch.float64, device=m2.device)
+    positions = weights.sum().clamp(min=1.0)
+    e1 = (m1 * weights[:, None]).sum(dim=0) / positions
+    e2 = (m2 * weights[:, None]).sum(dim=0) / positions
+    variance = (e2 - e1.square()).clamp(min=0.0)
+    count = float(history.samples) * float(positions)
+    if count > 1:
+        variance = variance * (count / (count - 1.0))
+    return variance.to(torch.float32)
 
 
 def history_activation(ctx: BlockContext, history: BlockHistory, statistic: str = "sq_mean") -> torch.Tensor:
-    """``a_c`` from history alone: the sum over this batch's real positions of the statistic."""
+    """``a_c`` from history alone: the sum over this batch's real positions of the statistic (or,
+    for ``fluctuation``, the all-position variance over them)."""
+    if statistic == "fluctuation":
+        return all_position_fluctuation(history, ctx.seq_len, ctx.position_valid)
     return sum_valid_positions(history_statistic(history, ctx.seq_len, statistic), ctx.position_valid)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ppframework.hookspecs import hookimpl
-from ppframework.types import BlockContext, ChannelScores, Probe
+from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
 
 
 def probe_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,19 +163,40 @@ class FlapParams(BaseModel):
     bias_compensation: bool = Field(
         False, description="add W[:, pruned] @ mean_input[pruned] to the block output (FLAP's compensation)"
     )
+    fluctuation: Literal["all-positions", "per-position"] = Field(
+        "all-positions",
+        description="all-positions: the sample variance of the channel over every calibration token "
+        "around its single mean (FLAP's fluc_inp); per-position: the variance at each position around "
+        "that position's mean, summed over positions (this project's earlier definition)",
+    )
+    square_attention: bool = Field(
+        False,
+        description="square the attention channel scores before heads are formed (FLAP's own code does; "
+        "the PP paper's FLAP does not)",
+    )
+
+
+def squared_fluctuation_times_weight(
+    activation: torch.Tensor | None, weight_term: torch.Tensor
+) -> torch.Tensor:
+    """FLAP's attention score in its own code: ``(fluct_c * sum_i W[i, c]^2)^2``."""
+    return fluctuation_times_weight(activation, weight_term).square()
 
 
 class FlapScore(WeightMetricScore):
     """FLAP (static baseline): fluctuation x squared weight norm, S_c = fluct_c * sum_i W[i, c]^2.
 
-    ``fluct_c`` is the calibration's per-position variance of the channel's input summed over
-    positions (``statistic = "variance"``); heads by sum. With ``bias_compensation`` the pruned
-    channels' mean contribution is added back as a bias.
+    ``fluct_c`` is, by default, the calibration's sample variance of the channel's input over every
+    position of every sample (``statistic = "fluctuation"``, FLAP's ``fluc_inp``); with
+    ``fluctuation: per-position`` it is the per-position variance summed over positions
+    (``statistic = "variance"``). Heads by sum (with ``square_attention`` of the squared channel
+    scores, as FLAP's code). With ``bias_compensation`` the pruned channels' mean contribution is
+    added back as a bias.
     """
 
     name = "flap"
     head_reduce = "sum"
-    statistic = "variance"
+    statistic = "fluctuation"
     Params = FlapParams
     weight_term = staticmethod(squared_weight_term)
     combine = staticmethod(fluctuation_times_weight)
@@ -183,3 +205,13 @@ class FlapScore(WeightMetricScore):
         super().__init__()
         self.params = params or FlapParams()
         self.bias_compensation = self.params.bias_compensation
+        self.statistic = "fluctuation" if self.params.fluctuation == "all-positions" else "variance"
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+        if self.params.square_attention and ctx.kind is BlockKind.ATTENTION:
+            scores.combine = squared_fluctuation_times_weight
+        return scores

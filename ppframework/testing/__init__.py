@@ -7,6 +7,7 @@ this package imports neither pytest nor hypothesis (the checks import hypothesis
 
 from ppframework.testing.conformance import (
     STAGE_CHECKS,
+    check_allocate,
     check_apply_mask,
     check_fuse_history,
     check_infer,
@@ -20,6 +21,7 @@ from ppframework.testing.conformance import (
 
 __all__ = [
     "STAGE_CHECKS",
+    "check_allocate",
     "check_apply_mask",
     "check_fuse_history",
     "check_infer",
