@@ -103,6 +103,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.append(f"evaluation.zeroshot.limit={args.limit}")
         overrides.append(f"evaluation.generation.limit={args.limit}")
+        overrides.append(f"evaluation.lm_eval.limit={args.limit}")
     cfg = load_config(args.config, overrides)
     if args.out:
         cfg.out_dir = args.out
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", help="YAML or JSON run config (its `evaluation` section)")
     _add_set_option(evaluate, "evaluation.runtime.repeats=3")
     evaluate.add_argument(
-        "--limit", type=int, help="first N items per zero-shot and generation task (quick runs)"
+        "--limit", type=int, help="first N items per zero-shot, lm-eval and generation task (quick runs)"
     )
     evaluate.add_argument("--out", help="directory for results.json/.csv/.md and the PNG plots")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")

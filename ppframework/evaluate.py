@@ -37,6 +37,7 @@ from ppframework.generation.evaluation import (
     load_generation_items,
     run_generation_tasks,
 )
+from ppframework.harness import LmEvalPlan, plan_lm_eval, run_lm_eval
 from ppframework.history import HistoryStore
 from ppframework.metrics.efficiency import accuracy_prr, prr, prr_ratio
 from ppframework.metrics.memory import PeakMemory, format_bytes
@@ -107,9 +108,15 @@ class EvalRow:
     realised_ratio: float = 0.0
     static: bool = False
     perplexity: float | None = None
-    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, float | None]] = field(default_factory=dict)
     mean_acc: float | None = None
     mean_acc_norm: float | None = None
+    #: lm-evaluation-harness metrics per task (``acc``, ``acc_norm``, their stderr, ``n_items``, ...).
+    lm_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: mean ``acc`` over the harness tasks that report it.
+    lm_eval_mean_acc: float | None = None
+    #: the forwards the harness ran (rows and width of each, a digest of every row length).
+    lm_eval_batches: dict[str, Any] = field(default_factory=dict)
     time_ratio: float = 1.0
     time_ratio_spread: float = 0.0
     decoder_time_ratio: float = 1.0
@@ -165,7 +172,8 @@ class EvalReport:
 
 
 def check_tasks(cfg: RunConfig) -> None:
-    """Fail before any model loads if a zero-shot task name is unknown or a baseline is not a method."""
+    """Fail before any model loads if a zero-shot task name is unknown, a request length does not fit
+    the calibrated history, or a baseline is not a method (lm-eval tasks: :func:`plan_lm_eval`)."""
     zs = cfg.evaluation.zeroshot
     if zs.enabled:
         for i, name in enumerate(zs.tasks):
@@ -173,6 +181,19 @@ def check_tasks(cfg: RunConfig) -> None:
                 get_task(name)
             except ConfigError as exc:
                 raise ConfigError(f"evaluation.zeroshot.tasks[{i}]: {exc}") from None
+    if any(m.needs_calibration for m in cfg.methods):
+        lengths = {
+            "evaluation.zeroshot.max_length": zs.max_length if zs.enabled else None,
+            "evaluation.lm_eval.max_length": cfg.evaluation.lm_eval.max_length
+            if cfg.evaluation.lm_eval.enabled else None,
+        }
+        for name, value in lengths.items():
+            if value is not None and value > cfg.calibration_seq_len:
+                raise ConfigError(
+                    f"{name}: {value} tokens exceed calibration.seq_len ({cfg.calibration_seq_len}), the "
+                    "positions of the calibrated history; pruned methods cannot run longer inputs. Lower it "
+                    "or raise calibration.seq_len"
+                )
     labels = [m.label for m in cfg.methods]
     for name in cfg.evaluation.baselines or []:
         if name not in labels:
@@ -232,9 +253,24 @@ def time_against_dense(
     return result
 
 
+def request_max_length(cfg: RunConfig, explicit: int | None, model_positions: int | None) -> int | None:
+    """The longest input a zero-shot request may have (longer ones lose tokens from the left).
+
+    ``explicit`` when set; else ``calibration.seq_len`` when a method of the run has a calibrated
+    history (its positions end there and a pruned forward cannot be longer), used for every row,
+    dense included, so all rows score the same tokens; else the model's context
+    (``max_position_embeddings``; None = no limit), as lm-evaluation-harness does.
+    """
+    if explicit is not None:
+        return explicit
+    if any(m.needs_calibration for m in cfg.methods):
+        return cfg.calibration_seq_len
+    return model_positions
+
+
 def _zeroshot(
-    model: nn.Module, tokenizer: Any, cfg: RunConfig, progress: bool
-) -> dict[str, dict[str, float]]:
+    model: nn.Module, tokenizer: Any, cfg: RunConfig, progress: bool, max_length: int | None = None
+) -> dict[str, dict[str, float | None]]:
     zs = cfg.evaluation.zeroshot
     results = evaluate_tasks(
         model,
@@ -243,16 +279,16 @@ def _zeroshot(
         limit=zs.limit,
         batch_size=zs.batch_size,
         data_dir=cfg.data.data_dir,
-        max_length=zs.max_length or cfg.calibration_seq_len,
+        max_length=max_length,
         progress=progress,
     )
     return {r.task: {"acc": r.acc, "acc_norm": r.acc_norm, "n_items": r.n_items} for r in results}
 
 
-def _mean(accuracy: dict[str, dict[str, float]], metric: str) -> float | None:
-    if not accuracy:
-        return None
-    return sum(v[metric] for v in accuracy.values()) / len(accuracy)
+def _mean(accuracy: dict[str, dict[str, Any]], metric: str) -> float | None:
+    """Mean of ``metric`` over the tasks that report it (acc_norm: not BoolQ, WinoGrande)."""
+    values = [v[metric] for v in accuracy.values() if v.get(metric) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
@@ -262,8 +298,21 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     check_tasks(cfg)
     check_generation_data(cfg)
     zs = cfg.evaluation.zeroshot
-    longest_request = (zs.max_length or cfg.calibration_seq_len) if zs.enabled else None
-    checked = preflight(cfg, zeroshot_length=longest_request)
+    longest_request = request_max_length(cfg, zs.max_length, None) if zs.enabled else None
+    lm_plan: LmEvalPlan | None = plan_lm_eval(cfg) if cfg.evaluation.lm_eval.enabled else None
+    try:
+        checked = preflight(cfg, zeroshot_length=longest_request)
+        return _evaluate(cfg, progress, start, checked, lm_plan)
+    finally:
+        if lm_plan is not None:
+            lm_plan.close()
+
+
+def _evaluate(
+    cfg: RunConfig, progress: bool, start: float, checked: Any, lm_plan: LmEvalPlan | None
+) -> EvalReport:
+    """:func:`evaluate` after the checks: load the model and measure every method."""
+    zs = cfg.evaluation.zeroshot
     text = checked.text
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(
@@ -280,6 +329,16 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         else {}
     )
     batches = eval_batches(cfg, tokenizer, text, checked.eval_ids)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    zs_max_length = request_max_length(cfg, zs.max_length, positions)
+    le_max_length = request_max_length(cfg, ev.lm_eval.max_length or zs.max_length, positions)
+    lm_eval_info: dict[str, Any] = {}
+
+    def settings_now() -> dict[str, Any]:
+        settings = resolved_settings(cfg, model, batches)
+        settings["resolved"]["zeroshot_max_length"] = zs_max_length if zs.enabled else None
+        settings["resolved"]["lm_eval"] = lm_eval_info or None
+        return settings
     warmup = cfg.data.warmup_batches
     device = next(model.parameters()).device
     calibration: HistoryStore | None = None
@@ -301,7 +360,7 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         records = _attach_generation(partial, gen_results)
         report = EvalReport(
             partial,
-            resolved_settings(cfg, model, batches),
+            settings_now(),
             calibration_info,
             environment(model),
             time.perf_counter() - start,
@@ -339,9 +398,20 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
         if ev.zeroshot.enabled:
             zs_pipe = None if dense else make_pipe(index)
             with zs_pipe if zs_pipe is not None else nullcontext():
-                row.accuracy = _zeroshot(model, tokenizer, cfg, progress)
+                row.accuracy = _zeroshot(model, tokenizer, cfg, progress, zs_max_length)
             row.mean_acc = _mean(row.accuracy, "acc")
             row.mean_acc_norm = _mean(row.accuracy, "acc_norm")
+        if lm_plan is not None:
+            le_pipe = None if dense else make_pipe(index)
+            with le_pipe if le_pipe is not None else nullcontext():
+                lm_run = run_lm_eval(
+                    model, tokenizer, lm_plan, ev.lm_eval, max_length=le_max_length, label=label
+                )
+            if le_pipe is not None:
+                le_pipe.release()
+            row.lm_eval, row.lm_eval_mean_acc = lm_run.tasks, lm_run.mean_acc
+            row.lm_eval_batches = lm_run.batches
+            lm_eval_info = lm_plan.describe() | lm_run.settings
         if ev.generation.enabled:
             gen_pipe = None if dense else make_pipe(index)
             with gen_pipe if gen_pipe is not None else nullcontext():
@@ -349,6 +419,8 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
                     run_generation_tasks(model, tokenizer, gen_items, cfg, label=label, progress=progress)
                 )
             if gen_pipe is not None:
+                if not ev.perplexity:  # the realised ratio of the prefills' decisions
+                    row.realised_ratio = gen_pipe.realised_ratio()
                 gen_pipe.release()
         if ev.runtime.enabled and not dense:
             timing_pipe = make_pipe(index)
@@ -379,7 +451,7 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     baselines = list(ev.baselines) if ev.baselines is not None else default_baselines(cfg.methods, static)
     add_efficiency(rows, baselines)
     records = _attach_generation(rows, gen_results)
-    settings = resolved_settings(cfg, model, batches)
+    settings = settings_now()
     return EvalReport(
         rows,
         settings,
@@ -416,11 +488,14 @@ def add_efficiency(rows: list[EvalRow], baselines: list[str]) -> None:
     method (the paper compares PP 40% with FLAP 40%).
     """
     dense = rows[0]
+    accuracy = accuracy_source(rows)
     for row in rows[1:]:
         if row.perplexity is not None and dense.perplexity is not None:
             row.prr = prr(row.perplexity, dense.perplexity, row.time_ratio, 1.0)
-        if row.mean_acc is not None and dense.mean_acc is not None:
-            row.accuracy_prr = accuracy_prr(row.mean_acc, dense.mean_acc, row.time_ratio, 1.0)
+        if accuracy is not None and getattr(row, accuracy) is not None:
+            row.accuracy_prr = accuracy_prr(
+                getattr(row, accuracy), getattr(dense, accuracy), row.time_ratio, 1.0
+            )
     by_label = {r.method: r for r in rows}
     for row in rows[1:]:
         for name in baselines:
@@ -431,6 +506,17 @@ def add_efficiency(rows: list[EvalRow], baselines: list[str]) -> None:
                 row.prr_ratios[name] = prr_ratio(base.prr, row.prr)
             if row.accuracy_prr is not None and base.accuracy_prr is not None:
                 row.accuracy_prr_ratios[name] = prr_ratio(base.accuracy_prr, row.accuracy_prr)
+
+
+def accuracy_source(rows: list[EvalRow]) -> str | None:
+    """The mean accuracy the accuracy PRR and plot use: the built-in scorer's ``mean_acc`` when it ran,
+    else the harness's ``lm_eval_mean_acc``; None when dense has neither."""
+    if not rows:
+        return None
+    for name in ("mean_acc", "lm_eval_mean_acc"):
+        if getattr(rows[0], name) is not None:
+            return name
+    return None
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -460,7 +546,20 @@ def settings_block(report: EvalReport) -> str:
     ]
     if zs["enabled"]:
         limit = f"first {zs['limit']} items per task" if zs["limit"] else "all items"
-        parts.append(f"zero-shot: {len(zs['tasks'])} tasks, {limit}, batch {zs['batch_size']}")
+        max_len = r.get("zeroshot_max_length")
+        parts.append(
+            f"zero-shot: {len(zs['tasks'])} tasks, {limit}, batch {zs['batch_size']}, item order, "
+            f"inputs up to {max_len if max_len else 'any number of'} tokens"
+        )
+    le, le_run = ev.get("lm_eval", {}), r.get("lm_eval")
+    if le.get("enabled") and le_run:
+        limit = f"first {le['limit']} docs per task" if le["limit"] else "all docs"
+        shots = "task default" if le["num_fewshot"] is None else le["num_fewshot"]
+        parts.append(
+            f"lm-eval {le_run['version']}: {len(le['tasks'])} tasks ({len(le_run['local_tasks'])} from local "
+            f"files), {limit}, few-shot {shots}, batch {le['batch_size']} over the length-sorted requests of "
+            f"all tasks, inputs up to {le_run['max_length']} tokens"
+        )
     if rt["enabled"]:
         parts.append(
             f"runtime: {rt['repeats']} interleaved dense/method pairs after {rt['warmup']} warm-up, "
@@ -494,13 +593,19 @@ def format_eval_table(report: EvalReport) -> str:
     if tasks:
         lines += ["", "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
         for row in report.rows:
-            cells = [f"{row.accuracy[t]['acc']:.4f} / {row.accuracy[t]['acc_norm']:.4f}" for t in tasks]
+            cells = [
+                f"{row.accuracy[t]['acc']:.4f} / {_fmt(row.accuracy[t]['acc_norm'], '.4f')}" for t in tasks
+            ]
             mean = f"{_fmt(row.mean_acc, '.4f')} / {_fmt(row.mean_acc_norm, '.4f')}"
             lines.append(f"| {row.method} | " + " | ".join(cells) + f" | {mean} |")
         lines += [
             "",
-            "accuracy cells are acc / acc_norm (acc_norm divides by the continuation's byte length).",
+            "built-in scorer: cells are acc / acc_norm, as the stock lm-evaluation-harness tasks define them "
+            "(acc_norm divides by the choice's length in characters; BoolQ and WinoGrande report acc only, "
+            "so mean acc_norm averages the other tasks)."
+            + (_HELLASWAG_NOTE if "hellaswag" in tasks else ""),
         ]
+    lines += lm_eval_table(report)
     lines += generation_table(report)
     lines += [
         "",
@@ -516,6 +621,47 @@ def format_eval_table(report: EvalReport) -> str:
     if not report.complete:
         lines += ["", "(partial results: the evaluation has not finished; PRR and plots come at the end)"]
     return "\n".join(lines)
+
+
+_HELLASWAG_NOTE = (
+    " HellaSwag: the local copy lacks ctx_a/ctx_b/activity_label, so its prompts keep the copy's lower-case "
+    "start of ctx_b where the stock task capitalises it; not comparable digit for digit with hub numbers."
+)
+
+
+def lm_eval_table(report: EvalReport) -> list[str]:
+    """Markdown lines of the lm-evaluation-harness tasks (none when they did not run)."""
+    tasks = list(report.rows[0].lm_eval) if report.rows else []
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "| method (lm-eval) | " + " | ".join(tasks) + " | mean acc | forwards |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for row in report.rows:
+        cells = []
+        for task in tasks:
+            m = row.lm_eval.get(task, {})
+            cell = _fmt(m.get("acc"), ".4f")
+            if "acc_norm" in m:
+                cell += f" / {_fmt(m['acc_norm'], '.4f')}"
+            cells.append(cell)
+        forwards = row.lm_eval_batches.get("forwards", "-")
+        mean = _fmt(row.lm_eval_mean_acc, ".4f")
+        lines.append(f"| {row.method} | " + " | ".join(cells) + f" | {mean} | {forwards} |")
+    le_run = report.settings.get("resolved", {}).get("lm_eval") or {}
+    local = sorted(le_run.get("local_tasks", {}))
+    lines += [
+        "",
+        f"lm-evaluation-harness {le_run.get('version', '?')} (HFLM around the live model, pipeline "
+        "attached): cells are acc / acc_norm where the task reports acc_norm; mean acc over the tasks that "
+        f"report acc. Local-file tasks: {', '.join(local) or 'none'}; the others are stock hub tasks. The "
+        "harness batches the length-sorted requests of all tasks together, so a dynamic method decides "
+        "on other batches than in the built-in scorer (docs/evaluation.md)."
+        + (_HELLASWAG_NOTE if "hellaswag" in local else ""),
+    ]
+    return lines
 
 
 def _main_metric(task: str) -> str:
@@ -577,6 +723,7 @@ EVAL_CSV_COLUMNS: tuple[str, ...] = (
     "peak_memory_bytes",
     "prr",
     "accuracy_prr",
+    "lm_eval_mean_acc",
 )
 
 
@@ -586,7 +733,11 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
     out["probe_flops_share"] = row.flops.get("probe_share", 0.0) if row.flops else 0.0
     for task, values in row.accuracy.items():
         out[f"acc_{task}"] = values["acc"]
-        out[f"acc_norm_{task}"] = values["acc_norm"]
+        if values.get("acc_norm") is not None:
+            out[f"acc_norm_{task}"] = values["acc_norm"]
+    for task, metrics in row.lm_eval.items():
+        for metric, value in metrics.items():
+            out[f"lm_eval_{task}_{metric}"] = value
     for name, value in row.prr_ratios.items():
         out[f"prr_ratio_vs_{name}"] = value
     for task, g in row.generation.items():
@@ -643,12 +794,15 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
         ]
         path = draw(points, "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True)
         written.append(str(path))
-    if all(r.mean_acc is not None for r in report.rows):
+    accuracy = accuracy_source(report.rows)
+    if accuracy is not None and all(getattr(r, accuracy) is not None for r in report.rows):
         points = [
-            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.mean_acc}
+            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio,
+             "value": getattr(r, accuracy)}
             for r in report.rows
         ]
-        path = draw(points, "accuracy_vs_runtime.png", "mean zero-shot accuracy", "accuracy vs runtime")
+        ylabel = "mean zero-shot accuracy" + (" (lm-eval)" if accuracy == "lm_eval_mean_acc" else "")
+        path = draw(points, "accuracy_vs_runtime.png", ylabel, "accuracy vs runtime")
         written.append(str(path))
     for task in report.rows[0].generation if report.rows else {}:
         metric = _main_metric(task)

@@ -151,6 +151,7 @@ def test_ppf_eval_generation_tasks(tmp_path, tiny_model_dir, tiny_text_file, cap
         assert set(gen["xsum"]["metrics"]) == {"rouge1", "rouge2", "rougeL"}
         assert gen["mbpp"]["decode_tps_ratio"] > 0
     assert rows[0]["generation"]["xsum"]["decode_tps_ratio"] == 1.0
+    assert rows[0]["realised_ratio"] == 0.0 and 0.0 < rows[1]["realised_ratio"] < 0.4  # from the prefills
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 3 * (3 + 2 + 3)
     assert {"method", "task", "item_id", "completion"} <= set(records[0])

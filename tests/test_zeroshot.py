@@ -300,22 +300,29 @@ def test_build_batches_order_padding_mask() -> None:
     encoded = [([1, 10, 11], [12, 13]), ([1, 20], [21]), ([1, 30, 31, 32, 33], [34, 35, 36])]
     first, last = build_batches(encoded, batch_size=2, pad_token_id=PAD)
     assert first.request_indices == [0, 1] and last.request_indices == [2]
-    assert first.input_ids.tolist() == [[1, 10, 11, 12, 13], [1, 20, 21, PAD, PAD]]
-    assert first.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert first.continuation_spans == [(3, 5), (2, 3)]
-    assert last.input_ids.tolist() == [[1, 30, 31, 32, 33, 34, 35, 36]]
-    assert last.attention_mask.tolist() == [[1] * 8]
-    assert last.continuation_spans == [(5, 8)]
+    # the last continuation token is only a target: it is never fed to the model
+    assert first.input_ids.tolist() == [[1, 10, 11, 12], [1, 20, PAD, PAD]]
+    assert first.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert first.logit_spans == [(2, 4), (1, 2)] and first.targets == [[12, 13], [21]]
+    assert last.input_ids.tolist() == [[1, 30, 31, 32, 33, 34, 35]]
+    assert last.attention_mask.tolist() == [[1] * 7]
+    assert last.logit_spans == [(4, 7)] and last.targets == [[34, 35, 36]]
 
 
-def test_build_batches_left_truncation_keeps_continuation() -> None:
+def test_build_batches_left_truncation_as_the_harness() -> None:
+    # lm-evaluation-harness: input = (context + continuation)[-(max_length + 1):][:-1]
     encoded = [([1, 30, 31, 32, 33], [34, 35, 36]), ([1, 20], [21])]
     (batch,) = build_batches(encoded, batch_size=4, pad_token_id=PAD, max_length=5)
-    assert batch.input_ids.tolist() == [[32, 33, 34, 35, 36], [1, 20, 21, PAD, PAD]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert batch.continuation_spans == [(2, 5), (2, 3)]
+    whole = [1, 30, 31, 32, 33, 34, 35, 36]
+    assert batch.input_ids.tolist()[0] == whole[-(5 + 1):][:-1] == [31, 32, 33, 34, 35]
+    assert batch.input_ids.tolist()[1] == [1, 20, PAD, PAD, PAD]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch.logit_spans == [(2, 5), (1, 2)]
+    # a continuation of max_length tokens still fits: one context token stays in the input
+    (edge,) = build_batches(encoded[:1], batch_size=1, pad_token_id=PAD, max_length=3)
+    assert edge.input_ids.tolist() == [[33, 34, 35]] and edge.logit_spans == [(0, 3)]
     with pytest.raises(ConfigError, match="max_length"):
-        build_batches(encoded, batch_size=4, pad_token_id=PAD, max_length=3)
+        build_batches(encoded, batch_size=4, pad_token_id=PAD, max_length=2)
     with pytest.raises(ConfigError, match="batch_size"):
         build_batches(encoded, batch_size=0, pad_token_id=PAD)
 
@@ -363,24 +370,58 @@ def test_score_matches_hand_computation(family: str, tokenizer: Any) -> None:
 
 def test_score_with_left_truncation(llama: Any, tokenizer: Any) -> None:
     context, continuation = "abcdefghij", " kl"
-    # keep the last 8 tokens: "fghij kl" (BOS and "abcde" dropped)
-    ids = [tokenizer.convert_tokens_to_ids(ch) for ch in "fghij kl"]
+    # inputs of 8 tokens, the last one ("l") only a target: "efghij k" + "l" (BOS and "abcd" dropped)
+    ids = [tokenizer.convert_tokens_to_ids(ch) for ch in "efghij kl"]
     with torch.no_grad():
-        log_probs = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
-    expected = sum(float(log_probs[p - 1, ids[p]]) for p in range(5, 8))
+        log_probs = torch.log_softmax(llama(input_ids=torch.tensor([ids[:-1]])).logits[0].double(), dim=-1)
+    expected = sum(float(log_probs[p - 1, ids[p]]) for p in range(6, 9))
     (score,) = score_requests(llama, tokenizer, [(context, continuation)], 1, max_length=8, progress=False)
     assert score == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("methods", "explicit", "expected"),
+    [
+        ([], None, 8192),  # dense only: the model's context, as lm-evaluation-harness truncates
+        ([{"preset": "magnitude", "pruning": {"ratio": 0.4}}], None, 8192),  # no calibrated history
+        ([{"preset": "pp"}], None, 512),  # a calibrated history ends at calibration.seq_len: every row
+        ([{"preset": "pp"}], 300, 300),  # explicit
+    ],
+)
+def test_request_max_length_defaults_to_model_context(
+    methods: list[Any], explicit: Any, expected: int
+) -> None:
+    from ppframework.config import RunConfig
+    from ppframework.evaluate import request_max_length
+
+    cfg = RunConfig.model_validate({"methods": methods, "data": {"seq_len": 512}})
+    assert request_max_length(cfg, explicit, 8192) == expected
+    assert request_max_length(RunConfig.model_validate({"methods": []}), None, None) is None  # no limit
+
+
+def test_max_length_beyond_calibrated_positions_fails_early() -> None:
+    from ppframework.config import RunConfig
+    from ppframework.evaluate import check_tasks
+
+    evaluation = {"zeroshot": {"max_length": 1024}}
+    cfg = RunConfig.model_validate({"data": {"seq_len": 128}, "evaluation": evaluation})
+    with pytest.raises(ConfigError, match=r"evaluation\.zeroshot\.max_length: 1024 tokens exceed"):
+        check_tasks(cfg)
+    check_tasks(RunConfig.model_validate({"methods": [], "evaluation": {"zeroshot": {"max_length": 1024}}}))
 
 
 # --------------------------------------------------------------------------- (c) acc / acc_norm
 
 
-def test_acc_norm_uses_byte_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    # " ééé": 4 characters, 7 UTF-8 bytes; " abcde": 6 characters, 6 bytes.
-    assert continuation_length(" ééé") == 7 and continuation_length(" abcde") == 6
-    item = MultipleChoiceItem("t", 0, ["ctx"], [" ééé", " abcde"], 0)
-    # acc: -2.8 > -3.0 -> choice 1 (wrong). Per byte: -3/7 = -0.43 > -2.8/6 = -0.47 -> choice 0 (right).
-    # (Per character it would be -3/4 = -0.75 < -0.47 -> choice 1: bytes flip the decision.)
+def test_acc_norm_divides_by_choice_characters_without_delimiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # lm-evaluation-harness 0.4: acc_norm = argmax(ll / len(choice)), the choice text without the " "
+    # delimiter, in characters. " ééé": choice "ééé" = 3 characters (7 UTF-8 bytes with the space);
+    # " abcde": "abcde" = 5 characters (6 bytes with the space).
+    assert continuation_length(" ééé") == 3 and continuation_length(" abcde") == 5
+    assert continuation_length("  x") == 2  # only the one delimiter space goes
+    item = MultipleChoiceItem("t", 0, ["ctx"], [" ééé", " abcde"], 1)
+    # Per character: -3/3 = -1.0 < -2.8/5 = -0.56 -> choice 1 (right). The old divisor (bytes with the
+    # space) gives -3/7 = -0.43 > -2.8/6 = -0.47 -> choice 0.
     fixed = [-3.0, -2.8]
 
     def fake_scores(_model: Any, _tok: Any, requests: Sequence[Request], *_: Any, **__: Any) -> list[float]:
@@ -389,13 +430,34 @@ def test_acc_norm_uses_byte_length(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(scoring, "score_requests", fake_scores)
     result = evaluate_items(None, None, [item], progress=False)  # type: ignore[arg-type]
-    assert (result.acc, result.acc_norm, result.n_items, result.task) == (0.0, 1.0, 1, "t")
+    assert (result.acc, result.acc_norm, result.n_items, result.task) == (1.0, 1.0, 1, "t")
+
+
+def test_acc_norm_only_where_the_harness_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stock harness BoolQ and WinoGrande tasks report acc only: so does the scorer.
+    assert get_task("boolq").metrics == ("acc",) and get_task("winogrande").metrics == ("acc",)
+    assert all(get_task(t).metrics == ("acc", "acc_norm") for t in ("piqa", "hellaswag", "arc_easy",
+                                                                     "arc_challenge", "openbookqa"))
+
+    def fake_scores(_model: Any, _tok: Any, requests: Sequence[Request], *_: Any, **__: Any) -> list[float]:
+        return [-1.0, -2.0][: len(requests)]
+
+    monkeypatch.setattr(scoring, "score_requests", fake_scores)
+    boolq = MultipleChoiceItem("boolq", 0, ["p\nQuestion: q?\nAnswer:"], [" no", " yes"], 0)
+    result = evaluate_items(None, None, [boolq], progress=False)  # type: ignore[arg-type]
+    assert result.acc == 1.0 and result.acc_norm is None
+    piqa = MultipleChoiceItem("piqa", 0, ["Question: g\nAnswer:"], [" a", " bb"], 0)
+    assert evaluate_items(None, None, [piqa], progress=False).acc_norm is not None  # type: ignore[arg-type]
 
 
 def test_average_accuracy() -> None:
     results = [TaskResult("a", 10, 0.5, 0.25, 1.0), TaskResult("b", 5, 1.0, 0.75, 1.0)]
     assert average_accuracy(results) == pytest.approx(0.75)
     assert average_accuracy(results, metric="acc_norm") == pytest.approx(0.5)
+    # acc_norm averages only the tasks that report it
+    with_boolq = [*results, TaskResult("boolq", 5, 0.0, None, 1.0)]
+    assert average_accuracy(with_boolq, metric="acc_norm") == pytest.approx(0.5)
+    assert average_accuracy(with_boolq) == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="metric"):
         average_accuracy(results, metric="f1")
     with pytest.raises(ConfigError):
@@ -410,9 +472,8 @@ def test_evaluate_tasks_end_to_end(llama: Any, tokenizer: Any, zs_dir: Path) -> 
     assert [r.task for r in results] == ["winogrande", "boolq"]
     for result in results:
         assert result.n_items == 3 and result.seconds > 0
-        assert result.acc * 3 in (0, 1, 2, 3) and result.acc_norm * 3 in (0, 1, 2, 3)
+        assert result.acc * 3 in (0, 1, 2, 3) and result.acc_norm is None  # acc only, as the harness
     winogrande = results[0]
-    assert winogrande.acc == winogrande.acc_norm  # one shared continuation: same argmax
     # batch size does not change the scores (fixed order, right padding)
     again = evaluate_task(llama, tokenizer, "winogrande", limit=3, batch_size=1, data_dir=zs_dir,
                           progress=False)

@@ -8,12 +8,15 @@ Protocol (docs/evaluation.md, zero-shot section):
   continuation; ``context + continuation`` is encoded whole and the continuation tokens are the tail
   after the tokens of the context encoded alone. Special tokens the tokenizer puts *before* a text
   (a BOS) are kept at the start of the context; nothing is appended after the continuation.
-* A row is the context tokens followed by the continuation tokens, padded on the RIGHT with
-  ``tokenizer.pad_token_id`` (or the EOS id); ``attention_mask`` is 1 on real tokens, 0 on padding.
-  A sequence longer than ``max_length`` loses tokens from the left; the continuation is kept whole.
+* A row is the context tokens followed by the continuation tokens WITHOUT the last one (its logits
+  would predict nothing), padded on the RIGHT with ``tokenizer.pad_token_id`` (or the EOS id);
+  ``attention_mask`` is 1 on real tokens, 0 on padding. As in lm-evaluation-harness, a row keeps the
+  last ``max_length`` of those tokens (``(context + continuation)[-(max_length + 1):][:-1]``); the
+  continuation is kept whole. ``max_length=None`` truncates nothing.
 * A request's score is the summed fp32 ``log_softmax`` log-probability of its continuation tokens,
-  each given every token before it. ``acc`` picks the highest score, ``acc_norm`` the highest score
-  divided by the continuation's length in UTF-8 bytes.
+  each given every token before it. ``acc`` picks the highest score; ``acc_norm`` (only for tasks whose
+  stock harness task reports it) the highest score divided by the length in characters of the choice
+  text without the one-space delimiter, as lm-evaluation-harness 0.4 does.
 """
 
 from __future__ import annotations
@@ -67,27 +70,34 @@ class ScoringBatch:
     """A right-padded batch of requests.
 
     Attributes:
-        input_ids: ``(B, T)`` LongTensor; row ``b`` is request ``request_indices[b]``'s tokens, then padding.
+        input_ids: ``(B, T)`` LongTensor; row ``b`` is request ``request_indices[b]``'s tokens but the last
+            continuation token, then padding.
         attention_mask: ``(B, T)`` LongTensor, 1 on real tokens and 0 on padding.
-        continuation_spans: per row, ``(start, end)``: the continuation occupies positions ``start..end-1``
-            (``start >= 1``; ``end`` is the row's number of real tokens).
+        logit_spans: per row, ``(start, end)``: the logits at positions ``start..end-1`` predict the
+            continuation tokens (``end`` is the row's number of real tokens).
+        targets: per row, the continuation token ids those logits are scored against.
         request_indices: the index of each row's request in the request list.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    continuation_spans: list[tuple[int, int]]
+    logit_spans: list[tuple[int, int]]
+    targets: list[list[int]]
     request_indices: list[int]
 
 
 @dataclass(frozen=True)
 class TaskResult:
-    """Accuracy of one task: ``acc`` and ``acc_norm`` as fractions in [0, 1]."""
+    """Accuracy of one task: ``acc`` and ``acc_norm`` as fractions in [0, 1].
+
+    ``acc_norm`` is None for tasks whose stock lm-evaluation-harness task does not report it (BoolQ,
+    WinoGrande).
+    """
 
     task: str
     n_items: int
     acc: float
-    acc_norm: float
+    acc_norm: float | None
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,13 +185,14 @@ def build_batches(
 ) -> list[ScoringBatch]:
     """Group encoded requests, in the given order, into right-padded batches of ``batch_size`` rows.
 
-    Row ``b`` of a batch is ``context_ids + continuation_ids`` (left-truncated to the last ``max_length``
-    tokens when longer), then ``pad_token_id`` up to the batch's longest row. The last batch holds the
-    remaining requests and may be smaller.
+    Row ``b`` of a batch is ``(context_ids + continuation_ids)[:-1]`` (the last token is only a target),
+    left-truncated to its last ``max_length`` tokens when longer (lm-evaluation-harness's rule), then
+    ``pad_token_id`` up to the batch's longest row. The last batch holds the remaining requests and may
+    be smaller.
 
     Raises:
-        ConfigError: ``batch_size`` or ``max_length`` is not positive, or a continuation does not fit in
-            ``max_length - 1`` tokens (at least one context token must stay).
+        ConfigError: ``batch_size`` or ``max_length`` is not positive, or a continuation is longer than
+            ``max_length`` tokens.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be a positive number of requests, got {batch_size}.")
@@ -189,26 +200,29 @@ def build_batches(
         raise ConfigError(f"max_length: must be at least 2 tokens or None, got {max_length}.")
     batches = []
     for first in range(0, len(encoded), batch_size):
-        rows, spans = [], []
+        rows, spans, targets = [], [], []
         for index in range(first, min(first + batch_size, len(encoded))):
             context_ids, continuation_ids = encoded[index]
-            sequence = [*context_ids, *continuation_ids]
-            if max_length is not None and len(sequence) > max_length:
-                if len(continuation_ids) > max_length - 1:
-                    raise ConfigError(
-                        f"max_length: request {index} has a continuation of {len(continuation_ids)} tokens, "
-                        f"which leaves no context token within max_length={max_length}; raise max_length."
-                    )
-                sequence = sequence[-max_length:]
-            rows.append(sequence)
-            spans.append((len(sequence) - len(continuation_ids), len(sequence)))
+            if max_length is not None and len(continuation_ids) > max_length:
+                raise ConfigError(
+                    f"max_length: request {index} has a continuation of {len(continuation_ids)} tokens, "
+                    f"more than max_length={max_length}; raise max_length."
+                )
+            row = [*context_ids, *continuation_ids][:-1]
+            if max_length is not None:
+                row = row[-max_length:]
+            rows.append(row)
+            spans.append((len(row) - len(continuation_ids), len(row)))
+            targets.append(list(continuation_ids))
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
             input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[b, : len(row)] = 1
-        batches.append(ScoringBatch(input_ids, attention_mask, spans, list(range(first, first + len(rows)))))
+        batches.append(
+            ScoringBatch(input_ids, attention_mask, spans, targets, list(range(first, first + len(rows))))
+        )
     return batches
 
 
@@ -217,10 +231,10 @@ def build_batches(
 
 def _batch_scores(logits: torch.Tensor, batch: ScoringBatch) -> list[float]:
     scores = []
-    for b, (start, end) in enumerate(batch.continuation_spans):
+    for b, (start, end) in enumerate(batch.logit_spans):
         # logits at position p predict the token at p + 1
-        log_probs = torch.log_softmax(logits[b, start - 1 : end - 1].float(), dim=-1)
-        targets = batch.input_ids[b, start:end].to(log_probs.device)
+        log_probs = torch.log_softmax(logits[b, start:end].float(), dim=-1)
+        targets = torch.tensor(batch.targets[b], dtype=torch.long, device=log_probs.device)
         scores.append(float(log_probs.gather(-1, targets.unsqueeze(-1)).sum()))
     return scores
 
@@ -265,8 +279,13 @@ def score_requests(
 
 
 def continuation_length(continuation: str) -> int:
-    """The ``acc_norm`` length of a continuation: its UTF-8 byte length (leading space included)."""
-    return len(continuation.encode("utf-8"))
+    """The ``acc_norm`` divisor of a continuation, as lm-evaluation-harness 0.4 computes it.
+
+    The harness divides by ``len(choice)``: the choice text in characters, without the one-space target
+    delimiter it puts in front. Our continuations carry that space, so it is removed first (only one:
+    a choice text that itself starts with a space keeps it).
+    """
+    return len(continuation.removeprefix(" "))
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -287,8 +306,12 @@ def evaluate_items(
     max_length: int | None = None,
     progress: bool = True,
     task: str | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> TaskResult:
     """Score ``items`` (see :func:`score_requests`) and return their ``acc`` and ``acc_norm``.
+
+    ``metrics`` (default: the registered task's, else both) says whether ``acc_norm`` is reported; it is
+    None when left out (the stock harness BoolQ and WinoGrande tasks report ``acc`` only).
 
     Raises:
         ConfigError: no items.
@@ -296,6 +319,11 @@ def evaluate_items(
     name = task if task is not None else (items[0].task if items else "?")
     if not items:
         raise ConfigError(f"zero-shot task {name!r}: no items to evaluate.")
+    if metrics is None:
+        try:
+            metrics = get_task(name).metrics
+        except ConfigError:  # an ad-hoc task name (tests, library use): report both
+            metrics = _METRICS
     started = time.perf_counter()
     requests = make_requests(items)
     scores = score_requests(model, tokenizer, requests, batch_size, max_length, progress, desc=name)
@@ -313,12 +341,13 @@ def evaluate_items(
         task=name,
         n_items=len(items),
         acc=correct / len(items),
-        acc_norm=correct_norm / len(items),
+        acc_norm=correct_norm / len(items) if "acc_norm" in metrics else None,
         seconds=time.perf_counter() - started,
     )
     logger.info(
-        "zero-shot %s: %d items, acc=%.4f acc_norm=%.4f (batch_size=%d, %.1f s)",
-        name, result.n_items, result.acc, result.acc_norm, batch_size, result.seconds,
+        "zero-shot %s: %d items, acc=%.4f acc_norm=%s (batch_size=%d, max_length=%s, %.1f s)",
+        name, result.n_items, result.acc,
+        "-" if result.acc_norm is None else f"{result.acc_norm:.4f}", batch_size, max_length, result.seconds,
     )
     return result
 
@@ -370,14 +399,14 @@ def evaluate_tasks(
 
 
 def average_accuracy(results: Sequence[TaskResult], metric: str = "acc") -> float:
-    """Unweighted mean of ``metric`` (``"acc"`` or ``"acc_norm"``) over tasks.
+    """Unweighted mean of ``metric`` (``"acc"`` or ``"acc_norm"``) over the tasks that report it.
 
     Raises:
-        ConfigError: unknown metric or no results.
+        ConfigError: unknown metric, or no result reports it.
     """
     if metric not in _METRICS:
         raise ConfigError(f"metric: {metric!r} is unknown; choose one of {', '.join(_METRICS)}.")
-    if not results:
-        raise ConfigError("average_accuracy: no task results to average.")
-    values = [float(getattr(result, metric)) for result in results]
+    values = [float(v) for v in (getattr(result, metric) for result in results) if v is not None]
+    if not values:
+        raise ConfigError(f"average_accuracy: no task result reports {metric}.")
     return math.fsum(values) / len(values)

@@ -112,6 +112,8 @@ class TaskSpec:
             ``<split>.jsonl`` is always tried last).
         hub_path, hub_name: the ``datasets.load_dataset`` path and configuration name.
         hub_splits: per split, the hub split name.
+        metrics: what the stock lm-eval-harness task reports (BoolQ and WinoGrande: ``acc`` only), so
+            the scorer reports exactly those.
     """
 
     name: str
@@ -121,6 +123,7 @@ class TaskSpec:
     hub_path: str
     hub_name: str | None = None
     hub_splits: dict[str, str] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("acc", "acc_norm")
 
     def candidates(self, split: str) -> tuple[str, ...]:
         """Local file names that may hold ``split``, in the order they are tried."""
@@ -290,7 +293,7 @@ TASKS: dict[str, TaskSpec] = {
     "boolq": TaskSpec(
         "boolq", _build_boolq, "validation",
         {"validation": ("val.jsonl", "validation.jsonl"), "train": ("train.jsonl",)},
-        "aps/super_glue", "boolq",
+        "aps/super_glue", "boolq", metrics=("acc",),
     ),
     "piqa": TaskSpec(
         "piqa", _build_piqa, "validation",
@@ -307,7 +310,7 @@ TASKS: dict[str, TaskSpec] = {
     "winogrande": TaskSpec(
         "winogrande", _build_winogrande, "validation",
         {"validation": ("dev.jsonl", "validation.jsonl"), "train": ("train_xl.jsonl", "train.jsonl")},
-        "allenai/winogrande", "winogrande_xl",
+        "allenai/winogrande", "winogrande_xl", metrics=("acc",),
     ),
     "arc_easy": TaskSpec(
         "arc_easy", _arc_builder("arc_easy"), "test",
