@@ -240,13 +240,9 @@ def _realisation(measured: float, ideal: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ run
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark described by ``args``; returns the JSON report."""
-    device_name, dtype_name, batch, seq = DEFAULTS[args.workload]
-    args.device = args.device or device_name
-    args.dtype = args.dtype or dtype_name
-    args.batch = args.batch or batch
-    args.seq = args.seq or seq
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int, list[int]]:
+    """Device, dtype, round_to and skip layers of a run (defaults by device and workload); sets the
+    thread count and the seed."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
@@ -256,6 +252,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.skip_layers if args.skip_layers is not None else ([0] if args.workload == "tiny" else [0, 1, 2])
     )
     torch.manual_seed(args.seed)
+    return device, dtype, round_to, skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args``; returns the JSON report."""
+    device_name, dtype_name, batch, seq = DEFAULTS[args.workload]
+    args.device = args.device or device_name
+    args.dtype = args.dtype or dtype_name
+    args.batch = args.batch or batch
+    args.seq = args.seq or seq
+    device, dtype, round_to, skip = setup(args)
 
     start = time.perf_counter()
     model, description = build_model(args, device, dtype)
@@ -564,15 +571,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     args.device = args.device or device_name
     args.dtype = args.dtype or dtype_name
     args.seq = args.prompt_len  # random-weight models: max_position_embeddings >= max(seq, 2048)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    round_to = args.round_to if args.round_to is not None else (64 if device.type == "cuda" else 8)
-    skip = (
-        args.skip_layers if args.skip_layers is not None else ([0] if args.workload == "tiny" else [0, 1, 2])
-    )
-    torch.manual_seed(args.seed)
+    device, dtype, round_to, skip = setup(args)
 
     start = time.perf_counter()
     model, description, tokenizer = build_model_and_tokenizer(args, device, dtype)

@@ -15,21 +15,11 @@ from typing import Any
 import datasets
 from lm_eval.tasks.hellaswag.utils import preprocess as hellaswag_preprocess
 
-
-def _bool_label(value: Any) -> int:
-    """BoolQ label: "true"/"false" strings, booleans or 0/1 -> 1 (yes) / 0 (no)."""
-    if isinstance(value, bool):
-        return int(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return 1
-    if text in ("false", "0", "no"):
-        return 0
-    raise ValueError(f"boolq: label {value!r} is not true/false")
+from ppframework.zeroshot.tasks import bool_label
 
 
 def _boolq_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"label": _bool_label(doc["label"])}
+    return {"label": bool_label(doc["label"])}
 
 
 def boolq_docs(dataset: datasets.Dataset) -> datasets.Dataset:

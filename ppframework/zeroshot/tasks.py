@@ -155,8 +155,8 @@ def _label_value(record: Mapping[str, Any], task: str, index: int, *names: str) 
 _LABEL_FROM_FILE = "__label_from_file__"
 
 
-def _parse_bool_label(value: Any, task: str, index: int) -> int:
-    """BoolQ label: ``"true"``/``"false"`` strings, booleans or 0/1 -> 1 (yes) / 0 (no)."""
+def bool_label(value: Any) -> int:
+    """BoolQ label: ``"true"``/``"false"`` strings, booleans or 0/1 -> 1 (yes) / 0 (no); ValueError else."""
     if isinstance(value, bool):
         return int(value)
     text = str(value).strip().lower()
@@ -164,7 +164,15 @@ def _parse_bool_label(value: Any, task: str, index: int) -> int:
         return 1
     if text in ("false", "0", "no"):
         return 0
-    raise _error(task, index, f"label {value!r} is not true/false.")
+    raise ValueError(f"label {value!r} is not true/false")
+
+
+def _parse_bool_label(value: Any, task: str, index: int) -> int:
+    """:func:`bool_label`, with an error naming the task and item."""
+    try:
+        return bool_label(value)
+    except ValueError as exc:
+        raise _error(task, index, f"{exc}.") from None
 
 
 def _parse_int_label(value: Any, task: str, index: int, offset: int = 0) -> int:
