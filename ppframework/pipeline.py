@@ -395,17 +395,19 @@ class Pipeline:
                 "calibrate with calibration.seq_len >= the longest input (data.seq_len, prompts)"
             )
         self.adapter.check_supported(seq)
+        real = mask.bool()
+        has_padding = not bool(real.all())
         positions = kwargs.get("position_ids")
-        if positions is None:
+        if positions is None and has_padding:  # without padding the model's own positions are columns
             positions = self.adapter.default_positions(mask)
         shift = row_shifts(mask, positions) if positions is not None and positions.dim() == 2 else None
         if shift is not None:
             mask = shift.to_positions(mask)
-        real = mask.bool()
+            real = mask.bool()
         self._batch = _Batch(
             mask,
             real.any(dim=0),
-            not bool(real.all()),
+            has_padding,
             real.sum(dim=0),
             shift=shift,
             probe_flops_scale=self._probe_flops_scale(batch, seq),

@@ -105,7 +105,7 @@ def compare_generation(
     check_prompts(prompts, max_new_tokens)
     start = time.perf_counter()
     facts = model_facts(cfg)
-    if facts.directory is not None:
+    if facts.directory is not None:  # checked before the weights load, from config.json and tokenizer
         tokenizer = load_tokenizer_only(facts.directory, cfg.model.name)
         check_prompt_lengths(cfg, tokenizer, prompts, max_new_tokens, facts.max_positions)
     model, tokenizer = load_model(
@@ -115,9 +115,10 @@ def compare_generation(
         gguf_file=cfg.model.gguf_file,
         cache_dir=cfg.model.cache_dir,
     )
-    check_prompt_lengths(
-        cfg, tokenizer, prompts, max_new_tokens, getattr(model.config, "max_position_embeddings", None)
-    )
+    if facts.directory is None:  # not readable before the load (e.g. a preset not converted yet)
+        check_prompt_lengths(
+            cfg, tokenizer, prompts, max_new_tokens, getattr(model.config, "max_position_embeddings", None)
+        )
 
     def run(label: str) -> Any:
         return generate_completions(
