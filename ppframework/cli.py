@@ -197,12 +197,27 @@ def _add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def _set_threads(threads: int) -> None:
+    """Apply ``--threads`` before any work (intra-op threads; results record the count)."""
+    if threads < 1:
+        raise ConfigError(f"--threads: {threads} is not a thread count; give 1 or more")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ppf``."""
     parser = argparse.ArgumentParser(
         prog="ppf", description="Online dynamic structured pruning (Probe Pruning)."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for PyTorch (torch.set_num_threads); 1 steadies timings on a busy machine",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="dense vs each configured method: perplexity, time, realised ratio")
@@ -268,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.threads is not None:
+            _set_threads(args.threads)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,6 +61,11 @@ class DataConfig(StrictModel):
     window_policy: Literal["contiguous", "random"] = "random"
     max_batches: int | None = Field(None, ge=1, description="batches to run, warm-up included")
     warmup_batches: int = Field(1, ge=0)
+    warmup_policy: Literal["skip", "untracked"] = Field(
+        "skip",
+        description="skip: the first warmup_batches update the history and are not scored; untracked (the "
+        "paper's code): they run once first without touching the history, then every batch is scored",
+    )
 
 
 class CalibrationConfig(StrictModel):
@@ -597,7 +602,8 @@ class RunConfig(StrictModel):
         if duplicates:
             raise ValueError(f"methods: duplicate method labels {duplicates}; give each a distinct `name`")
         data = self.data
-        if data.max_batches is not None and data.warmup_batches >= data.max_batches:
+        scored_none = data.max_batches is not None and data.warmup_batches >= data.max_batches
+        if data.warmup_policy == "skip" and scored_none:
             raise ValueError(
                 f"data.warmup_batches ({data.warmup_batches}) must be less than data.max_batches "
                 f"({data.max_batches}): warm-up batches are not scored, so no batch would be; raise "

@@ -41,6 +41,7 @@ from ppframework.harness import LmEvalPlan, plan_lm_eval, run_lm_eval
 from ppframework.history import HistoryStore
 from ppframework.metrics.efficiency import accuracy_prr, prr, prr_ratio
 from ppframework.metrics.memory import PeakMemory, format_bytes
+from ppframework.metrics.noise import NOISE_ADVICE, RatioSpread, ratio_spread, speedup_unresolved
 from ppframework.metrics.perplexity import evaluate_perplexity
 from ppframework.metrics.runtime import DecoderTimer
 from ppframework.metrics.timing import timed
@@ -48,7 +49,7 @@ from ppframework.models import load_model
 from ppframework.outputs import atomic_path, atomic_write_text, write_json
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
-from ppframework.runner import environment, eval_batches, pipeline_flops, resolved_settings
+from ppframework.runner import environment, eval_batches, pipeline_flops, resolved_settings, warmup_phrase
 from ppframework.zeroshot import evaluate_tasks, get_task
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,14 @@ class RuntimeResult:
         return self._median(self.method_decoder_s) / self._median(self.dense_decoder_s)
 
     @property
+    def pair_ratios(self) -> RatioSpread:
+        """Median and quartiles of the per-pair ratios (method / dense of the same pair)."""
+        return ratio_spread(self.method_s, self.dense_s)
+
+    @property
     def spread(self) -> float:
-        """Interquartile range of the per-pair ratios (method / dense of the same pair)."""
-        ratios = [m / d for m, d in zip(self.method_s, self.dense_s, strict=True)]
-        if len(ratios) < 2:
-            return 0.0
-        q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
-        return q75 - q25
+        """Interquartile range of the per-pair ratios (0 for fewer than two pairs)."""
+        return self.pair_ratios.iqr if len(self.method_s) >= 2 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,7 +120,14 @@ class EvalRow:
     #: the forwards the harness ran (rows and width of each, a digest of every row length).
     lm_eval_batches: dict[str, Any] = field(default_factory=dict)
     time_ratio: float = 1.0
+    #: interquartile range of the per-pair time ratios (method / dense of one interleaved pair).
     time_ratio_spread: float = 0.0
+    #: first and third quartile of the per-pair time ratios (the error bar of the runtime axis).
+    time_ratio_q25: float | None = None
+    time_ratio_q75: float | None = None
+    #: True when the spread is at least the runtime reduction it reports (metrics/noise.py): the
+    #: time ratio, PRR and PRR ratios of this row are then flagged, not presented as a finding.
+    runtime_unresolved: bool = False
     decoder_time_ratio: float = 1.0
     median_forward_s: float | None = None
     tokens_per_s: float | None = None
@@ -387,7 +396,13 @@ def _evaluate(
         if ev.perplexity:
             with PeakMemory(device) as memory, pipe if pipe is not None else nullcontext():
                 result = evaluate_perplexity(
-                    model, batches, warmup_batches=warmup, progress=progress, desc=label
+                    model,
+                    batches,
+                    warmup_batches=warmup,
+                    progress=progress,
+                    desc=label,
+                    warmup_policy=cfg.data.warmup_policy,
+                    untracked=pipe.untracked if pipe is not None else nullcontext,
                 )
             row.perplexity = result.perplexity
             row.median_forward_s = result.median_seconds
@@ -437,6 +452,9 @@ def _evaluate(
             timing_pipe.release()
             row.time_ratio = timing.time_ratio
             row.time_ratio_spread = timing.spread
+            pairs = timing.pair_ratios
+            row.time_ratio_q25, row.time_ratio_q75 = pairs.q25, pairs.q75
+            row.runtime_unresolved = speedup_unresolved(row.time_ratio, row.time_ratio_spread)
             row.decoder_time_ratio = timing.decoder_time_ratio
             row.tokens_per_s = timing.tokens_per_s
             if rows and rows[0].tokens_per_s is None:
@@ -527,8 +545,55 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def _ratios(ratios: dict[str, float]) -> str:
-    return "; ".join(f"vs {name}: {_fmt(value, '.2f')}" for name, value in ratios.items()) or "-"
+def _ratios(
+    ratios: dict[str, float], row: EvalRow | None = None, by_label: dict[str, EvalRow] | None = None
+) -> str:
+    """``vs <baseline>: <PRR ratio>`` cells; a comparison built on an unresolved runtime (the row's or
+    the baseline's) reads ``noise``, one where the method is not faster ``not faster``."""
+    by_label = by_label or {}
+    cells = []
+    for name, value in ratios.items():
+        base = by_label.get(name)
+        if row is not None and (row.runtime_unresolved or (base is not None and base.runtime_unresolved)):
+            cells.append(f"vs {name}: {_NOISE_MARK} noise")
+        elif row is not None and row.time_ratio >= 1.0:
+            cells.append(f"vs {name}: not faster")
+        else:
+            cells.append(f"vs {name}: {_fmt(value, '.2f')}")
+    return "; ".join(cells) or "-"
+
+
+_NOISE_MARK = "\u26a0"
+
+
+def _prr_cell(row: EvalRow, value: float | None) -> str:
+    """A PRR, or why there is none: ``noise`` (spread >= the speed-up), ``not faster``."""
+    if value is None:
+        return "-"
+    if row.runtime_unresolved:
+        return f"{_NOISE_MARK} noise"
+    if row.time_ratio >= 1.0:
+        return "not faster"
+    return _fmt(value)
+
+
+def _time_cell(row: EvalRow) -> str:
+    cell = f"{row.time_ratio:.3f} ({row.time_ratio_spread:.3f})"
+    return cell + f" {_NOISE_MARK}" if row.runtime_unresolved else cell
+
+
+def noise_note(rows: list[EvalRow]) -> list[str]:
+    """Markdown lines naming every row whose runtime comparison is unresolved, with advice."""
+    flagged = [r for r in rows if r.runtime_unresolved]
+    if not flagged:
+        return []
+    items = "; ".join(
+        f"{r.method}: time ratio {r.time_ratio:.3f}, IQR {r.time_ratio_spread:.3f} vs a difference of "
+        f"{abs(1.0 - r.time_ratio):.3f} from dense"
+        for r in flagged
+    )
+    return ["", f"{_NOISE_MARK} unresolved runtime ({items}): {NOISE_ADVICE}. Their PRR and PRR ratios are "
+            "withheld here (results.json keeps the raw values with runtime_unresolved = true)."]
 
 
 def settings_block(report: EvalReport) -> str:
@@ -539,8 +604,7 @@ def settings_block(report: EvalReport) -> str:
     parts = [
         f"model {s['model']['name']} ({r['dtype']}, {r['device']})",
         f"perplexity: {d['name']}/{d['split']}, seq_len {d['seq_len']}, batch {d['batch_size']}, "
-        f"{d['window_policy']} windows, {r['scored_batches']} scored batch(es) after "
-        f"{d['warmup_batches']} warm-up",
+        f"{d['window_policy']} windows, {r['scored_batches']} scored batch(es) after {warmup_phrase(d)}",
         f"calibration {c['dataset']} x {c['n_samples']} windows",
         f"seed {s['seed']}",
     ]
@@ -578,17 +642,20 @@ def format_eval_table(report: EvalReport) -> str:
         "| PRR_base / PRR | acc PRR_base / PRR |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_label = {r.method: r for r in report.rows}
     for row in report.rows:
         name = row.method + (" (static)" if row.static else "")
         probe = _fmt(row.flops.get("probe_share"), ".2%") if row.flops else "-"
         lines.append(
             f"| {name} | {row.target_ratio:.2f} | {row.realised_ratio:.3f} | {_fmt(row.perplexity)} "
             f"| {_fmt(row.mean_acc, '.4f')} | {_fmt(row.mean_acc_norm, '.4f')} "
-            f"| {row.time_ratio:.3f} ({row.time_ratio_spread:.3f}) | {row.decoder_time_ratio:.3f} "
+            f"| {_time_cell(row)} | {row.decoder_time_ratio:.3f} "
             f"| {row.ideal_time_ratio:.3f} | {probe} | {_fmt(row.tokens_per_s, '.1f')} "
-            f"| {format_bytes(row.peak_memory_bytes)} | {_fmt(row.prr)} | {_ratios(row.prr_ratios)} "
-            f"| {_ratios(row.accuracy_prr_ratios)} |"
+            f"| {format_bytes(row.peak_memory_bytes)} | {_prr_cell(row, row.prr)} "
+            f"| {_ratios(row.prr_ratios, row, by_label)} "
+            f"| {_ratios(row.accuracy_prr_ratios, row, by_label)} |"
         )
+    lines += noise_note(report.rows)
     tasks = list(report.rows[0].accuracy)
     if tasks:
         lines += ["", "| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
@@ -716,6 +783,9 @@ EVAL_CSV_COLUMNS: tuple[str, ...] = (
     "mean_acc_norm",
     "time_ratio",
     "time_ratio_spread",
+    "time_ratio_q25",
+    "time_ratio_q75",
+    "runtime_unresolved",
     "decoder_time_ratio",
     "ideal_time_ratio",
     "probe_flops_share",
@@ -772,6 +842,19 @@ def write_eval_report(
     return path
 
 
+def _runtime_point(row: EvalRow, method: str, value: float | None) -> dict[str, Any]:
+    """A plot point on the measured-runtime axis, with its spread and noise flag."""
+    return {
+        "method": method,
+        "ratio": row.target_ratio,
+        "time_ratio": row.time_ratio,
+        "value": value,
+        "time_q25": row.time_ratio_q25,
+        "time_q75": row.time_ratio_q75,
+        "unresolved": row.runtime_unresolved,
+    }
+
+
 def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None = None) -> list[str]:
     """Perplexity (and mean accuracy) against runtime reduction, one marker per method and ratio."""
     if plot is None:
@@ -788,19 +871,12 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
         return row.method.rsplit(" ", 1)[0] if row.method != "dense" else "dense"
 
     if all(r.perplexity is not None for r in report.rows):
-        points = [
-            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio, "value": r.perplexity}
-            for r in report.rows
-        ]
+        points = [_runtime_point(r, family(r), r.perplexity) for r in report.rows]
         path = draw(points, "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True)
         written.append(str(path))
     accuracy = accuracy_source(report.rows)
     if accuracy is not None and all(getattr(r, accuracy) is not None for r in report.rows):
-        points = [
-            {"method": family(r), "ratio": r.target_ratio, "time_ratio": r.time_ratio,
-             "value": getattr(r, accuracy)}
-            for r in report.rows
-        ]
+        points = [_runtime_point(r, family(r), getattr(r, accuracy)) for r in report.rows]
         ylabel = "mean zero-shot accuracy" + (" (lm-eval)" if accuracy == "lm_eval_mean_acc" else "")
         path = draw(points, "accuracy_vs_runtime.png", ylabel, "accuracy vs runtime")
         written.append(str(path))

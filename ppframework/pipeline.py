@@ -4,7 +4,8 @@ every pruned block through the five per-block stage hooks."""
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -265,6 +266,7 @@ class Pipeline:
         self._pinned_for_decode = False
         #: The mask of every pruned block chosen by the last decision forward (a prefill included).
         self.last_masks: dict[tuple[int, BlockKind], BlockMask] = {}
+        self._untracked = False
 
     # -- attach / detach -----------------------------------------------------------------------
     @property
@@ -317,6 +319,19 @@ class Pipeline:
         self._batch = None
         self._end_decode()
         self._attached = False
+
+    @contextmanager
+    def untracked(self) -> Iterator[Pipeline]:
+        """Forwards inside this block decide and prune as usual but leave the history unchanged.
+
+        The paper's code runs its first batch once like this as a warm-up (``data.warmup_policy:
+        untracked``). The masks are still recorded (skip them with ``realised_ratio(skip_batches)``).
+        """
+        previous, self._untracked = self._untracked, True
+        try:
+            yield self
+        finally:
+            self._untracked = previous
 
     def release(self) -> None:
         """Detach and drop a static method's cached sliced weights (they are otherwise kept for
@@ -540,7 +555,7 @@ class Pipeline:
             ctx = self._context(index, kind, runner, inputs.normed.shape[1], None, False, False)
             return self._infer(ctx, runner, inputs, mask, slot).output
         history = self.history.get(index, kind) if self.history is not None else None
-        collect = history is not None and self.updates_history
+        collect = history is not None and self.updates_history and not self._untracked
         ctx = self._context(
             index,
             kind,

@@ -20,6 +20,17 @@ class QualitySpeedPoint:
     ratio: float
     time_ratio: float
     value: float
+    #: quartiles of the per-pair time ratios (drawn as an error bar on the runtime axis), if known.
+    time_q25: float | None = None
+    time_q75: float | None = None
+    #: the spread is at least the speed-up it reports (drawn hollow and named in the legend).
+    unresolved: bool = False
+
+
+def _optional(row: Any, key: str) -> Any:
+    if isinstance(row, dict):
+        return row.get(key)
+    return getattr(row, key, None)
 
 
 def _point(row: Any) -> QualitySpeedPoint:
@@ -27,16 +38,36 @@ def _point(row: Any) -> QualitySpeedPoint:
         return row
     get = row.__getitem__ if isinstance(row, dict) else lambda key: getattr(row, key)
     try:
+        q25, q75 = _optional(row, "time_q25"), _optional(row, "time_q75")
         return QualitySpeedPoint(
             method=str(get("method")),
             ratio=float(get("ratio")),
             time_ratio=float(get("time_ratio")),
             value=float(get("value")),
+            time_q25=None if q25 is None else float(q25),
+            time_q75=None if q75 is None else float(q75),
+            unresolved=bool(_optional(row, "unresolved")),
         )
     except (KeyError, AttributeError) as err:
         raise ValueError(
             f"plot_quality_vs_speed: each row needs method, ratio, time_ratio and value; got {row!r}"
         ) from err
+
+
+def _x_error(points: list[QualitySpeedPoint]) -> list[list[float]] | None:
+    """Asymmetric x error bars (runtime reduction axis) from the time-ratio quartiles, or None."""
+    if not any(p.time_q25 is not None and p.time_q75 is not None for p in points):
+        return None
+    low, high = [], []
+    for p in points:
+        if p.time_q25 is None or p.time_q75 is None:
+            low.append(0.0)
+            high.append(0.0)
+            continue
+        # x = 1 - time_ratio: a slower quartile (q75) lies to the left.
+        low.append(max(0.0, p.time_q75 - p.time_ratio))
+        high.append(max(0.0, p.time_ratio - p.time_q25))
+    return [low, high]
 
 
 def _is_dense(point: QualitySpeedPoint) -> bool:
@@ -53,7 +84,9 @@ def plot_quality_vs_speed(
 ) -> Path:
     """Write a PNG of quality against runtime reduction and return its path.
 
-    x is the runtime reduction ``1 - time_ratio`` (time relative to dense), y the metric. Each method
+    x is the runtime reduction ``1 - time_ratio`` (time relative to dense), y the metric. Rows with
+    ``time_q25``/``time_q75`` get error bars on x (the interquartile range of the per-pair time
+    ratios); rows with ``unresolved`` set are drawn hollow and labelled "(noise)". Each method
     gets its own marker and colour with one point per pruning ratio, joined in order of ratio and
     annotated with the ratio; the dense run (method ``dense``) is drawn as a star at x = 0 and a
     dashed horizontal reference line.
@@ -99,9 +132,35 @@ def plot_quality_vs_speed(
         xs = [1.0 - p.time_ratio for p in mine]
         ys = [p.value for p in mine]
         marker = _MARKERS[index % len(_MARKERS)]
-        ax.plot(xs, ys, marker=marker, linestyle="-", linewidth=1.0, markersize=7, label=method, zorder=2)
+        (line,) = ax.plot(
+            xs, ys, marker=marker, linestyle="-", linewidth=1.0, markersize=7, label=method, zorder=2
+        )
+        xerr = _x_error(mine)
+        if xerr is not None:
+            ax.errorbar(xs, ys, xerr=xerr, fmt="none", ecolor=line.get_color(), elinewidth=0.8, capsize=3)
         for p, x, y in zip(mine, xs, ys, strict=True):
-            ax.annotate(f"{p.ratio:.0%}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            label = f"{p.ratio:.0%}" + (" (noise)" if p.unresolved else "")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if p.unresolved:  # hollow: the spread is at least the speed-up this point claims
+                ax.scatter(
+                    [x],
+                    [y],
+                    marker=marker,
+                    s=90,
+                    facecolors="white",
+                    edgecolors=line.get_color(),
+                    linewidths=1.5,
+                    zorder=4,
+                )
+    if any(p.unresolved for p in points):
+        ax.scatter(
+            [],
+            [],
+            marker="o",
+            facecolors="white",
+            edgecolors="black",
+            label="hollow: runtime spread >= speed-up (noise)",
+        )
 
     ax.set_xlabel("runtime reduction (1 - time / dense time)")
     ax.set_ylabel(metric_label)

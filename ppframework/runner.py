@@ -214,7 +214,10 @@ def _run(
     )
     batches = eval_batches(cfg, tokenizer, text, ids)
     warmup = cfg.data.warmup_batches
-    dense = evaluate_perplexity(model, batches, warmup_batches=warmup, progress=progress, desc="dense")
+    policy = cfg.data.warmup_policy
+    dense = evaluate_perplexity(
+        model, batches, warmup_batches=warmup, progress=progress, desc="dense", warmup_policy=policy
+    )
     rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense)]
     settings = {**resolved_settings(cfg, model, batches), **extra_settings}
     env = environment(model)
@@ -251,7 +254,13 @@ def _run(
             pipe = build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
             with pipe:
                 result = evaluate_perplexity(
-                    model, batches, warmup_batches=warmup, progress=progress, desc=method.label
+                    model,
+                    batches,
+                    warmup_batches=warmup,
+                    progress=progress,
+                    desc=method.label,
+                    warmup_policy=policy,
+                    untracked=pipe.untracked,
                 )
             flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
             row = _row(
@@ -281,6 +290,19 @@ def _run(
     return final
 
 
+def warmup_phrase(data: dict[str, Any]) -> str:
+    """How the warm-up ran, for settings lines (``data`` is the dumped ``data`` section)."""
+    n = data["warmup_batches"]
+    if data.get("warmup_policy") == "untracked":
+        return f"{n} untracked warm-up batch(es) (history unchanged; those batches scored again after)"
+    return f"{n} warm-up batch(es) (not scored)"
+
+
+def scored_batches(cfg: RunConfig, n_batches: int) -> int:
+    """Batches that count in the perplexity under ``data.warmup_policy``."""
+    return n_batches if cfg.data.warmup_policy == "untracked" else n_batches - cfg.data.warmup_batches
+
+
 def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
     """The config as run, plus what it resolved to (device, dtype, batch counts, data folder)."""
     param = next(model.parameters())
@@ -289,7 +311,7 @@ def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torc
         "device": str(param.device),
         "dtype": str(param.dtype),
         "n_batches": len(batches),
-        "scored_batches": len(batches) - cfg.data.warmup_batches,
+        "scored_batches": scored_batches(cfg, len(batches)),
         "tokens_per_batch": int(batches[0].numel()),
         "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
     }
@@ -315,7 +337,7 @@ def format_table(report: RunReport) -> str:
     lines = [
         f"model {s['model']['name']} ({r['dtype']}, {r['device']}); data {d['name']}/{d['split']}, "
         f"seq_len {d['seq_len']}, batch {d['batch_size']}, {d['window_policy']} windows, "
-        f"{r['scored_batches']} scored batch(es) after {d['warmup_batches']} warm-up (not scored); "
+        f"{r['scored_batches']} scored batch(es) after {warmup_phrase(d)}; "
         f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
         "",
         "| method | target ratio | per-layer ratio | realised ratio | perplexity | Δ ppl vs dense "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,12 +48,24 @@ def evaluate_perplexity(
     warmup_batches: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    warmup_policy: str = "skip",
+    untracked: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> PerplexityResult:
-    """Run every batch through ``model``; score all but the first ``warmup_batches``.
+    """Run every batch through ``model`` and score them after the warm-up.
 
-    The warm-up batches run exactly like the others (a dynamic method updates its history on
-    them) but count neither in the perplexity nor in the timing.
+    ``warmup_policy`` (``data.warmup_policy``):
+
+    * ``"skip"`` (default): score all but the first ``warmup_batches``. The warm-up batches run
+      exactly like the others (a dynamic method updates its history on them) but count neither in
+      the perplexity nor in the timing.
+    * ``"untracked"`` (the paper's code): first run the first ``warmup_batches`` once inside
+      ``untracked()`` (a pipeline's :meth:`~ppframework.pipeline.Pipeline.untracked`: its history does
+      not change), unscored; then run and score every batch, those included.
     """
+    if warmup_policy not in ("skip", "untracked"):
+        raise ValueError(f"data.warmup_policy: {warmup_policy!r} is not 'skip' or 'untracked'")
+    if warmup_policy == "untracked":
+        return _untracked_then_all(model, batches, warmup_batches, progress, desc, untracked)
     if len(batches) <= warmup_batches:
         raise ValueError(
             f"data.max_batches: {len(batches)} batch(es) leave nothing to score after "
@@ -73,6 +87,38 @@ def evaluate_perplexity(
         nll_sum=nll_sum,
         tokens=tokens,
         scored_batches=len(batches) - warmup_batches,
+        warmup_batches=warmup_batches,
+        batch_seconds=seconds,
+    )
+
+
+def _untracked_then_all(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    warmup_batches: int,
+    progress: bool,
+    desc: str,
+    untracked: Callable[[], AbstractContextManager[object]],
+) -> PerplexityResult:
+    if not batches:
+        raise ValueError("data.max_batches: no batches to score")
+    device = next(model.parameters()).device
+    with untracked():
+        for batch in batches[:warmup_batches]:
+            model(input_ids=batch.to(device), use_cache=False)
+    nll_sum, tokens, seconds = 0.0, 0, []
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        ids = batch.to(device)
+        output, elapsed = timed(lambda ids=ids: model(input_ids=ids, use_cache=False), device)
+        seconds.append(elapsed)
+        nll, count = batch_nll(output.logits, ids)
+        nll_sum += nll
+        tokens += count
+    return PerplexityResult(
+        perplexity=math.exp(nll_sum / tokens),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        scored_batches=len(batches),
         warmup_batches=warmup_batches,
         batch_seconds=seconds,
     )
