@@ -565,6 +565,70 @@ class GenerationConfig(StrictModel):
         return value
 
 
+FRONTIER_METHODS: tuple[str, ...] = ("pp", "flap", "flap-uniform", "wanda-sp", "static-ppsp", "full-batch")
+"""The methods of the issue's efficiency frontier (full-batch is the oracle, with its real runtime)."""
+
+
+class FrontierConfig(StrictModel):
+    """The efficiency frontier of ``ppf eval``: every method at every ratio, timed against dense.
+
+    When ``methods`` is set, the run's ``methods`` are generated from it (each entry at each ratio,
+    labelled ``<name> <ratio>%``) and the report adds the frontier table (docs/evaluation.md).
+    """
+
+    methods: list[str | dict[str, Any]] = Field(
+        default_factory=list,
+        description="preset names or method dicts without pruning.ratio; empty = no frontier",
+    )
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    reference_ratio: float = Field(0.4, description="where PRR and PRR ratios are reported (one of ratios)")
+    baseline: str | None = Field(
+        None,
+        description="the static method (name, no ratio) to compare at equal runtime; None = the static "
+        "method with the lowest perplexity at reference_ratio",
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0 < r < 1]
+        if bad:
+            raise ValueError(f"values {bad} outside (0, 1); pruning ratios are fractions")
+        if len(set(value)) != len(value):
+            raise ValueError("a ratio is listed twice")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _reference(self) -> FrontierConfig:
+        if self.methods and not any(math.isclose(self.reference_ratio, r) for r in self.ratios):
+            raise ValueError(
+                f"reference_ratio: {self.reference_ratio} is not one of ratios {self.ratios}; add it there"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when the frontier has methods."""
+        return bool(self.methods)
+
+    def method_name(self, entry: str | dict[str, Any]) -> str:
+        """The name a frontier entry is shown under (its ``name``, else its preset)."""
+        if isinstance(entry, str):
+            return entry
+        return str(entry.get("name") or entry.get("preset") or "method")
+
+    def expand(self) -> list[dict[str, Any]]:
+        """Method dicts: every entry at every ratio (the entry's own ``pruning`` kept, ratio set)."""
+        out = []
+        for entry in self.methods:
+            base = {"preset": entry} if isinstance(entry, str) else copy.deepcopy(entry)
+            for ratio in self.ratios:
+                method = copy.deepcopy(base)
+                method["pruning"] = {**method.get("pruning", {}), "ratio": ratio}
+                out.append(method)
+        return out
+
+
 class EvaluationConfig(StrictModel):
     """What ``ppf eval`` measures besides perplexity, and the efficiency comparison."""
 
@@ -573,6 +637,7 @@ class EvaluationConfig(StrictModel):
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    frontier: FrontierConfig = Field(default_factory=FrontierConfig)
     baselines: list[str] | None = Field(
         None,
         description="method labels (e.g. 'flap 40%') to compare PRR against; None = every static method",
@@ -594,6 +659,35 @@ class RunConfig(StrictModel):
     evaluation: EvaluationConfig = Field(
         default_factory=EvaluationConfig, description="used by `ppf eval` (ignored by `ppf run`)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frontier_methods(cls, data: Any) -> Any:
+        """``evaluation.frontier.methods`` generates ``methods`` (the two cannot both be given)."""
+        if not isinstance(data, dict):
+            return data
+        evaluation = data.get("evaluation")
+        frontier = evaluation.get("frontier") if isinstance(evaluation, dict) else None
+        if not isinstance(frontier, dict) or not frontier.get("methods"):
+            return data
+        if data.get("methods"):
+            raise ValueError(
+                "methods: give either `methods` or `evaluation.frontier.methods` (which generates every "
+                "method at every ratio), not both"
+            )
+        try:
+            parsed = FrontierConfig.model_validate(frontier)
+        except ValidationError as exc:
+            raise ValueError(_prefixed("evaluation.frontier.", validation_message(exc))) from None
+        expanded = parsed.expand()
+        per_entry = len(parsed.ratios)
+        for index, entry in enumerate(parsed.methods):  # one error per entry, named by its position
+            try:
+                MethodConfig.model_validate(expanded[index * per_entry])
+            except ValidationError as exc:
+                prefix = f"evaluation.frontier.methods[{index}] ({parsed.method_name(entry)!r}): "
+                raise ValueError(_prefixed(prefix, validation_message(exc))) from None
+        return {**data, "methods": expanded}
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -632,6 +726,10 @@ def format_location(loc: tuple[Any, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out or "<root>"
+
+
+def _prefixed(prefix: str, message: str) -> str:
+    return "\n".join(prefix + line for line in message.splitlines())
 
 
 def validation_message(error: ValidationError) -> str:

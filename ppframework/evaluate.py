@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import MethodConfig, RunConfig
 from ppframework.errors import ConfigError
+from ppframework.frontier import FrontierReport, analyse_frontier, format_frontier
 from ppframework.generation.evaluation import (
     GenerationTaskResult,
     add_decode_ratios,
@@ -160,6 +161,8 @@ class EvalReport:
     complete: bool = True
     #: One record per generated completion (method, task, item, text, score), for generations.jsonl.
     generations: list[dict[str, Any]] = field(default_factory=list)
+    #: The efficiency frontier (``evaluation.frontier``), when it ran.
+    frontier: FrontierReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (derived ratios included)."""
@@ -177,6 +180,7 @@ class EvalReport:
             "elapsed_s": self.elapsed_s,
             "plots": self.plots,
             "complete": self.complete,
+            "frontier": self.frontier.to_json() if self.frontier is not None else None,
         }
 
 
@@ -470,6 +474,7 @@ def _evaluate(
     add_efficiency(rows, baselines)
     records = _attach_generation(rows, gen_results)
     settings = settings_now()
+    frontier = analyse_frontier(rows, ev.frontier) if ev.frontier.enabled and ev.perplexity else None
     return EvalReport(
         rows,
         settings,
@@ -478,6 +483,7 @@ def _evaluate(
         time.perf_counter() - start,
         baselines,
         generations=records,
+        frontier=frontier,
     )
 
 
@@ -672,6 +678,8 @@ def format_eval_table(report: EvalReport) -> str:
             "so mean acc_norm averages the other tasks)."
             + (_HELLASWAG_NOTE if "hellaswag" in tasks else ""),
         ]
+    if report.frontier is not None:
+        lines += format_frontier(report.frontier)
     lines += lm_eval_table(report)
     lines += generation_table(report)
     lines += [
@@ -696,29 +704,65 @@ _HELLASWAG_NOTE = (
 )
 
 
+_LM_EVAL_SCORES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("acc", "acc_norm"), "acc / acc_norm"),
+    (("pass@1",), "pass@1"),
+    (("rouge1", "rouge2", "rougeL"), "R-1 / R-2 / R-L"),
+)
+"""Score families of lm-eval tasks: the metrics a cell shows (when the task reports the first) and their
+header; other tasks show every metric the harness reports."""
+
+
+def _lm_eval_scores(metrics: dict[str, Any]) -> tuple[list[str], str]:
+    """The metric names of one lm-eval task's cell and their header label."""
+    for names, label in _LM_EVAL_SCORES:
+        if names[0] in metrics:
+            return [n for n in names if n in metrics], label
+    other = [k for k in metrics if k != "n_items" and "_stderr" not in k]
+    return other, " / ".join(other)
+
+
+def _lm_eval_header(task: str, rows: list[EvalRow]) -> str:
+    """``task`` (acc tasks), or ``task`` and its metrics (``humaneval pass@1``, ``xsum R-1 / R-2 / R-L``)."""
+    metrics = next((r.lm_eval[task] for r in rows if r.lm_eval.get(task)), {})
+    names, label = _lm_eval_scores(metrics)
+    return task if not names or names[0] == "acc" else f"{task} {label}"
+
+
+def _lm_eval_cell(metrics: dict[str, Any]) -> str:
+    names, _ = _lm_eval_scores(metrics)
+    if not names:
+        return "-"
+    cell = " / ".join(_fmt(metrics[n], ".4f") for n in names)
+    if names[0] == "pass@1" and "n_items" in metrics:
+        cell += f" ({metrics['n_items']})"
+    return cell
+
+
 def lm_eval_table(report: EvalReport) -> list[str]:
-    """Markdown lines of the lm-evaluation-harness tasks (none when they did not run)."""
+    """Markdown lines of the lm-evaluation-harness tasks (none when they did not run).
+
+    Each cell shows the task's score family: acc / acc_norm (acc alone where the task has no acc_norm),
+    pass@1 with the number of items (HumanEval, MBPP), ROUGE-1 / 2 / L F1 (XSum), or every metric the
+    harness reports for any other task; mean acc averages the tasks that report acc.
+    """
     tasks = list(report.rows[0].lm_eval) if report.rows else []
     if not tasks:
         return []
+    headers = [_lm_eval_header(t, report.rows) for t in tasks]
     lines = [
         "",
-        "| method (lm-eval) | " + " | ".join(tasks) + " | mean acc | forwards |",
+        "| method (lm-eval) | " + " | ".join(headers) + " | mean acc | forwards |",
         "|---|" + "---|" * (len(tasks) + 2),
     ]
     for row in report.rows:
-        cells = []
-        for task in tasks:
-            m = row.lm_eval.get(task, {})
-            cell = _fmt(m.get("acc"), ".4f")
-            if "acc_norm" in m:
-                cell += f" / {_fmt(m['acc_norm'], '.4f')}"
-            cells.append(cell)
+        cells = [_lm_eval_cell(row.lm_eval.get(task, {})) for task in tasks]
         forwards = row.lm_eval_batches.get("forwards", "-")
         mean = _fmt(row.lm_eval_mean_acc, ".4f")
         lines.append(f"| {row.method} | " + " | ".join(cells) + f" | {mean} | {forwards} |")
     le_run = report.settings.get("resolved", {}).get("lm_eval") or {}
     local = sorted(le_run.get("local_tasks", {}))
+    generative = [t for t in tasks if t in ("humaneval", "mbpp", "xsum") and t in local]
     lines += [
         "",
         f"lm-evaluation-harness {le_run.get('version', '?')} (HFLM around the live model, pipeline "
@@ -726,9 +770,18 @@ def lm_eval_table(report: EvalReport) -> list[str]:
         f"report acc. Local-file tasks: {', '.join(local) or 'none'}; the others are stock hub tasks. The "
         "harness batches the length-sorted requests of all tasks together, so a dynamic method decides "
         "on other batches than in the built-in scorer (docs/evaluation.md)."
-        + (_HELLASWAG_NOTE if "hellaswag" in local else ""),
+        + (_HELLASWAG_NOTE if "hellaswag" in local else "")
+        + (_LM_EVAL_GENERATION_NOTE if generative else ""),
     ]
     return lines
+
+
+_LM_EVAL_GENERATION_NOTE = (
+    " Generation tasks (greedy generate_until, model.generate()): pass@1 = share of items whose completion "
+    "passes its tests in ppframework's sandbox (n items in brackets), ROUGE F1 with stemming; prompts, "
+    "post-processing and scoring are the built-in generation tasks', but the harness batches the prompts "
+    "sorted by length (docs/evaluation.md)."
+)
 
 
 def _main_metric(task: str) -> str:
