@@ -507,6 +507,11 @@ class LmEvalConfig(StrictModel):
         True, description="run the seven paper tasks from the data folder (False: the stock hub tasks)"
     )
     seed: int = Field(1234, description="the harness's random/numpy/torch/few-shot seed")
+    allow_code_execution: bool = Field(
+        False,
+        description="let code tasks (humaneval, mbpp) run the generated programs in ppframework's sandbox "
+        "(the harness's confirm_run_unsafe_code)",
+    )
 
     @field_validator("tasks")
     @classmethod

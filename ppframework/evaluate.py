@@ -780,7 +780,7 @@ _LM_EVAL_GENERATION_NOTE = (
     " Generation tasks (greedy generate_until, model.generate()): pass@1 = share of items whose completion "
     "passes its tests in ppframework's sandbox (n items in brackets), ROUGE F1 with stemming; prompts, "
     "post-processing and scoring are the built-in generation tasks', but the harness batches the prompts "
-    "sorted by length (docs/evaluation.md)."
+    "sorted by length (docs/evaluation.md); forwards counts log-likelihood forwards only."
 )
 
 

@@ -12,6 +12,17 @@ paths and writes them to a temporary folder, which the harness's ``TaskManager``
 path. Any other task name (or one of the seven without local files, or ``local_data: false``) is the
 stock harness task.
 
+Generation tasks: ``humaneval``, ``mbpp`` and ``xsum`` (:data:`OFFLINE_GENERATION_TASKS`) are shipped
+too, as ``generate_until`` tasks of their own (not the stock YAMLs) that read ``<data folder>/generation``
+and reuse :mod:`ppframework.generation.tasks` for prompts, post-processing and scoring (pass@1 in
+ppframework's sandbox, ROUGE). Running generated code needs an opt-in,
+``evaluation.lm_eval.allow_code_execution`` (checked by :func:`plan_lm_eval`); the YAMLs are also marked
+``unsafe_code`` so the harness itself refuses them without ``confirm_run_unsafe_code``. During
+:func:`run_lm_eval`, :func:`generation_settings` gives their functions the tokenizer (XSum's chat form and
+document cut), the prompt-length limit and the sandbox's time limit; :class:`PrunedHFLM` lets a
+generation prompt use the positions the built-in tasks allow instead of the harness's
+``max_length - max_gen_toks`` (see docs/evaluation.md for what still differs).
+
 Batch composition (it decides what a dynamic method prunes): the harness pools the requests of every
 task of the run, sorts them by descending token length (then by the tokens), groups requests whose
 one-token continuations share a context (``logits_cache``: one row scores them all) and cuts the sorted
@@ -33,7 +44,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +63,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LM_EVAL_VERSION",
+    "OFFLINE_GENERATION_TASKS",
     "OFFLINE_TASKS",
     "TEMPLATE_DIR",
+    "GenerationSettings",
     "LmEvalPlan",
+    "generation_settings",
     "LmEvalRun",
     "make_hflm",
     "plan_lm_eval",
@@ -67,16 +81,33 @@ LM_EVAL_VERSION = "0.4.13"
 """The lm-evaluation-harness version the offline task configs and :class:`PrunedHFLM` were tested with."""
 
 OFFLINE_TASKS: tuple[str, ...] = (
-    "boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+    "boolq",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
 )
 """Tasks with an offline config in ``ppframework/lm_eval_tasks`` (same names as the stock tasks)."""
+
+OFFLINE_GENERATION_TASKS: tuple[str, ...] = ("humaneval", "mbpp", "xsum")
+"""Generation tasks with an offline config (``generate_until``, built on :mod:`ppframework.generation`)."""
+
+CODE_TASKS: tuple[str, ...] = ("humaneval", "mbpp")
+"""Offline tasks whose scoring runs generated code (opt-in: ``evaluation.lm_eval.allow_code_execution``)."""
+
+_ALL_OFFLINE: tuple[str, ...] = OFFLINE_TASKS + OFFLINE_GENERATION_TASKS
 
 TEMPLATE_DIR = Path(__file__).parent / "lm_eval_tasks"
 """The shipped task YAML templates and their ``utils.py``."""
 
 _ZEROSHOT = "@ZEROSHOT@"
+_GENERATION = "@GENERATION@"
 _LM_EVAL_TASKS = "@LM_EVAL_TASKS@"
-_PLACEHOLDER_PATH = re.compile(r'"@ZEROSHOT@/([^"]+)"')
+_DATA_FOLDERS = {_ZEROSHOT: "zeroshot", _GENERATION: "generation"}
+"""Placeholder -> its sub-folder of the data folder."""
+_PLACEHOLDER_PATH = re.compile(r'"(@ZEROSHOT@|@GENERATION@)/([^"]+)"')
 
 
 def require_lm_eval(field_name: str = "evaluation.lm_eval.enabled") -> str:
@@ -95,7 +126,8 @@ def require_lm_eval(field_name: str = "evaluation.lm_eval.enabled") -> str:
     if version != LM_EVAL_VERSION:
         logger.warning(
             "lm-evaluation-harness %s is installed; ppframework's task configs were tested with %s",
-            version, LM_EVAL_VERSION,
+            version,
+            LM_EVAL_VERSION,
         )
     return version
 
@@ -114,18 +146,19 @@ def _yaml_string(text: str) -> str:
 def offline_task_files(task: str, data_dir: str | Path | None) -> list[Path] | None:
     """The local files the offline config of ``task`` reads, or None when a file is missing."""
     root = resolve_data_dir(data_dir)
-    if root is None or task not in OFFLINE_TASKS:
+    if root is None or task not in _ALL_OFFLINE:
         return None
     template = (TEMPLATE_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-    files = [root / "zeroshot" / rel for rel in _PLACEHOLDER_PATH.findall(template)]
+    files = [root / _DATA_FOLDERS[mark] / rel for mark, rel in _PLACEHOLDER_PATH.findall(template)]
     return files if files and all(f.is_file() for f in files) else None
 
 
 def write_offline_tasks(
     target: str | Path, data_dir: str | Path | None, tasks: Sequence[str]
 ) -> dict[str, list[str]]:
-    """Write the offline configs of ``tasks`` (those of :data:`OFFLINE_TASKS` whose local files exist)
-    into ``target``, with the data folder and the harness's tasks folder filled in, plus ``utils.py``.
+    """Write the offline configs of ``tasks`` (those of :data:`OFFLINE_TASKS` and
+    :data:`OFFLINE_GENERATION_TASKS` whose local files exist) into ``target``, with the data folder's
+    sub-folders and the harness's tasks folder filled in, plus ``utils.py``.
 
     Returns:
         task -> the local files it reads, for every task written.
@@ -140,7 +173,8 @@ def write_offline_tasks(
         if files is None or root is None:
             continue
         text = (TEMPLATE_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-        text = text.replace(_ZEROSHOT, _yaml_string(str(root / "zeroshot")))
+        for mark, folder in _DATA_FOLDERS.items():
+            text = text.replace(mark, _yaml_string(str(root / folder)))
         text = text.replace(_LM_EVAL_TASKS, _yaml_string(str(stock)))
         (out / f"{task}.yaml").write_text(text, encoding="utf-8")
         written[task] = [str(f) for f in files]
@@ -161,6 +195,11 @@ class LmEvalPlan:
     include_dir: Path
     include_path: str | None
     version: str
+    allow_code_execution: bool = False
+    """Whether generated code may run (``evaluation.lm_eval.allow_code_execution``; the harness's
+    ``confirm_run_unsafe_code``)."""
+    code_timeout_s: float = 10.0
+    """Time limit of each generated program (``evaluation.generation.timeout_s``)."""
     _manager: TaskManager | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -194,19 +233,34 @@ def plan_lm_eval(cfg: RunConfig) -> LmEvalPlan:
     """Check ``evaluation.lm_eval`` before any model loads and prepare its tasks.
 
     Raises:
-        ConfigError: the harness is missing, ``include_path`` is not a folder, or a task name is neither
-            an offline task nor a task, group or tag the harness knows (the message names
+        ConfigError: the harness is missing, ``include_path`` is not a folder, a task name is neither
+            an offline task nor a task, group or tag the harness knows, or a code task (HumanEval, MBPP)
+            is listed without the opt-in ``evaluation.lm_eval.allow_code_execution`` (the message names
             ``evaluation.lm_eval.tasks[i]``).
     """
     le = cfg.evaluation.lm_eval
+    gen = cfg.evaluation.generation
+    for i, name in enumerate(le.tasks):
+        if name in CODE_TASKS and not le.allow_code_execution:
+            raise ConfigError(
+                f"evaluation.lm_eval.tasks[{i}]: {name!r} scores by running the generated code (pass@1 in "
+                "ppframework's sandbox); set evaluation.lm_eval.allow_code_execution: true to allow it, or "
+                "drop the task"
+            )
     version = require_lm_eval()
     if le.include_path is not None and not Path(le.include_path).expanduser().is_dir():
         raise ConfigError(f"evaluation.lm_eval.include_path: {le.include_path!r} is not a folder")
     tmp = tempfile.TemporaryDirectory(prefix="ppf-lm-eval-tasks-")
     local = write_offline_tasks(tmp.name, cfg.data.data_dir, le.tasks) if le.local_data else {}
     plan = LmEvalPlan(
-        list(le.tasks), local, Path(tmp.name),
-        str(Path(le.include_path).expanduser()) if le.include_path else None, version, _tmp=tmp,
+        list(le.tasks),
+        local,
+        Path(tmp.name),
+        str(Path(le.include_path).expanduser()) if le.include_path else None,
+        version,
+        allow_code_execution=le.allow_code_execution,
+        code_timeout_s=gen.timeout_s,
+        _tmp=tmp,
     )
     try:
         if plan.stock or plan.include_path:
@@ -217,13 +271,14 @@ def plan_lm_eval(cfg: RunConfig) -> LmEvalPlan:
                         f"evaluation.lm_eval.tasks[{i}]: {name!r} is not a task, group or tag of "
                         f"lm-evaluation-harness {version}"
                         + (f" or of {plan.include_path}" if plan.include_path else "")
-                        + f"; offline tasks: {', '.join(OFFLINE_TASKS)}"
+                        + f"; offline tasks: {', '.join(_ALL_OFFLINE)}"
                     )
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
         for name in plan.stock:
             logger.log(
                 logging.WARNING if offline else logging.INFO,
-                "lm-eval task %s: stock harness task (hub data%s)", name,
+                "lm-eval task %s: stock harness task (hub data%s)",
+                name,
                 "; HF_HUB_OFFLINE is set, so only the datasets cache can serve it" if offline else "",
             )
     except BaseException:
@@ -232,7 +287,50 @@ def plan_lm_eval(cfg: RunConfig) -> LmEvalPlan:
     return plan
 
 
+# --------------------------------------------------------------------------- generation tasks
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What the offline generation tasks' functions (``lm_eval_tasks/utils.py``) need from the run.
+
+    Active only inside :func:`run_lm_eval` (:func:`generation_settings`); the harness gives its task
+    functions nothing but the document.
+    """
+
+    tokenizer: Any
+    """The run's tokenizer: XSum's chat form and its document cut (as the built-in task)."""
+    prompt_limit: Callable[[int], int | None]
+    """Longest prompt, in tokens, for a task generating that many new tokens (None: no limit)."""
+    timeout_s: float
+    """Time limit of each generated program in the sandbox."""
+    allow_code_execution: bool
+    """The opt-in (``evaluation.lm_eval.allow_code_execution``); the code tasks' scorers refuse without it."""
+
+
+_ACTIVE_GENERATION: GenerationSettings | None = None
+
+
+def generation_settings() -> GenerationSettings | None:
+    """The settings of the :func:`run_lm_eval` call in progress (None outside one)."""
+    return _ACTIVE_GENERATION
+
+
+@contextmanager
+def _generation_context(settings: GenerationSettings) -> Iterator[None]:
+    global _ACTIVE_GENERATION
+    previous, _ACTIVE_GENERATION = _ACTIVE_GENERATION, settings
+    try:
+        yield
+    finally:
+        _ACTIVE_GENERATION = previous
+
+
 # --------------------------------------------------------------------------- the model wrapper
+
+
+_GENERATION_ROOM = 1 << 30
+"""Added to :class:`PrunedHFLM`'s ``max_length`` while it generates (see its ``max_length``)."""
 
 
 @functools.cache
@@ -245,12 +343,63 @@ def _hflm_class() -> type:
         The stock ``_loglikelihood_tokens`` pads rows with token 0 and calls the model without a mask;
         here the real length of each row is captured where the harness pads them
         (``lm_eval.models.huggingface.pad_and_concat``) and turned into ``attention_mask``.
+
+        Generation (``generate_until``): the stock class cuts every prompt from the left to
+        ``max_length - max_gen_toks`` tokens; here a prompt may have :meth:`prompt_limit` tokens, as in
+        ppframework's built-in generation tasks, and a longer one is an error (never silently cut).
         """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.batch_log: list[dict[str, Any]] = []
             self._row_lengths: list[int] | None = None
+            self._generating = False
+
+        @property
+        def max_length(self) -> int:
+            # while generating, far above any prompt: the stock max_length - max_gen_toks cut (and its
+            # assertion that it is positive) never applies; tok_batch_encode checks prompt_limit instead
+            length = int(super().max_length)
+            return length + _GENERATION_ROOM if getattr(self, "_generating", False) else length
+
+        def prompt_limit(self, new_tokens: int) -> int | None:
+            """Longest generation prompt: ``max_length`` (the history's positions when a method has a
+            calibrated history) and the model's positions minus ``new_tokens``."""
+            length = int(super().max_length)
+            limits = [length] if length else []
+            positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+            if positions:
+                limits.append(int(positions) - int(new_tokens))
+            return min(limits) if limits else None
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._generating = True
+            try:
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._generating = False
+
+        def tok_batch_encode(
+            self,
+            strings: list[str],
+            padding_side: str = "left",
+            left_truncate_len: int | None = None,
+            truncation: bool = False,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not (self._generating and left_truncate_len):
+                return super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
+            new_tokens = self.max_length - int(left_truncate_len)
+            limit = self.prompt_limit(new_tokens)
+            ids, mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+            if limit is not None and ids.shape[1] > limit:
+                raise ConfigError(
+                    f"lm-eval generation: a prompt of {ids.shape[1]} tokens is longer than {limit}, the most "
+                    f"a prompt may have with {new_tokens} new tokens (max_length {super().max_length}: "
+                    "evaluation.lm_eval.max_length, by default calibration.seq_len when a method has a "
+                    "calibrated history; and the model's positions minus the new tokens). Raise "
+                    "calibration.seq_len or drop the task"
+                )
+            return ids, mask
 
         def _loglikelihood_tokens(
             self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None
@@ -271,8 +420,10 @@ def _hflm_class() -> type:
                     logger.warning("lm-eval: row lengths unknown; the model runs without a padding mask")
                 self.batch_log.append({"rows": rows, "width": width, "masked": False})
                 return super()._model_call(inps)
-            mask = (torch.arange(width, device=inps.device)[None, :]
-                    < torch.tensor(lengths, device=inps.device)[:, None]).long()
+            mask = (
+                torch.arange(width, device=inps.device)[None, :]
+                < torch.tensor(lengths, device=inps.device)[:, None]
+            ).long()
             self.batch_log.append({"rows": rows, "width": width, "masked": True, "lengths": list(lengths)})
             with torch.no_grad():
                 return self.model(input_ids=inps, attention_mask=mask, use_cache=False).logits
@@ -349,6 +500,13 @@ def _task_metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _main_metric(metrics: dict[str, Any]) -> str:
+    """``acc=..`` for a task that reports acc, else its first score (``pass@1=..``, ``rouge1=..``)."""
+    names = [k for k in metrics if k != "n_items" and "_stderr" not in k and "," not in k]
+    name = "acc" if "acc" in metrics else (names[0] if names else "acc")
+    return f"{name}={metrics.get(name, float('nan')):.4f}"
+
+
 def _batch_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
     """Forwards, rows and widths in order, plus a digest of every row length (the composition)."""
     digest = hashlib.sha256(json.dumps([b.get("lengths", [b["rows"], b["width"]]) for b in log]).encode())
@@ -374,7 +532,8 @@ def run_lm_eval(
 
     ``simple_evaluate`` gets a :class:`PrunedHFLM`, the plan's ``TaskManager``, ``le.limit``,
     ``le.num_fewshot`` and ``le.seed`` for its random, numpy, torch and few-shot seeds; no request
-    cache, no sample log.
+    cache, no sample log; ``confirm_run_unsafe_code`` is the plan's code-execution opt-in, and the
+    generation tasks see :func:`generation_settings` while it runs.
     """
     import time
 
@@ -383,19 +542,30 @@ def run_lm_eval(
     started = time.perf_counter()
     lm = make_hflm(model, tokenizer, le.batch_size, max_length)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(plan.tasks),
-        num_fewshot=le.num_fewshot,
-        limit=le.limit,
-        task_manager=plan.manager(),
-        log_samples=False,
-        bootstrap_iters=1000,
-        random_seed=le.seed,
-        numpy_random_seed=le.seed,
-        torch_random_seed=le.seed,
-        fewshot_random_seed=le.seed,
-    )
+    settings = GenerationSettings(tokenizer, lm.prompt_limit, plan.code_timeout_s, plan.allow_code_execution)
+    try:
+        with _generation_context(settings):
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(plan.tasks),
+                num_fewshot=le.num_fewshot,
+                limit=le.limit,
+                task_manager=plan.manager(),
+                log_samples=False,
+                bootstrap_iters=1000,
+                random_seed=le.seed,
+                numpy_random_seed=le.seed,
+                torch_random_seed=le.seed,
+                fewshot_random_seed=le.seed,
+                confirm_run_unsafe_code=plan.allow_code_execution,
+            )
+    except ValueError as exc:  # a stock task marked unsafe (it runs generated code), without the opt-in
+        if "marked as unsafe" not in str(exc):
+            raise
+        raise ConfigError(
+            f"evaluation.lm_eval.tasks: {exc} Running generated code needs the opt-in "
+            "evaluation.lm_eval.allow_code_execution: true"
+        ) from None
     if results is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results (non-zero rank?)")
     tasks = _task_metrics(results)
@@ -410,7 +580,9 @@ def run_lm_eval(
     )
     logger.info(
         "lm-eval %s: %s (%d forwards, %.1f s)",
-        label, ", ".join(f"{t} acc={m.get('acc', float('nan')):.4f}" for t, m in tasks.items()),
-        run.batches["forwards"], run.seconds,
+        label,
+        ", ".join(f"{t} {_main_metric(m)}" for t, m in tasks.items()),
+        run.batches["forwards"],
+        run.seconds,
     )
     return run
