@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ppframework.config import LmEvalConfig, RunConfig
+from ppframework.config import ZEROSHOT_TASKS, LmEvalConfig, RunConfig
 from ppframework.data import resolve_data_dir
 from ppframework.errors import ConfigError
 
@@ -80,15 +80,7 @@ __all__ = [
 LM_EVAL_VERSION = "0.4.13"
 """The lm-evaluation-harness version the offline task configs and :class:`PrunedHFLM` were tested with."""
 
-OFFLINE_TASKS: tuple[str, ...] = (
-    "boolq",
-    "piqa",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
+OFFLINE_TASKS: tuple[str, ...] = ZEROSHOT_TASKS
 """Tasks with an offline config in ``ppframework/lm_eval_tasks`` (same names as the stock tasks)."""
 
 OFFLINE_GENERATION_TASKS: tuple[str, ...] = ("humaneval", "mbpp", "xsum")

@@ -64,19 +64,26 @@ def evaluate_perplexity(
     """
     if warmup_policy not in ("skip", "untracked"):
         raise ValueError(f"data.warmup_policy: {warmup_policy!r} is not 'skip' or 'untracked'")
-    if warmup_policy == "untracked":
-        return _untracked_then_all(model, batches, warmup_batches, progress, desc, untracked)
-    if len(batches) <= warmup_batches:
-        raise ValueError(
-            f"data.max_batches: {len(batches)} batch(es) leave nothing to score after "
-            f"{warmup_batches} warm-up batch(es); use more windows or fewer warm-up batches"
-        )
     device = next(model.parameters()).device
+    if warmup_policy == "untracked":
+        if not batches:
+            raise ValueError("data.max_batches: no batches to score")
+        with untracked():
+            for batch in batches[:warmup_batches]:
+                model(input_ids=batch.to(device), use_cache=False)
+        skip = 0
+    else:
+        if len(batches) <= warmup_batches:
+            raise ValueError(
+                f"data.max_batches: {len(batches)} batch(es) leave nothing to score after "
+                f"{warmup_batches} warm-up batch(es); use more windows or fewer warm-up batches"
+            )
+        skip = warmup_batches
     nll_sum, tokens, seconds = 0.0, 0, []
     for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         ids = batch.to(device)
         output, elapsed = timed(lambda ids=ids: model(input_ids=ids, use_cache=False), device)
-        if index < warmup_batches:
+        if index < skip:
             continue
         seconds.append(elapsed)
         nll, count = batch_nll(output.logits, ids)
@@ -86,39 +93,7 @@ def evaluate_perplexity(
         perplexity=math.exp(nll_sum / tokens),
         nll_sum=nll_sum,
         tokens=tokens,
-        scored_batches=len(batches) - warmup_batches,
-        warmup_batches=warmup_batches,
-        batch_seconds=seconds,
-    )
-
-
-def _untracked_then_all(
-    model: torch.nn.Module,
-    batches: list[torch.Tensor],
-    warmup_batches: int,
-    progress: bool,
-    desc: str,
-    untracked: Callable[[], AbstractContextManager[object]],
-) -> PerplexityResult:
-    if not batches:
-        raise ValueError("data.max_batches: no batches to score")
-    device = next(model.parameters()).device
-    with untracked():
-        for batch in batches[:warmup_batches]:
-            model(input_ids=batch.to(device), use_cache=False)
-    nll_sum, tokens, seconds = 0.0, 0, []
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        ids = batch.to(device)
-        output, elapsed = timed(lambda ids=ids: model(input_ids=ids, use_cache=False), device)
-        seconds.append(elapsed)
-        nll, count = batch_nll(output.logits, ids)
-        nll_sum += nll
-        tokens += count
-    return PerplexityResult(
-        perplexity=math.exp(nll_sum / tokens),
-        nll_sum=nll_sum,
-        tokens=tokens,
-        scored_batches=len(batches),
+        scored_batches=len(batches) - skip,
         warmup_batches=warmup_batches,
         batch_seconds=seconds,
     )
