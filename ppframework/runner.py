@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from ppframework import data as data_mod
+from ppframework.adapters import get_adapter
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import RunConfig
+from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
@@ -57,6 +59,8 @@ class MethodResult:
     """The smallest ratio ``allocate`` gave a pruned block (``layer_ratio`` under ``uniform``)."""
     max_block_ratio: float = 0.0
     """The largest ratio ``allocate`` gave a pruned block."""
+    realised_ratio_model: float = 0.0
+    """The removed weights as a fraction of the whole model's parameters (embeddings included)."""
 
     @classmethod
     def failed(cls, label: str, ratio: float, error: str) -> MethodResult:
@@ -124,6 +128,7 @@ def _row(
     flops: FlopsReport | None = None,
     static: bool = False,
     block_ratios: dict[Any, float] | None = None,
+    realised_model: float = 0.0,
 ) -> MethodResult:
     dense_s = dense.median_seconds
     ratios = list((block_ratios or {}).values()) or [layer_ratio]
@@ -142,6 +147,7 @@ def _row(
         static=static,
         min_block_ratio=min(ratios),
         max_block_ratio=max(ratios),
+        realised_ratio_model=realised_model,
     )
 
 
@@ -273,6 +279,7 @@ def _run(
                 flops,
                 pipe.is_static,
                 pipe.block_ratios,
+                pipe.realised_ratio_model(warmup),
             )
         except Exception as exc:  # one method's failure must not lose the others' results
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -314,8 +321,25 @@ def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torc
         "scored_batches": scored_batches(cfg, len(batches)),
         "tokens_per_batch": int(batches[0].numel()),
         "data_dir": str(data_mod.resolve_data_dir(cfg.data.data_dir)),
+        "parameters": _parameter_counts(model),
     }
     return settings
+
+
+def _parameter_counts(model: torch.nn.Module) -> dict[str, int] | None:
+    try:
+        return get_adapter(model).parameter_counts()
+    except ConfigError:  # an unsupported family: the methods will say so
+        return None
+
+
+def _parameter_split(resolved: dict[str, Any]) -> str:
+    """``decoder 106.2M, embeddings 28.3M, other 0.0M of 134.5M parameters`` (from resolved settings)."""
+    counts = resolved.get("parameters")
+    if not counts:
+        return "parameter counts not recorded"
+    parts = ", ".join(f"{k} {counts[k] / 1e6:.1f}M" for k in ("decoder", "embeddings", "other"))
+    return f"{parts} of {counts['model'] / 1e6:.1f}M parameters"
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
@@ -340,8 +364,8 @@ def format_table(report: RunReport) -> str:
         f"{r['scored_batches']} scored batch(es) after {warmup_phrase(d)}; "
         f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
         "",
-        "| method | target ratio | per-layer ratio | realised ratio | perplexity | Δ ppl vs dense "
-        "| forward s (median) | time ratio | FLOPs-ideal ratio | probe FLOPs share |",
+        "| method | target ratio | per-layer ratio | realised ratio (decoder / model) | perplexity "
+        "| Δ ppl vs dense | forward s (median) | time ratio | FLOPs-ideal ratio | probe FLOPs share |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows:
@@ -351,7 +375,8 @@ def format_table(report: RunReport) -> str:
             continue
         lines.append(
             f"| {row.method}{kind} | {row.target_ratio:.2f} | {_layer_ratio_cell(row)} "
-            f"| {row.realised_ratio:.3f} | {row.perplexity:.3f} | {row.delta_perplexity:+.3f} "
+            f"| {row.realised_ratio:.3f} / {row.realised_ratio_model:.3f} | {row.perplexity:.3f} "
+            f"| {row.delta_perplexity:+.3f} "
             f"| {row.median_forward_s:.3f} "
             f"| {row.time_ratio:.3f} | {row.ideal_time_ratio:.3f} | {row.probe_flops_share:.2%} |"
         )
@@ -366,7 +391,9 @@ def format_table(report: RunReport) -> str:
         "per-layer ratio = the ratio each pruned block is given (min-max when the allocation gives "
         "blocks different ratios, as adaptive FLAP does). "
         "realised ratio = fraction of all decoder attention+MLP projection weights removed, mean over "
-        "scored batches (skipped layers and dense key/value heads included in the total). "
+        "scored batches (skipped layers and dense key/value heads included in the total); / model = the "
+        "same weights as a fraction of every parameter of the model, embeddings included "
+        f"({_parameter_split(r)}). "
         "time ratio = median forward time / dense's, whole model incl. the unpruned LM head, timed "
         "sequentially in this process. FLOPs-ideal ratio = (pruned + probe + LM head FLOPs) / dense "
         "FLOPs of the whole forward; probe FLOPs share = probe FLOPs / dense decoder FLOPs.",
@@ -397,6 +424,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "error",
     "min_block_ratio",
     "max_block_ratio",
+    "realised_ratio_model",
 )
 
 

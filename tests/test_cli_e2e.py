@@ -87,7 +87,10 @@ def test_run_dense_and_two_methods(
     stdout, results = _run(config, out, capsys)
 
     # the markdown table on stdout
-    assert "| method | target ratio | per-layer ratio | realised ratio | perplexity |" in stdout
+    assert (
+        "| method | target ratio | per-layer ratio | realised ratio (decoder / model) | perplexity |"
+        in stdout
+    )
     assert "|---|" in stdout
     table = _table_rows(stdout)
     assert list(table) == ["dense", "pp 40%", "pp-light 20%"]
@@ -98,6 +101,10 @@ def test_run_dense_and_two_methods(
     # results.json rows
     rows = {row["method"]: row for row in results["rows"]}
     assert list(rows) == ["dense", "pp 40%", "pp-light 20%"]
+    # over the whole model (embeddings included) the same removed weights are a smaller share
+    assert 0 < rows["pp 40%"]["realised_ratio_model"] < rows["pp 40%"]["realised_ratio"]
+    counts = results["settings"]["resolved"]["parameters"]
+    assert counts["model"] == counts["decoder"] + counts["embeddings"] + counts["other"]
     for row in rows.values():
         assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0
         assert math.isfinite(row["time_ratio"]) and row["time_ratio"] > 0

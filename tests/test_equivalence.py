@@ -9,10 +9,11 @@ from ppframework.adapters import get_adapter
 from ppframework.config import MethodConfig
 from ppframework.hookspecs import hookimpl
 from ppframework.pipeline import Pipeline
+from ppframework.testing.tiny import FAMILIES as TINY_FAMILIES
 from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockKind
 
-FAMILIES = ["llama", "llama-gqa", "qwen2", "mistral", "opt"]
+FAMILIES = list(TINY_FAMILIES)
 
 
 def method(ratio: float, infer: str = "sliced", **pruning) -> MethodConfig:

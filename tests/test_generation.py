@@ -112,7 +112,21 @@ def test_nothing_pruned_generates_the_unmodified_model_tokens(family, prompts):
 
 @pytest.mark.parametrize(
     ("family", "gqa"),
-    [("llama", "query-only"), ("llama-gqa", "query-only"), ("llama-gqa", "group"), ("opt", "query-only")],
+    [
+        ("llama", "query-only"),
+        ("llama-gqa", "query-only"),
+        ("llama-gqa", "group"),
+        ("opt", "query-only"),
+        ("qwen2.5", "query-only"),
+        ("qwen3", "query-only"),
+        ("qwen3", "group"),
+        ("mistral-swa", "query-only"),
+        ("mistral-swa", "group"),
+        ("phi3", "query-only"),
+        ("phi3", "group"),
+        ("gemma3", "query-only"),
+        ("gemma3", "group"),
+    ],
 )
 def test_frozen_decode_equals_recomputing_the_whole_sequence_under_the_same_masks(family, gqa):
     model = tiny_model(family).eval()
@@ -140,9 +154,10 @@ def test_frozen_decode_equals_recomputing_the_whole_sequence_under_the_same_mask
         torch.testing.assert_close(step_logits, real, atol=2e-4, rtol=2e-4, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "mistral-swa", "phi3", "gemma3"])
 @pytest.mark.parametrize("gqa", ["query-only", "group"])
-def test_sliced_equals_masked_during_decoding(gqa):
-    model = tiny_model("llama-gqa").eval()
+def test_sliced_equals_masked_during_decoding(family, gqa):
+    model = tiny_model(family).eval()
     enc = _encode()
     history = _history(model)
     outs = []
@@ -255,7 +270,7 @@ def test_detaching_after_or_during_generation_restores_the_model(when):
     assert torch.equal(_generate(model, enc, new=8).sequences, reference.sequences)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "mistral-swa", "phi3", "gemma3"])
 @pytest.mark.parametrize("gqa", ["query-only", "group"])
 def test_dense_decode_prunes_the_prefill_only(family, gqa):
     model = tiny_model(family).eval()

@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ppframework.adapters.base import BlockRunner, ModelAdapter
+from ppframework.adapters.gemma3 import Gemma3Adapter
 from ppframework.adapters.llama import LlamaLikeAdapter
 from ppframework.adapters.opt import OPTAdapter
+from ppframework.adapters.phi3 import Phi3Adapter
 from ppframework.errors import ConfigError
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaLikeAdapter, OPTAdapter)
+#: Every adapter, tried in order by :func:`get_adapter` (see ``docs/families.md``).
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaLikeAdapter, Phi3Adapter, Gemma3Adapter, OPTAdapter)
 
 
 def supported_model_types() -> list[str]:

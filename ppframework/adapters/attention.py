@@ -115,3 +115,52 @@ def grouped_attention(
     mask = None if bias is None else bias.repeat(1, 1, width, 1)
     out = F.scaled_dot_product_attention(stacked, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, groups.kv_heads, width, seq, dim)[:, groups.group_of, groups.slot_of]
+
+
+def position_bias(
+    query_at: torch.Tensor,
+    key_at: torch.Tensor,
+    key_real: torch.Tensor | None,
+    window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive bias (B or 1, 1, Tq, Tk) for queries at positions ``query_at`` (Tq,) over keys at
+    ``key_at`` (Tk,): causal, within ``window`` when given (a key is seen when ``query - key < window``,
+    as transformers' sliding-window masks) and only real keys (``key_real`` (B, Tk), None = all real).
+
+    A query always sees a key at its own position, so that no row is fully masked (padding queries'
+    outputs are never used).
+    """
+    distance = query_at[:, None] - key_at[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < int(window))
+    allowed = allowed[None]
+    if key_real is not None:
+        allowed = allowed & key_real.bool()[:, None, :]
+    allowed = allowed | (distance == 0)[None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+def biased_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of (B, H, Tq, d) queries over (B, H, Tk, d) keys/values with an additive ``bias``
+    (None: every key is seen), optionally with tanh soft-capping of the scores (Gemma's
+    ``attn_logit_softcapping``: ``cap * tanh(scores / cap)`` before the mask, as transformers' eager
+    attention does; SDPA cannot, so that case runs eagerly)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)

@@ -26,29 +26,42 @@ def cache_length(cache: Any) -> int:
 
 
 def key_bias(
-    key_mask: torch.Tensor | None, past: int, queries: int, keys: int, dtype: torch.dtype
+    key_mask: torch.Tensor | None,
+    past: int,
+    queries: int,
+    keys: int,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Additive attention bias (B or 1, 1, queries, keys) for queries that follow ``past`` cached tokens.
 
     Query ``i`` sits at column ``past + i`` and may see key ``j`` when ``j <= past + i`` and the key is
     real text (``key_mask[b, j] == 1``; None = every key is real; keys past the mask's width, the unused
-    slots of a static cache, are never seen). None when nothing needs masking (one query, every key real).
+    slots of a static cache, are never seen). With ``window`` a query sees only keys less than
+    ``window`` columns back (sliding-window attention). A sliding-window cache returns only its last
+    keys (fewer than ``past + queries``): they are then the last columns. None when nothing needs
+    masking (one query that sees every key, every key real).
     """
-    if key_mask is None and queries == 1 and keys == past + 1:
+    offset = max(past + queries - keys, 0)  # first column the returned keys hold
+    if key_mask is None and queries == 1 and offset + keys == past + 1 and (window is None or keys <= window):
         return None
     device = key_mask.device if key_mask is not None else None
     query_at = torch.arange(queries, device=device) + past
-    key_at = torch.arange(keys, device=device)
-    allowed = (key_at[None, :] <= query_at[:, None])[None]
+    key_at = torch.arange(keys, device=device) + offset
+    distance = query_at[:, None] - key_at[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < int(window))
+    allowed = allowed[None]
     if key_mask is not None:
-        real = key_mask.bool()
+        real = key_mask.bool()[:, offset:]
         width = real.shape[1]
         if width < keys:
             real = torch.nn.functional.pad(real, (0, keys - width), value=False)
         elif width > keys:
             real = real[:, :keys]
         allowed = allowed & real[:, None, :]
-    allowed = allowed | (key_at[None, :] == query_at[:, None])[None]  # never an all-masked row
+    allowed = allowed | (distance == 0)[None]  # never an all-masked row
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
     return bias[:, None]
@@ -76,7 +89,9 @@ class KVSlot:
     key_mask: torch.Tensor | None = None
     shift: RowShift | None = None
     full_kv: bool = False
-    bias_cache: dict[tuple[int, int, torch.dtype], torch.Tensor | None] = field(default_factory=dict)
+    bias_cache: dict[tuple[int, int, torch.dtype, int | None], torch.Tensor | None] = field(
+        default_factory=dict
+    )
     stored: bool = False
 
     def store(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +116,11 @@ class KVSlot:
             return keys, values
         return all_k, all_v
 
-    def bias(self, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """:func:`key_bias` for this forward (built once per shape and shared by the layers)."""
-        key = (queries, keys, dtype)
+    def bias(
+        self, queries: int, keys: int, dtype: torch.dtype, window: int | None = None
+    ) -> torch.Tensor | None:
+        """:func:`key_bias` for this forward (built once per shape and window, shared by the layers)."""
+        key = (queries, keys, dtype, window)
         if key not in self.bias_cache:
-            self.bias_cache[key] = key_bias(self.key_mask, self.past, queries, keys, dtype)
+            self.bias_cache[key] = key_bias(self.key_mask, self.past, queries, keys, dtype, window)
         return self.bias_cache[key]

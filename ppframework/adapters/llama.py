@@ -1,14 +1,27 @@
-"""LLaMA-like decoder layers: LLaMA 2/3, Mistral, Qwen2, SmolLM (grouped-query attention included)."""
+"""LLaMA-like decoder layers: LLaMA 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM (grouped-query attention included).
+
+The attention runner also covers what later families add on top of LLaMA: per-head q/k RMSNorms
+(Qwen3, Gemma 3: the model's own ``q_norm``/``k_norm`` modules, applied before rotary), sliding-window
+attention (Mistral, Qwen2/3 ``layer_types``, Gemma 3 local layers: each layer's own window, on the
+probe's true positions, the full pass and decode steps), partial rotary (Phi-3 style configs) and
+tanh soft-capping of the attention scores (for families whose attention applies it; see
+:class:`LlamaAttentionRunner`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ppframework.adapters.attention import HeadGroups, grouped_attention
+from ppframework.adapters.attention import (
+    HeadGroups,
+    biased_attention,
+    grouped_attention,
+    position_bias,
+)
 from ppframework.adapters.base import (
     BlockRunner,
     ModelAdapter,
@@ -29,10 +42,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` (B, H, T, d) with ``cos``/``sin`` (B or 1, T, d)."""
+    """Rotary embedding of ``x`` (B, H, T, d) with ``cos``/``sin`` (B or 1, T, r).
+
+    With ``r < d`` (partial rotary) only the first ``r`` features rotate; the rest pass through.
+    """
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        head, tail = x[..., :rot], x[..., rot:]
+        return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
     return x * cos + rotate_half(x) * sin
+
+
+def attention_window(attn: nn.Module, config: Any) -> int | None:
+    """The sliding window of one attention module (None: full attention).
+
+    Families with per-layer types (Qwen2/3, Gemma 3) set ``sliding_window`` on each attention module
+    (None on full-attention layers); Mistral and Phi-3 apply ``config.sliding_window`` to every layer.
+    """
+    if hasattr(attn, "sliding_window"):
+        window = attn.sliding_window
+    else:
+        window = getattr(config, "sliding_window", None)
+    return None if window is None else int(window)
 
 
 def linear_into(
@@ -54,13 +87,31 @@ class LlamaAttentionRunner(BlockRunner):
 
     Sliced path: the kept rows of q, k and v are gathered into one weight (one matmul); with a
     :class:`ProbeReuse` the probe's q/k/v projections (exact per token) fill the probe's tokens.
+
+    The module's own ``q_norm``/``k_norm`` (when it has them) normalise each head before rotary; a
+    sliding ``window`` (see :func:`attention_window`) comes from the module or the config. ``softcap``
+    (tanh soft-capping of the scores, Gemma 2 style) is None: set it only for a family whose own
+    attention applies it (transformers' Gemma 3 keeps ``attn_logit_softcapping`` in its config but
+    never applies it, so neither does this runner). Subclasses with fused projections override
+    :meth:`dense_qkv` and :meth:`sliced_qkv_weight`.
     """
 
-    def __init__(self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0) -> None:
+    #: The last full-pass window bias, shared by every runner: (mask tensor, (seq, window, dtype,
+    #: device), bias). Holding the mask keeps its identity unique while the entry lives.
+    _full_bias: ClassVar[list[tuple[Any, tuple[Any, ...], torch.Tensor]]] = []
+
+    def __init__(
+        self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0, config: Any = None
+    ) -> None:
         self.attn = attn
         self.geometry = geometry
-        self.layer_idx = int(getattr(attn, "layer_idx", layer_idx))
+        self.layer_idx = int(getattr(attn, "layer_idx", None) or layer_idx)
         self.scaling = float(getattr(attn, "scaling", geometry.unit_width**-0.5))
+        config = config if config is not None else getattr(attn, "config", None)
+        self.q_norm: nn.Module | None = getattr(attn, "q_norm", None)
+        self.k_norm: nn.Module | None = getattr(attn, "k_norm", None)
+        self.window: int | None = attention_window(attn, config)
+        self.softcap: float | None = None
         self._kv_memo: tuple[Any, Any, torch.Tensor | None, torch.Tensor | None] | None = None
         self._groups_memo: tuple[torch.Tensor, HeadGroups] | None = None
         self._dense_kv_index: torch.Tensor | None = None
@@ -68,6 +119,25 @@ class LlamaAttentionRunner(BlockRunner):
     @property
     def out_proj(self) -> nn.Linear:
         return self.attn.o_proj
+
+    @property
+    def query_width(self) -> int:
+        """Rows of the query projection (heads * head_dim)."""
+        return self.geometry.units * self.geometry.unit_width
+
+    def dense_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The full q, k and v projections of ``x`` (before norms and rotary)."""
+        attn = self.attn
+        return self.linear(x, attn.q_proj), self.linear(x, attn.k_proj), self.linear(x, attn.v_proj)
+
+    def sliced_qkv_weight(
+        self, q_rows: torch.Tensor | None, kv_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One weight (and bias) computing the q rows ``q_rows`` then the k and v rows ``kv_rows``
+        (None: all rows of that projection)."""
+        attn = self.attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return self.gather("attn.qkv", projections, (q_rows, kv_rows, kv_rows))
 
     def pre_output(
         self,
@@ -80,16 +150,12 @@ class LlamaAttentionRunner(BlockRunner):
         kept_kv_heads: torch.Tensor | None = None,
         reuse: ProbeReuse | None = None,
     ) -> torch.Tensor:
-        attn = self.attn
         if kept_units is None and kept_kv_heads is None:
-            q = self.linear(x, attn.q_proj)
-            k = self.linear(x, attn.k_proj)
-            v = self.linear(x, attn.v_proj)
+            q, k, v = self.dense_qkv(x)
             return self._attend(q, k, v, attention_mask, attn_bias, rotary, None, None)
         q_rows = self.channels_of(kept_units)
         kv_rows, _ = self._kv_maps(kept_units, kept_kv_heads, x.device)
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        weight, bias = self.gather("attn.qkv", projections, (q_rows, kv_rows, kv_rows))
+        weight, bias = self.sliced_qkv_weight(q_rows, kv_rows)
         if reuse is not None and reuse.usable_for(x):
             qkv = x.new_empty(*x.shape[:-1], weight.shape[0])
             probe_q, probe_k, probe_v = reuse.values
@@ -100,7 +166,7 @@ class LlamaAttentionRunner(BlockRunner):
             fill_outside_probe(x, qkv, linear_into(weight, bias), reuse, torch.cat(parts, dim=-1))
         else:
             qkv = torch.nn.functional.linear(x, weight, bias)
-        n_q = attn.q_proj.weight.shape[0] if q_rows is None else int(q_rows.numel())
+        n_q = self.query_width if q_rows is None else int(q_rows.numel())
         n_kv = (qkv.shape[-1] - n_q) // 2
         q, k, v = qkv.split((n_q, n_kv, n_kv), dim=-1)
         return self._attend(q, k, v, attention_mask, attn_bias, rotary, kept_units, kept_kv_heads)
@@ -115,15 +181,43 @@ class LlamaAttentionRunner(BlockRunner):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         keep_for_reuse: bool = False,
     ) -> tuple[torch.Tensor, ProbeReuse | None]:
-        """The probe's attention output; with ``keep_for_reuse`` also its q/k/v projections."""
+        """The probe's attention output; with ``keep_for_reuse`` also its q/k/v projections.
+
+        The probe's tokens attend among themselves at their true positions (rotary and, for a
+        sliding-window layer, the window are those of ``tokens``)."""
         probe_x = x.index_select(0, rows).index_select(1, tokens)
-        attn = self.attn
-        q = self.linear(probe_x, attn.q_proj)
-        k = self.linear(probe_x, attn.k_proj)
-        v = self.linear(probe_x, attn.v_proj)
+        q, k, v = self.dense_qkv(probe_x)
         rot = probe_rotary(rotary, rows, tokens)
-        states = self._attend(q, k, v, attention_mask, None, rot, None, None, cache=False)
+        states = self._attend(
+            q, k, v, attention_mask, None, rot, None, None, cache=False, positions=tokens, span=x.shape[1]
+        )
         return states, (ProbeReuse.build(x, rows, tokens, (q, k, v)) if keep_for_reuse else None)
+
+    def _windowed(self, span: int) -> bool:
+        """Whether the window cuts anything out of a sequence of ``span`` tokens."""
+        return self.window is not None and span > self.window
+
+    def _decision_bias(
+        self,
+        attention_mask: torch.Tensor | None,
+        seq: int,
+        positions: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Causal (+ window, + key padding) bias of a forward with nothing cached, over ``positions``
+        (None: the columns). The full pass's bias is shared by every layer with the same window
+        (one entry, for the last mask tensor); a probe's is built for it."""
+        if positions is not None:
+            return position_bias(positions, positions, attention_mask, self.window, dtype)
+        shared = LlamaAttentionRunner._full_bias
+        key = (seq, self.window, dtype, device)
+        if shared and shared[0][0] is attention_mask and shared[0][1] == key:
+            return shared[0][2]
+        at = torch.arange(seq, device=device)
+        bias = position_bias(at, at, attention_mask, self.window, dtype)
+        shared[:] = [(attention_mask, key, bias)]
+        return bias
 
     def _attend(
         self,
@@ -136,16 +230,24 @@ class LlamaAttentionRunner(BlockRunner):
         kept_units: torch.Tensor | None,
         kept_kv_heads: torch.Tensor | None,
         cache: bool = True,
+        positions: torch.Tensor | None = None,
+        span: int | None = None,
     ) -> torch.Tensor:
-        """Attention output (B, T, heads * d) from (B, T, width) projections (before rotary).
+        """Attention output (B, T, heads * d) from (B, T, width) projections (before norms and rotary).
 
         With the pipeline's :class:`KVSlot` set (and ``cache``), the rotated keys and values are stored
-        in the model's cache and the queries attend to what it holds."""
+        in the model's cache and the queries attend to what it holds. ``positions`` (T,) are the
+        tokens' positions when they are not the columns (the probe's), ``span`` the length of the
+        sequence they come from (for the window)."""
         batch, seq, _ = q.shape
         d = self.geometry.unit_width
         q = q.view(batch, seq, -1, d).transpose(1, 2)
         k = k.view(batch, seq, -1, d).transpose(1, 2)
         v = v.view(batch, seq, -1, d).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
             q = apply_rotary(q, cos, sin)
@@ -154,17 +256,26 @@ class LlamaAttentionRunner(BlockRunner):
         if slot is not None:
             k, v = slot.store(k, v)
         n_heads = q.shape[1]
+        decoding = slot is not None and slot.past > 0
+        special = self.softcap is not None or self._windowed(seq if span is None else span)
         if n_heads != k.shape[1] or kept_units is not None:
             _, kv_index = self._kv_maps(kept_units, kept_kv_heads, q.device)
-            if kv_index is not None and slot is not None and slot.past > 0:
+            if kv_index is not None and decoding and self.softcap is None:
                 groups = self._head_groups(kv_index, k.shape[1])
-                bias = slot.bias(seq, k.shape[2], q.dtype)
+                bias = slot.bias(seq, k.shape[2], q.dtype, self.window)
                 out = grouped_attention(q, k, v, groups, bias, self.scaling)
                 return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
             if kv_index is not None:
                 k = k.index_select(1, kv_index)
                 v = v.index_select(1, kv_index)
-        out = attend(q, k, v, attention_mask, attn_bias, self.scaling, slot)
+        if decoding:
+            bias = slot.bias(seq, k.shape[2], q.dtype, self.window)
+            out = biased_attention(q, k, v, bias, self.scaling, self.softcap)
+        elif special:
+            bias = self._decision_bias(attention_mask, seq, positions, q.device, q.dtype)
+            out = biased_attention(q, k, v, bias, self.scaling, self.softcap)
+        else:
+            out = attend(q, k, v, attention_mask, attn_bias, self.scaling, slot)
         return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
 
     def _head_groups(self, kv_index: torch.Tensor, kv_heads: int) -> HeadGroups:
@@ -215,16 +326,27 @@ class LlamaMLPRunner(BlockRunner):
 
     Sliced path: the kept rows of gate and up are gathered into one weight (one matmul); with a
     :class:`ProbeReuse` the probe's activations of the kept channels (exact per token) fill the
-    probe's tokens instead of being recomputed.
+    probe's tokens instead of being recomputed. Subclasses with a fused gate/up projection override
+    :meth:`dense_gate_up` and :meth:`sliced_gate_up_weight`.
     """
 
     def __init__(self, mlp: nn.Module, geometry: BlockGeometry) -> None:
         self.mlp = mlp
         self.geometry = geometry
+        self.act: Callable[[torch.Tensor], torch.Tensor] = getattr(mlp, "act_fn", None) or mlp.activation_fn
 
     @property
     def out_proj(self) -> nn.Linear:
         return self.mlp.down_proj
+
+    def dense_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full gate and up projections of ``x``."""
+        return self.linear(x, self.mlp.gate_proj), self.linear(x, self.mlp.up_proj)
+
+    def sliced_gate_up_weight(self, kept_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One weight (and bias) computing the gate rows then the up rows of ``kept_units``."""
+        mlp = self.mlp
+        return self.gather("mlp.gate_up", (mlp.gate_proj, mlp.up_proj), (kept_units, kept_units))
 
     def pre_output(
         self,
@@ -237,11 +359,11 @@ class LlamaMLPRunner(BlockRunner):
         kept_kv_heads: torch.Tensor | None = None,
         reuse: ProbeReuse | None = None,
     ) -> torch.Tensor:
-        mlp = self.mlp
-        act = mlp.act_fn
+        act = self.act
         if kept_units is None:
-            return act(self.linear(x, mlp.gate_proj)) * self.linear(x, mlp.up_proj)
-        weight, bias = self.gather("mlp.gate_up", (mlp.gate_proj, mlp.up_proj), (kept_units, kept_units))
+            gate, up = self.dense_gate_up(x)
+            return act(gate) * up
+        weight, bias = self.sliced_gate_up_weight(kept_units)
         n = int(kept_units.numel())
         if reuse is not None and reuse.usable_for(x):
 
@@ -270,10 +392,16 @@ class LlamaMLPRunner(BlockRunner):
 
 
 class LlamaLikeAdapter(ModelAdapter):
-    """Pre-norm decoder layers with RMSNorm, rotary attention (GQA aware) and a gated MLP."""
+    """Pre-norm decoder layers with RMSNorm, rotary attention (GQA aware) and a gated MLP.
+
+    Covers LLaMA 2/3, Mistral (sliding window included), Qwen2/Qwen2.5 (``qwen2``), Qwen3 (per-head
+    q/k norms) and SmolLM. Subclasses (Phi-3, Gemma 3) change the runners or the norms around blocks.
+    """
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+    model_types: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
+    attention_runner: type[LlamaAttentionRunner] = LlamaAttentionRunner
+    mlp_runner: type[LlamaMLPRunner] = LlamaMLPRunner
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -291,8 +419,8 @@ class LlamaLikeAdapter(ModelAdapter):
     def runner(self, layer_index: int, kind: BlockKind) -> BlockRunner:
         layer = self.layers[layer_index]
         if kind is BlockKind.ATTENTION:
-            return LlamaAttentionRunner(layer.self_attn, self.geometry(kind), layer_index)
-        return LlamaMLPRunner(layer.mlp, self.geometry(kind))
+            return self.attention_runner(layer.self_attn, self.geometry(kind), layer_index, self.config)
+        return self.mlp_runner(layer.mlp, self.geometry(kind))
 
     def block_input(self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor) -> torch.Tensor:
         norm = layer.input_layernorm if kind is BlockKind.ATTENTION else layer.post_attention_layernorm
@@ -314,16 +442,10 @@ class LlamaLikeAdapter(ModelAdapter):
 
     def check_supported(self, seq_len: int) -> None:
         cfg = self.config
-        window = getattr(cfg, "sliding_window", None)
-        if window and getattr(cfg, "use_sliding_window", True) and seq_len > int(window):
+        types = set(getattr(cfg, "layer_types", None) or ())
+        unknown = sorted(types - {"full_attention", "sliding_attention"})
+        if unknown:
             raise ConfigError(
-                f"data.seq_len: {seq_len} exceeds the model's sliding window ({window}); sliding-window "
-                "attention is not implemented by the pruned path. Use data.seq_len <= the window."
+                f"model.name: layer types {unknown} (config.layer_types) are not supported; the pruned "
+                "path runs full and sliding-window attention layers only."
             )
-        layer = self.layers[0]
-        for name in ("q_norm", "k_norm"):
-            if hasattr(layer.self_attn, name):
-                raise ConfigError(
-                    f"model.name: attention with `{name}` (Qwen3/OLMo style) is not supported yet; "
-                    "supported families: LLaMA 2/3, Mistral, Qwen2, SmolLM, OPT."
-                )

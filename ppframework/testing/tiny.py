@@ -12,6 +12,13 @@ Families (see :data:`FAMILIES`):
 ``qwen2``       Qwen2 (GQA 4/2, bias on the q/k/v projections)
 ``mistral``     Mistral (GQA 4/2, no sliding window)
 ``opt``         OPT (pre-LayerNorm, ReLU MLP, biases everywhere, learned positions, tied embeddings)
+``qwen2.5``     Qwen2.5 (``qwen2`` model type: GQA 4/2, q/k/v biases, tied embeddings, rope theta 1e6)
+``qwen3``       Qwen3 (GQA 4/2, per-head RMSNorm on queries and keys before rotary, no biases)
+``mistral-swa`` Mistral with a sliding window of 8 tokens, shorter than the test sequences
+``phi3``        Phi-3 (GQA 4/2, fused ``qkv_proj`` and ``gate_up_proj``)
+``gemma3``      Gemma 3 text (4 query heads, 1 key/value head, q/k norms, local layers with a window
+                of 8 interleaved with global ones, scaled embeddings, pre- and post-norms around each
+                block, ``query_pre_attn_scalar`` 24, tied embeddings)
 ==============  ====================================================================================
 
 All have hidden size 64, 4 layers, head_dim 16, vocabulary 256 and 256 positions; the MLP is 128 wide
@@ -30,19 +37,23 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from ppframework.models import VERBATIM_TOKENIZER_KEY
 
 __all__ = [
     "FAMILIES",
+    "TINY_SLIDING_WINDOW",
     "TINY_SPECIAL_TOKENS",
     "TINY_VOCAB_SIZE",
     "save_tiny_model",
@@ -54,7 +65,21 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Families understood by :func:`tiny_config` / :func:`tiny_model`.
-FAMILIES: tuple[str, ...] = ("llama", "llama-gqa", "qwen2", "mistral", "opt")
+FAMILIES: tuple[str, ...] = (
+    "llama",
+    "llama-gqa",
+    "qwen2",
+    "mistral",
+    "opt",
+    "qwen2.5",
+    "qwen3",
+    "mistral-swa",
+    "phi3",
+    "gemma3",
+)
+
+#: Sliding window of the tiny ``mistral-swa`` family and of ``gemma3``'s local layers.
+TINY_SLIDING_WINDOW = 8
 
 #: Special tokens of :func:`tiny_tokenizer`, in id order (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3).
 TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -115,6 +140,45 @@ _FAMILY_SPECS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
             **_TOKEN_IDS,
         },
     ),
+    "qwen2.5": (
+        Qwen2Config,
+        {
+            **_LLAMA_COMMON,
+            "num_key_value_heads": 2,
+            "use_sliding_window": False,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        },
+    ),
+    "qwen3": (
+        Qwen3Config,
+        {**_LLAMA_COMMON, "num_key_value_heads": 2, "head_dim": _HEAD_DIM, "use_sliding_window": False},
+    ),
+    "mistral-swa": (
+        MistralConfig,
+        {
+            **_LLAMA_COMMON,
+            "num_key_value_heads": 2,
+            "head_dim": _HEAD_DIM,
+            "sliding_window": TINY_SLIDING_WINDOW,
+        },
+    ),
+    "phi3": (
+        Phi3Config,
+        {**_LLAMA_COMMON, "num_key_value_heads": 2, "sliding_window": None, "resid_pdrop": 0.0},
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        {
+            **_LLAMA_COMMON,
+            "num_key_value_heads": 1,
+            "head_dim": _HEAD_DIM,
+            "sliding_window": TINY_SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 
 
@@ -149,7 +213,8 @@ def _redraw_weights(model: nn.Module, generator: torch.Generator) -> None:
 
     Linear weights get std 0.15 with a log-normal scale per output row, so channel and head
     magnitudes differ (structured pruning scores are then meaningful); embeddings std 0.5; norm
-    weights ~ 1 +/- 0.2; biases std 0.05. Tied parameters are drawn once.
+    weights ~ 1 +/- 0.2 (Gemma's, which scale by 1 + weight: 0 +/- 0.2); biases std 0.05. Tied
+    parameters are drawn once.
     """
     seen: set[int] = set()
 
@@ -177,7 +242,9 @@ def _redraw_weights(model: nn.Module, generator: torch.Generator) -> None:
                     module.weight.copy_(randn(out_features, in_features) * 0.15 * row_scale)
             elif "Norm" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.dim() == 1:
                 if fresh(weight):
-                    weight.copy_(1.0 + 0.2 * randn(*weight.shape))
+                    # Gemma's RMSNorm scales by (1 + weight): its weights centre on 0, not 1.
+                    centre = 0.0 if type(module).__name__.startswith("Gemma") else 1.0
+                    weight.copy_(centre + 0.2 * randn(*weight.shape))
             else:
                 continue
             if isinstance(bias, nn.Parameter) and fresh(bias):

@@ -1,0 +1,53 @@
+"""Gemma 3 text decoder layers (``Gemma3ForCausalLM``, model type ``gemma3_text``).
+
+LLaMA-like attention and gated MLP (the shared runners: q/k norms, each layer's own sliding window
+from ``config.layer_types``, ``query_pre_attn_scalar`` scaling via the module's ``scaling``), with a
+pre-norm *and* a post-norm around each block::
+
+    h = h + post_attention_layernorm(o_proj(attn(input_layernorm(h))))
+    h = h + post_feedforward_layernorm(down_proj(mlp(pre_feedforward_layernorm(h))))
+
+Pruning acts on the inputs of ``o_proj``/``down_proj`` (the runners' pre-output); the post-norms run
+on the block output in :meth:`Gemma3Adapter.block_residual`. The scaled embeddings and the final
+logit soft-capping live outside the decoder layers and run unchanged. ``attn_logit_softcapping`` is
+kept in Gemma 3 configs but transformers' Gemma 3 attention never applies it (unlike Gemma 2), so the
+runners do not either: the pruned path computes what the model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ppframework.adapters.llama import LlamaLikeAdapter
+from ppframework.errors import ConfigError
+from ppframework.types import BlockKind
+
+
+class Gemma3Adapter(LlamaLikeAdapter):
+    """Gemma 3 text models: pre/post norms around blocks, interleaved local and global layers."""
+
+    family = "gemma3"
+    model_types = ("gemma3_text",)
+
+    def block_input(self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor) -> torch.Tensor:
+        norm = layer.input_layernorm if kind is BlockKind.ATTENTION else layer.pre_feedforward_layernorm
+        return norm(hidden)
+
+    def block_residual(
+        self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor, block_out: torch.Tensor
+    ) -> torch.Tensor:
+        norm = (
+            layer.post_attention_layernorm
+            if kind is BlockKind.ATTENTION
+            else layer.post_feedforward_layernorm
+        )
+        return hidden + norm(block_out)
+
+    def check_supported(self, seq_len: int) -> None:
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise ConfigError(
+                "model.name: Gemma 3 with use_bidirectional_attention (an encoder-style variant) is not "
+                "supported; the pruned path runs causal attention."
+            )
+        super().check_supported(seq_len)
