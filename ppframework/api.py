@@ -84,6 +84,8 @@ def calibration_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
     cal = cfg.calibration
     docs = data_mod.load_documents(cal.dataset, cal.split, cfg.data.data_dir)
     windows = data_mod.calibration_windows(docs, tokenizer, cal.n_samples, cfg.calibration_seq_len, cal.seed)
+    if cfg.data.window_bos:
+        windows = data_mod.start_with_bos(windows, tokenizer)
     return list(torch.split(windows, cal.batch_size))
 
 
@@ -91,7 +93,8 @@ def calibration_description(model: nn.Module, tokenizer: Any, cfg: RunConfig) ->
     """Everything the calibration history depends on (the cache key)."""
     cal = cfg.calibration
     source = data_mod.dataset_source(cal.dataset, cal.split, cfg.data.data_dir)
-    return {
+    extra = {"window_bos": True} if cfg.data.window_bos else {}  # old cache keys stay valid
+    return extra | {
         "model": model_fingerprint(model),
         "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
         "dataset": source,

@@ -61,6 +61,11 @@ class DataConfig(StrictModel):
     window_policy: Literal["contiguous", "random"] = "random"
     max_batches: int | None = Field(None, ge=1, description="batches to run, warm-up included")
     warmup_batches: int = Field(1, ge=0)
+    window_bos: bool = Field(
+        False,
+        description="start every evaluation and calibration window with the tokenizer's BOS token followed "
+        "by seq_len - 1 text tokens (for models that always saw BOS in training, e.g. Gemma)",
+    )
     warmup_policy: Literal["skip", "untracked"] = Field(
         "skip",
         description="skip: the first warmup_batches update the history and are not scored; untracked (the "

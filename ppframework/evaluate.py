@@ -50,7 +50,14 @@ from ppframework.models import load_model
 from ppframework.outputs import atomic_path, atomic_write_text, write_json
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
-from ppframework.runner import environment, eval_batches, pipeline_flops, resolved_settings, warmup_phrase
+from ppframework.runner import (
+    environment,
+    eval_batches,
+    pipeline_flops,
+    resolved_settings,
+    warmup_phrase,
+    window_bos_phrase,
+)
 from ppframework.zeroshot import evaluate_tasks, get_task
 
 logger = logging.getLogger(__name__)
@@ -613,7 +620,8 @@ def settings_block(report: EvalReport) -> str:
     parts = [
         f"model {s['model']['name']} ({r['dtype']}, {r['device']})",
         f"perplexity: {d['name']}/{d['split']}, seq_len {d['seq_len']}, batch {d['batch_size']}, "
-        f"{d['window_policy']} windows, {r['scored_batches']} scored batch(es) after {warmup_phrase(d)}",
+        f"{d['window_policy']} windows{window_bos_phrase(d)}, {r['scored_batches']} scored batch(es) after "
+        f"{warmup_phrase(d)}",
         f"calibration {c['dataset']} x {c['n_samples']} windows",
         f"seed {s['seed']}",
     ]

@@ -114,6 +114,8 @@ def eval_batches(
             text = data_mod.load_corpus_text(d.name, d.split, d.data_dir)
         ids = data_mod.tokenize_text(text, tokenizer)
     windows = data_mod.make_windows(ids, d.seq_len, d.window_policy, cfg.seed)
+    if d.window_bos:
+        windows = data_mod.start_with_bos(windows, tokenizer)
     batches = data_mod.batched(windows, d.batch_size)
     return batches[: d.max_batches] if d.max_batches else batches
 
@@ -297,6 +299,11 @@ def _run(
     return final
 
 
+def window_bos_phrase(data: dict[str, Any]) -> str:
+    """What ``data.window_bos`` does to each window, for settings lines (empty when off)."""
+    return " (each BOS + seq_len - 1 text tokens)" if data.get("window_bos") else ""
+
+
 def warmup_phrase(data: dict[str, Any]) -> str:
     """How the warm-up ran, for settings lines (``data`` is the dumped ``data`` section)."""
     n = data["warmup_batches"]
@@ -360,7 +367,8 @@ def format_table(report: RunReport) -> str:
     r, d, c = s["resolved"], s["data"], s["calibration"]
     lines = [
         f"model {s['model']['name']} ({r['dtype']}, {r['device']}); data {d['name']}/{d['split']}, "
-        f"seq_len {d['seq_len']}, batch {d['batch_size']}, {d['window_policy']} windows, "
+        f"seq_len {d['seq_len']}, batch {d['batch_size']}, "
+        f"{d['window_policy']} windows{window_bos_phrase(d)}, "
         f"{r['scored_batches']} scored batch(es) after {warmup_phrase(d)}; "
         f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
         "",
