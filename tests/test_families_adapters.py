@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_equivalence import logits, method  # the same helpers as the equivalence suite
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ppframework.adapters import get_adapter, supported_model_types
 from ppframework.adapters.attention import biased_attention
 from ppframework.adapters.gemma3 import Gemma3Adapter
 from ppframework.adapters.phi3 import Phi3Adapter
-from ppframework.config import MethodConfig
 from ppframework.errors import ConfigError
 from ppframework.models import PRESETS, ModelError, load_model
 from ppframework.pipeline import Pipeline
@@ -26,22 +26,6 @@ from ppframework.testing.tiny import TINY_SLIDING_WINDOW, tiny_model
 from ppframework.types import BlockKind
 
 ROTARY_FAMILIES = ["llama", "llama-gqa", "qwen2", "qwen2.5", "qwen3", "mistral-swa", "phi3", "gemma3"]
-
-
-def method(ratio: float, infer: str = "sliced", **pruning) -> MethodConfig:
-    return MethodConfig.model_validate(
-        {
-            "preset": "pp",
-            "pruning": {"ratio": ratio, "skip_layers": [], **pruning},
-            "strategies": {"infer": {"name": infer}},
-            "history": {"init": "none"},
-        }
-    )
-
-
-def logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
 def rotary_at(model, x: torch.Tensor, positions: torch.Tensor, layer: int):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ppframework.adapters.attention import position_bias
 from ppframework.positions import RowShift
 
 
@@ -48,11 +49,7 @@ def key_bias(
     device = key_mask.device if key_mask is not None else None
     query_at = torch.arange(queries, device=device) + past
     key_at = torch.arange(keys, device=device) + offset
-    distance = query_at[:, None] - key_at[None, :]
-    allowed = distance >= 0
-    if window is not None:
-        allowed = allowed & (distance < int(window))
-    allowed = allowed[None]
+    real = None
     if key_mask is not None:
         real = key_mask.bool()[:, offset:]
         width = real.shape[1]
@@ -60,11 +57,7 @@ def key_bias(
             real = torch.nn.functional.pad(real, (0, keys - width), value=False)
         elif width > keys:
             real = real[:, :keys]
-        allowed = allowed & real[:, None, :]
-    allowed = allowed | (distance == 0)[None]  # never an all-masked row
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
+    return position_bias(query_at, key_at, real, window, dtype)
 
 
 @dataclass
