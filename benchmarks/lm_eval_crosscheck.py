@@ -27,17 +27,9 @@ from ppframework import harness
 from ppframework.config import RunConfig
 from ppframework.models import load_model
 from ppframework.zeroshot import encode_pair, load_task, make_requests, score_requests
-from ppframework.zeroshot.scoring import _special_prefix
+from ppframework.zeroshot.scoring import _argmax, _special_prefix
 
 logger = logging.getLogger("lm_eval_crosscheck")
-
-
-def _argmax(values: list[float]) -> int:
-    best = 0
-    for i, v in enumerate(values):
-        if v > values[best]:
-            best = i
-    return best
 
 
 def _accuracy(items: list[Any], scores: list[float], divisor: Any) -> tuple[float, float]:
@@ -67,21 +59,36 @@ def main() -> None:
 
     from lm_eval import simple_evaluate
 
-    cfg = RunConfig.model_validate({
-        "model": {"name": args.model},
-        "data": {"data_dir": args.data_dir},
-        "methods": [],
-        "evaluation": {"lm_eval": {"enabled": True, "tasks": args.tasks, "limit": args.limit,
-                                   "batch_size": args.batch_size}},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name": args.model},
+            "data": {"data_dir": args.data_dir},
+            "methods": [],
+            "evaluation": {
+                "lm_eval": {
+                    "enabled": True,
+                    "tasks": args.tasks,
+                    "limit": args.limit,
+                    "batch_size": args.batch_size,
+                }
+            },
+        }
+    )
     plan = harness.plan_lm_eval(cfg)
     model, tok = load_model(cfg.model.name, dtype="float32", device="cpu")
     context = getattr(model.config, "max_position_embeddings", None)
     started = time.perf_counter()
     lm = harness.make_hflm(model, tok, args.batch_size, context)
     results = simple_evaluate(
-        model=lm, tasks=args.tasks, limit=args.limit, task_manager=plan.manager(), log_samples=True,
-        bootstrap_iters=0, random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
+        model=lm,
+        tasks=args.tasks,
+        limit=args.limit,
+        task_manager=plan.manager(),
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=1234,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
     )
     harness_s = time.perf_counter() - started
     metrics = harness._task_metrics(results)
@@ -102,12 +109,21 @@ def main() -> None:
         t0 = time.perf_counter()
         ours = score_requests(model, tok, requests, args.batch_size, max_length=context, progress=False)
         ours_s = time.perf_counter() - t0
-        long_ids = [i for i, p in enumerate(ours_pairs)
-                    if sum(map(len, encode_pair(tok, *p, prefix=prefix))) > args.old_max_length]
+        long_ids = [
+            i
+            for i, p in enumerate(ours_pairs)
+            if sum(map(len, encode_pair(tok, *p, prefix=prefix))) > args.old_max_length
+        ]
         old_scores = list(ours)
         if long_ids:
-            cut = score_requests(model, tok, [requests[i] for i in long_ids], args.batch_size,
-                                 max_length=args.old_max_length - 1, progress=False)
+            cut = score_requests(
+                model,
+                tok,
+                [requests[i] for i in long_ids],
+                args.batch_size,
+                max_length=args.old_max_length - 1,
+                progress=False,
+            )
             for i, v in zip(long_ids, cut, strict=True):
                 old_scores[i] = v
         max_diff = max(abs(a - b) for a, b in zip(theirs_ll, ours, strict=True))
@@ -116,8 +132,11 @@ def main() -> None:
         old_acc, old_norm = _accuracy(items, old_scores, lambda c: len(c.encode("utf-8")))
         has_norm = "acc_norm" in harness_metrics
         entry = {
-            "requests": len(requests), "same_text": same_text, "same_token_split": same_split,
-            "max_abs_loglik_diff": max_diff, "long_requests": len(long_ids),
+            "requests": len(requests),
+            "same_text": same_text,
+            "same_token_split": same_split,
+            "max_abs_loglik_diff": max_diff,
+            "long_requests": len(long_ids),
             "builtin": {"acc": acc, "acc_norm": acc_norm if has_norm else None},
             "harness": {"acc": harness_metrics.get("acc"), "acc_norm": harness_metrics.get("acc_norm")},
             "builtin_before_fixes": {"acc": old_acc, "acc_norm": old_norm},

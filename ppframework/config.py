@@ -16,15 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ppframework.errors import ConfigError
+from ppframework.hookspecs import STAGES
 
-STAGE_KEYS: tuple[str, ...] = (
-    "allocate",
-    "select_probe",
-    "score_channels",
-    "fuse_history",
-    "apply_mask",
-    "infer",
-)
+STAGE_KEYS: tuple[str, ...] = STAGES
+"""The strategy stages a method configures (one place: :data:`ppframework.hookspecs.STAGES`)."""
+
+
+def method_label(name: str, ratio: float) -> str:
+    """How a method is shown and keyed in results: ``<name> <ratio>%`` (e.g. ``pp 40%``)."""
+    return f"{name} {ratio:.0%}"
 
 
 class StrictModel(BaseModel):
@@ -460,8 +460,7 @@ class MethodConfig(StrictModel):
     @property
     def label(self) -> str:
         """Short display name: ``name`` and the target ratio."""
-        base = self.name or self.preset or "method"
-        return f"{base} {self.pruning.ratio:.0%}"
+        return method_label(self.name or self.preset or "method", self.pruning.ratio)
 
 
 ZEROSHOT_TASKS: tuple[str, ...] = (

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import MethodConfig, RunConfig
 from ppframework.errors import ConfigError
+from ppframework.formatting import format_number as _fmt
 from ppframework.frontier import FrontierReport, analyse_frontier, format_frontier
 from ppframework.generation.evaluation import (
     GenerationTaskResult,
@@ -553,12 +554,6 @@ def accuracy_source(rows: list[EvalRow]) -> str | None:
     return None
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
 
 
 def _ratios(

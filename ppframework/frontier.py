@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ppframework.config import FrontierConfig
+from ppframework.config import FrontierConfig, method_label
+from ppframework.formatting import format_number
 
 if TYPE_CHECKING:
     from ppframework.evaluate import EvalRow
@@ -148,10 +149,6 @@ class FrontierReport:
         }
 
 
-def _label(name: str, ratio: float) -> str:
-    return f"{name} {ratio:.0%}"
-
-
 def analyse_frontier(rows: Sequence[EvalRow], frontier: FrontierConfig) -> FrontierReport:
     """Build the curves from ``ppf eval``'s rows (labels ``<name> <ratio>%``) and compare them.
 
@@ -164,7 +161,7 @@ def analyse_frontier(rows: Sequence[EvalRow], frontier: FrontierConfig) -> Front
     for name in names:
         points = []
         for ratio in frontier.ratios:
-            row = by_label.get(_label(name, ratio))
+            row = by_label.get(method_label(name, ratio))
             if row is None or row.perplexity is None:
                 continue
             static[name] = static.get(name, False) or row.static
@@ -187,10 +184,10 @@ def analyse_frontier(rows: Sequence[EvalRow], frontier: FrontierConfig) -> Front
                 comparisons[name] = compare_curves(name, curves[name], baseline, curves[baseline])
     reference = {}
     for name in names:
-        row = by_label.get(_label(name, frontier.reference_ratio))
+        row = by_label.get(method_label(name, frontier.reference_ratio))
         if row is None:
             continue
-        base_label = _label(baseline, frontier.reference_ratio) if baseline else None
+        base_label = method_label(baseline, frontier.reference_ratio) if baseline else None
         reference[name] = {
             "time_ratio": row.time_ratio,
             "perplexity": row.perplexity,
@@ -222,12 +219,6 @@ def _pick_baseline(
     return best, f"the static method with the lowest perplexity at {frontier.reference_ratio:.0%}"
 
 
-def _fmt(value: float | None, spec: str = ".2f") -> str:
-    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
-        return "-" if value is None or math.isnan(value) else "inf"
-    return format(value, spec)
-
-
 def _display(name: str) -> str:
     return f"{name} (oracle)" if name in ORACLE_METHODS else name
 
@@ -250,7 +241,7 @@ def format_frontier(report: FrontierReport) -> list[str]:
         "|---|---|---|" + "---|" * len(others),
     ]
     for p in base_curve:
-        cells = [_fmt(interpolate(report.curves[n], p.time_ratio)) for n in others]
+        cells = [format_number(interpolate(report.curves[n], p.time_ratio), ".2f") for n in others]
         mark = " \u26a0" if p.unresolved else ""
         lines.append(
             f"| {p.ratio:.0%} | {p.time_ratio:.3f}{mark} | {p.perplexity:.2f} | " + " | ".join(cells) + " |"
@@ -270,7 +261,10 @@ def format_frontier(report: FrontierReport) -> list[str]:
         elif ref and ref["time_ratio"] >= 1.0:
             prr_cell = ratio_cell = "not faster"
         else:
-            prr_cell, ratio_cell = _fmt(ref.get("prr")), _fmt(ref.get("prr_ratio"))
+            prr_cell, ratio_cell = (
+                format_number(ref.get("prr"), ".2f"),
+                format_number(ref.get("prr_ratio"), ".2f"),
+            )
         if name == base:
             verdict, noisy, ratio_cell = "(baseline)", sum(p.unresolved for p in curve), "1.00"
         else:

@@ -19,7 +19,7 @@ from ppframework.evaluate import (
     add_efficiency,
     noise_note,
 )
-from ppframework.metrics.noise import NOISE_ADVICE, difference_unresolved, ratio_spread, speedup_unresolved
+from ppframework.metrics.noise import NOISE_ADVICE, ratio_spread, speedup_unresolved
 from ppframework.plotting import QualitySpeedPoint, _x_error, plot_quality_vs_speed
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,18 +57,6 @@ def test_the_reported_case_is_flagged():
 )
 def test_unresolved_exactly_when_spread_covers_the_difference(ratio, iqr):
     assert speedup_unresolved(ratio, iqr) == (iqr >= abs(1.0 - ratio))
-
-
-@given(
-    a=st.floats(0.05, 3.0),
-    b=st.floats(0.05, 3.0),
-    ia=st.floats(0.0, 1.0),
-    ib=st.floats(0.0, 1.0),
-)
-def test_difference_unresolved_is_symmetric_and_monotone(a, b, ia, ib):
-    assert difference_unresolved(a, ia, b, ib) == difference_unresolved(b, ib, a, ia)
-    if difference_unresolved(a, ia, b, ib):  # more spread never resolves a comparison
-        assert difference_unresolved(a, ia + 0.1, b, ib)
 
 
 def test_runtime_result_spread_matches_pairs():

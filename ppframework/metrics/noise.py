@@ -19,7 +19,6 @@ __all__ = [
     "RatioSpread",
     "ratio_spread",
     "speedup_unresolved",
-    "difference_unresolved",
 ]
 
 NOISE_ADVICE = (
@@ -72,11 +71,3 @@ def speedup_unresolved(time_ratio: float, iqr: float) -> bool:
     if math.isnan(time_ratio) or math.isnan(iqr):
         return True
     return iqr >= abs(1.0 - time_ratio)
-
-
-def difference_unresolved(ratio_a: float, iqr_a: float, ratio_b: float, iqr_b: float) -> bool:
-    """True when two methods' time ratios differ by no more than the larger of their spreads."""
-    values = (ratio_a, iqr_a, ratio_b, iqr_b)
-    if any(math.isnan(v) for v in values):
-        return True
-    return max(iqr_a, iqr_b) >= abs(ratio_a - ratio_b)
