@@ -4,7 +4,7 @@ Public API::
 
     import ppframework as ppf
     cfg = ppf.load_config("configs/default.yaml")
-    model, tok = ppf.load_model(cfg.model.name)
+    model, tok = ppf.load_model(cfg.model.name)   # or ppf.load_model_from_config(cfg.model): device_map too
     pipe = ppf.build_pipeline(model, cfg, tokenizer=tok)
     with pipe:
         logits = model(input_ids, use_cache=False).logits
@@ -14,7 +14,7 @@ from ppframework.api import build_pipeline, calibration_history, load_config
 from ppframework.config import MethodConfig, RunConfig, preset
 from ppframework.errors import ConfigError
 from ppframework.hookspecs import hookimpl
-from ppframework.models import load_model
+from ppframework.models import load_model, load_model_from_config
 from ppframework.pipeline import Pipeline
 from ppframework.runner import run
 
@@ -28,6 +28,7 @@ __all__ = [
     "hookimpl",
     "load_config",
     "load_model",
+    "load_model_from_config",
     "preset",
     "run",
 ]

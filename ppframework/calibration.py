@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ppframework.adapters import ModelAdapter
+from ppframework.devices import input_device
 from ppframework.history import BlockHistory, HistoryStore
 from ppframework.types import BlockKind
 
@@ -79,7 +80,8 @@ def calibrate(
     """Run the dense model over ``batches`` (no padding) and return the exact means per position.
 
     The forwards run under ``torch.inference_mode``; the returned means are ordinary tensors, so
-    the history can be updated in place outside inference mode too.
+    the history can be updated in place outside inference mode too. In a device-mapped model each
+    block's means are left on the device its layer runs on.
     """
     layers = list(range(adapter.num_layers)) if layers is None else layers
     accumulators: dict[tuple[int, BlockKind], _Accumulator] = {}
@@ -89,7 +91,7 @@ def calibrate(
             acc = _Accumulator()
             accumulators[(i, kind)] = acc
             handles.append(adapter.runner(i, kind).out_proj.register_forward_pre_hook(acc))
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device (device maps: accelerate moves the rest)
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import MethodConfig, RunConfig
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 from ppframework.formatting import format_number as _fmt
 from ppframework.frontier import FrontierReport, analyse_frontier, format_frontier
@@ -47,7 +48,7 @@ from ppframework.metrics.noise import NOISE_ADVICE, RatioSpread, ratio_spread, s
 from ppframework.metrics.perplexity import evaluate_perplexity
 from ppframework.metrics.runtime import DecoderTimer
 from ppframework.metrics.timing import timed
-from ppframework.models import load_model
+from ppframework.models import load_model, load_model_kwargs
 from ppframework.outputs import atomic_path, atomic_write_text, write_json
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
@@ -245,7 +246,7 @@ def time_against_dense(
     Attaching/detaching happens outside the timed region; each timed call is synchronised on
     CUDA. ``warmup`` untimed calls of each come first.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = batch.to(device)
     result = RuntimeResult(tokens=int(ids.numel()))
 
@@ -338,13 +339,7 @@ def _evaluate(
     zs = cfg.evaluation.zeroshot
     text = checked.text
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        gguf_file=cfg.model.gguf_file,
-        cache_dir=cfg.model.cache_dir,
-    )
+    model, tokenizer = load_model(cfg.model.name, **load_model_kwargs(cfg.model))
     ev = cfg.evaluation
     gen_items = (
         load_generation_items(cfg, tokenizer, getattr(model.config, "max_position_embeddings", None))
@@ -363,7 +358,7 @@ def _evaluate(
         settings["resolved"]["lm_eval"] = lm_eval_info or None
         return settings
     warmup = cfg.data.warmup_batches
-    device = next(model.parameters()).device
+    device = input_device(model)
     calibration: HistoryStore | None = None
     calibration_info: dict[str, Any] | None = None
 

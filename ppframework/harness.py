@@ -54,6 +54,7 @@ import torch
 
 from ppframework.config import ZEROSHOT_TASKS, LmEvalConfig, RunConfig
 from ppframework.data import resolve_data_dir
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -447,10 +448,11 @@ def make_hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int, max_lengt
 
     The tokenizer is copied (HFLM may set a pad token on it); ``batch_size`` is fixed (never "auto");
     ``max_length`` is the longest input the harness feeds (it left-truncates longer requests);
-    log-probabilities are taken in float32.
+    log-probabilities are taken in float32. Inputs go to the model's input device
+    (:func:`~ppframework.devices.input_device`), also for a device-mapped model.
     """
     cls = _hflm_class()
-    return cls(
+    lm = cls(
         pretrained=model,
         tokenizer=copy.deepcopy(tokenizer),
         batch_size=int(batch_size),
@@ -458,6 +460,10 @@ def make_hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int, max_lengt
         logits_cache=True,
         softmax_dtype=torch.float32,  # as the built-in scorer: fp32 log-softmax whatever the model dtype
     )
+    # HFLM sends inputs to ``model.device`` (the first parameter's: ``meta`` when a device map offloads
+    # the embedding); the input embedding's execution device is where they belong.
+    lm._device = input_device(model)
+    return lm
 
 
 # --------------------------------------------------------------------------- running

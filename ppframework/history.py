@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,13 @@ class HistoryStore:
 
     def to(self, device: torch.device) -> HistoryStore:
         """Move every tensor to ``device`` (in place) and return self."""
-        for hist in self.blocks.values():
+        return self.place(lambda layer: device)
+
+    def place(self, device_of: Callable[[int], torch.device]) -> HistoryStore:
+        """Move each block's tensors to ``device_of(layer)`` (in place; e.g. the device its layer runs
+        on in a device-mapped model) and return self. Tensors already there are not copied."""
+        for (layer, _), hist in self.blocks.items():
+            device = device_of(layer)
             hist.sq_mean = hist.sq_mean.to(device)
             if hist.mean is not None:
                 hist.mean = hist.mean.to(device)

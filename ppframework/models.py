@@ -47,6 +47,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ppframework.devices import named_parameters_materialised
 from ppframework.errors import ConfigError
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "default_cache_dir",
     "find_model_files",
     "load_model",
+    "load_model_from_config",
+    "load_model_kwargs",
     "load_tokenizer_only",
     "model_fingerprint",
     "read_model_config",
@@ -505,8 +508,10 @@ def _converted_gguf(gguf_path: Path, cache_root: Path) -> tuple[Path, bool]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_causal_lm(location: str, name: str, dtype: torch.dtype) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"dtype": dtype}
+def _load_causal_lm(
+    location: str, name: str, dtype: torch.dtype, placement: dict[str, Any] | None = None
+) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype, **(placement or {})}
     try:
         try:
             return AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa", **kwargs)
@@ -521,10 +526,25 @@ def _load_causal_lm(location: str, name: str, dtype: torch.dtype) -> PreTrainedM
             f"preset ({_presets_text()})"
         ) from exc
     except ValueError as exc:
+        if placement and "offload_folder" in str(exc):
+            raise ModelError(
+                "model.offload_folder: the device map offloads weights to disk that transformers must "
+                "re-save (they are not in safetensors format, or are converted while loading); set "
+                "model.offload_folder to a folder for them"
+            ) from exc
+        if placement and _placement_problem(str(exc)):
+            raise ModelError(
+                f"model.device_map: transformers/accelerate cannot place the model: {_shorten(str(exc))}"
+            ) from exc
         raise ModelError(
             f"model.name={name!r} is not a causal language model transformers can load: {exc}"
         ) from exc
     except Exception as exc:
+        if placement and _placement_problem(str(exc)):
+            raise ModelError(
+                "model.device_map: transformers/accelerate cannot place the model "
+                f"({type(exc).__name__}: {_shorten(str(exc))})"
+            ) from exc
         if "safetensor" not in type(exc).__name__.lower():
             raise
         raise ModelError(
@@ -564,29 +584,47 @@ def load_model(
     device: str = "auto",
     gguf_file: str | None = None,
     cache_dir: str | Path | None = None,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
     Args:
         name: a preset (see :data:`PRESETS`), a local Hugging Face model directory, a ``.gguf`` file, or a
             hub id (local paths win over hub ids of the same spelling).
-        dtype: ``auto`` (float32 on CPU, float16 on CUDA), ``float32``, ``float16`` or ``bfloat16``.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto`` (float32 on CPU, float16 on CUDA; with a device map float16 when it uses a GPU),
+            ``float32``, ``float16`` or ``bfloat16``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; must stay ``auto`` with
+            ``device_map``.
         gguf_file: a ``.gguf`` file inside the directory or hub repo ``name``.
         cache_dir: root of the ppframework cache for dequantised GGUF copies (default
             ``$PPF_CACHE_DIR`` or ``~/.cache/ppframework``).
+        device_map: spread the model over devices through accelerate (``model.device_map``; see
+            ``docs/device-map.md``): ``auto``, ``balanced``, ``balanced_low_0`` or ``sequential``, or a
+            mapping of module names to a GPU index, ``cuda:N``, ``cpu`` or ``disk``. None: one device.
+        max_memory: per-device caps for a computed ``device_map`` (GPU index, ``cpu`` or ``disk`` to
+            bytes or a size such as ``"20GiB"``).
+        offload_folder: where weights the map offloads to ``disk`` are re-saved when they must be (not
+            safetensors, or converted while loading); safetensors weights are read where they are.
 
     Returns:
         ``(model, tokenizer)``; the model uses SDPA attention where supported, the tokenizer has a pad
-        token (eos when it had none).
+        token (eos when it had none). A device-mapped model carries accelerate's hooks and
+        ``model.hf_device_map``.
 
     Raises:
         ModelError: a bad ``model.*`` setting, or a model that cannot be found or loaded.
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(f"model.name={name!r} must be a preset ({_presets_text()}), a path or a hub id")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    placement = _placement(device, device_map, max_memory, offload_folder)
+    if placement is None:
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+    else:
+        torch_device = _device_map_main_device(placement["device_map"])
+        torch_dtype = resolve_dtype(dtype, torch_device)
     source = _resolve_source(name, gguf_file)
 
     start = time.perf_counter()
@@ -596,9 +634,15 @@ def load_model(
         location = str(cached)
         origin = f"{source.label} via {'new' if converted else 'cached'} safetensors copy {cached}"
 
-    model = _load_causal_lm(location, name, torch_dtype)
+    model = _load_causal_lm(location, name, torch_dtype, placement)
+    if placement is not None and isinstance(placement["device_map"], dict):
+        _check_map_covers(model, placement["device_map"])
     tokenizer = _load_tokenizer(location, name)
-    model.to(torch_device)
+    if placement is None:
+        model.to(torch_device)
+        where = str(torch_device)
+    else:
+        where = f"device map {_describe_map(getattr(model, 'hf_device_map', None))}"
     model.eval()
     model.requires_grad_(False)
     logger.info(
@@ -607,12 +651,174 @@ def load_model(
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         str(torch_dtype).removeprefix("torch."),
-        torch_device,
+        where,
         getattr(model.config, "_attn_implementation", "?"),
         origin,
         time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def load_model_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`load_model` (all but ``name``) that a
+    :class:`~ppframework.config.ModelConfig` (``cfg.model``) sets: dtype, device, gguf_file, cache_dir,
+    device_map, max_memory and offload_folder:
+    ``load_model(cfg.model.name, **load_model_kwargs(cfg.model))``."""
+    return {
+        "dtype": model_cfg.dtype,
+        "device": model_cfg.device,
+        "gguf_file": model_cfg.gguf_file,
+        "cache_dir": model_cfg.cache_dir,
+        "device_map": getattr(model_cfg, "device_map", None),
+        "max_memory": getattr(model_cfg, "max_memory", None),
+        "offload_folder": getattr(model_cfg, "offload_folder", None),
+    }
+
+
+def load_model_from_config(model_cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` with every setting of a :class:`~ppframework.config.ModelConfig` (``cfg.model``),
+    device map included."""
+    return load_model(model_cfg.name, **load_model_kwargs(model_cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# device maps
+# --------------------------------------------------------------------------------------------------
+
+_PLACEMENT_WORDS = ("device_map", "device map", "offload", "max_memory", "disk", "dispatch", "meta device")
+
+
+def _shorten(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 5].rstrip(", ") + " ..."
+
+
+def _placement_problem(message: str) -> bool:
+    text = message.lower()
+    return any(word in text for word in _PLACEMENT_WORDS)
+
+
+def _map_device(module: str, value: Any) -> int | str:
+    """One device-map value in accelerate's spelling (GPU index, ``cpu``, ``disk``), checked here."""
+    label = f"model.device_map[{module!r}]={value!r}"
+    if isinstance(value, bool):
+        raise ModelError(f"{label} is not a device; use a GPU index, cuda:N, cpu or disk")
+    text = str(value).strip().lower()
+    if text in ("cpu", "disk"):
+        return text
+    if isinstance(value, int) or text.isdigit():
+        index = int(text)
+    elif text == "cuda":
+        index = 0
+    elif text.startswith("cuda:") and text[5:].isdigit():
+        index = int(text[5:])
+    else:
+        raise ModelError(f"{label} is not a device; use a GPU index, cuda:N, cpu or disk")
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"{label} names a GPU but CUDA is not available here (torch {torch.__version__}); map it to cpu "
+            "(or disk)"
+        )
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ModelError(f"{label} but only {count} CUDA device(s) exist (0..{count - 1})")
+    return index
+
+
+def _placement(
+    device: str,
+    device_map: str | dict[str, int | str] | None,
+    max_memory: dict[int | str, int | str] | None,
+    offload_folder: str | Path | None,
+) -> dict[str, Any] | None:
+    """The ``from_pretrained`` keywords of a device map (None without one), checked as
+    :class:`~ppframework.config.ModelConfig` checks them (for callers that skip the config)."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ModelError("model.max_memory needs model.device_map (it caps a computed device map)")
+        if offload_folder is not None:
+            raise ModelError(
+                "model.offload_folder needs model.device_map (it holds weights offloaded to disk)"
+            )
+        return None
+    if str(device).strip().lower() != "auto":
+        raise ModelError(
+            f"model.device={device!r} conflicts with model.device_map; leave model.device at 'auto'"
+        )
+    kwargs: dict[str, Any] = {}
+    if isinstance(device_map, str):
+        from ppframework.config import DEVICE_MAP_STRATEGIES
+
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ModelError(
+                f"model.device_map={device_map!r} is not valid; choose "
+                f"{', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of module names to devices"
+            )
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)
+    else:
+        if not device_map:
+            raise ModelError("model.device_map is an empty mapping; map module names to devices")
+        if "" in device_map and len(device_map) > 1:
+            raise ModelError("model.device_map: '' (the whole model) cannot be combined with other entries")
+        if max_memory is not None:
+            raise ModelError("model.max_memory only applies to a computed model.device_map, not to a mapping")
+        kwargs["device_map"] = {module: _map_device(module, value) for module, value in device_map.items()}
+    if offload_folder is not None:
+        folder = Path(offload_folder).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelError(
+                f"model.offload_folder={str(offload_folder)!r} cannot be created ({exc.strerror or exc})"
+            ) from None
+        kwargs["offload_folder"] = str(folder)
+    return kwargs
+
+
+def _check_map_covers(model: torch.nn.Module, device_map: dict[str, int | str]) -> None:
+    """A mapping must place every parameter and buffer: transformers would silently put the rest on the
+    CPU, without the hooks that move activations between devices."""
+    keys = list(device_map)
+    if "" in keys:
+        return
+    missing: list[str] = []
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    for tensor_name in names:
+        if any(tensor_name == k or tensor_name.startswith(k + ".") for k in keys):
+            continue
+        parts = tensor_name.split(".")
+        for depth in range(1, len(parts) + 1):  # the outermost module no key lies inside
+            prefix = ".".join(parts[:depth])
+            if not any(k == prefix or k.startswith(prefix + ".") for k in keys):
+                break
+        if prefix not in missing:
+            missing.append(prefix)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ModelError(
+            f"model.device_map does not place {shown}; map every top-level module, or use "
+            "model.device_map: auto"
+        )
+
+
+def _device_map_main_device(device_map: str | dict[str, int | str]) -> torch.device:
+    """The device that decides ``dtype: auto`` for a device map: the first GPU it uses (a computed map:
+    CUDA when available), else CPU."""
+    if isinstance(device_map, str):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = [value for value in device_map.values() if isinstance(value, int)]
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+
+
+def _describe_map(device_map: dict[str, Any] | None) -> str:
+    """``{device: module count}`` of a loaded model's ``hf_device_map``, for the log."""
+    if not device_map:
+        return "(none)"
+    counts: dict[str, int] = {}
+    for value in device_map.values():
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return ", ".join(f"{device}: {count} module(s)" for device, count in counts.items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -800,6 +1006,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     each parameter in ``named_parameters()`` order, its name, shape, dtype and a content digest (an exact
     strided sample of at most 4096 values plus the float64 sum and norm of the whole tensor). Changing any
     weight materially (a row, a column, a sign pattern) changes the result; changing dtype does too.
+    A device-mapped model has the same fingerprint as the same model on one device (offloaded weights
+    are read from their offload storage).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -807,7 +1015,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         config_dict = _clean_config(json.loads(config.to_json_string(use_diff=False)))
         digest.update(json.dumps(config_dict, sort_keys=True).encode())
     digest.update(type(model).__name__.encode())
-    for param_name, param in model.named_parameters():
+    for param_name, param in named_parameters_materialised(model):  # offloaded weights read back
         line = f"\n{param_name} {tuple(param.shape)} {str(param.dtype)} {_tensor_digest(param)}"
         digest.update(line.encode())
     return digest.hexdigest()[:16]

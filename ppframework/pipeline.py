@@ -19,6 +19,7 @@ from ppframework.adapters.base import BlockRunner, GatherBuffers, ProbeReuse, ad
 from ppframework.adapters.kv_cache import KVSlot, cache_length
 from ppframework.config import MethodConfig
 from ppframework.decoding import DecodeState
+from ppframework.devices import execution_device, has_offloaded_weights, hook_of, onloaded
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter
@@ -43,6 +44,11 @@ _NO_STAGE = nullcontext()
 def _no_stage(name: str) -> AbstractContextManager[None]:
     """The stage timer used when no profiler is set: does nothing."""
     return _NO_STAGE
+
+
+def _pipeline_forward(layer: nn.Module) -> Pipeline | None:
+    """The pipeline whose forward is set on ``layer``, or None."""
+    return getattr(layer.__dict__.get("forward"), "_ppf_pipeline", None)
 
 
 def inflated_ratio(ratio: float, num_layers: int, n_skipped: int, inflate: bool = True) -> float:
@@ -106,11 +112,38 @@ class _Batch:
     _bias: dict[torch.dtype, torch.Tensor | None] = field(default_factory=dict)
     _key_bias: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     _rotary: tuple[Any, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    _placed: dict[torch.device, _Batch] = field(default_factory=dict)
 
     @property
     def decoding(self) -> bool:
         """Whether this forward is a decode step (it continues a cache)."""
         return self.decode is not None
+
+    def on(self, device: torch.device) -> _Batch:
+        """This forward's batch with its tensors on ``device`` (a layer's device in a device-mapped
+        model): self when they are there already, else a copy made once per device and forward."""
+        if self.attention_mask.device == device:
+            return self
+        placed = self._placed.get(device)
+        if placed is None:
+
+            def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else tensor.to(device)
+
+            placed = replace(
+                self,
+                attention_mask=self.attention_mask.to(device),
+                position_valid=move(self.position_valid),
+                rows_per_position=move(self.rows_per_position),
+                shift=None if self.shift is None else self.shift.to(device),
+                key_mask=move(self.key_mask),
+                _bias={},
+                _key_bias={},
+                _rotary=None,
+                _placed={},
+            )
+            self._placed[device] = placed
+        return placed
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if not self.has_padding or self.decoding:
@@ -261,6 +294,8 @@ class Pipeline:
         self._batch: _Batch | None = None
         self._handle: Any = None
         self._attached = False
+        #: Each pruned layer's instance ``forward`` before attach (None: it had only its class's).
+        self._previous_forwards: dict[int, Any] = {}
         #: The decision the last prefill made for the cache it filled (decode steps continue it).
         self._decode: DecodeState | None = None
         self._pinned_for_decode = False
@@ -283,13 +318,14 @@ class Pipeline:
                 "history.init: this method needs a calibration history; build the pipeline with "
                 "ppframework.build_pipeline (it calibrates or loads the cache) or pass history=..."
             )
+        layers = self.adapter.layers
+        devices = [execution_device(layer) for layer in layers]
         if self.history is not None:
             required = self.pruned_layers if self.needs_history else ()
             validation.check_history(self.history, self.adapter, required, self.targets)
-            device = next(self.model.parameters()).device
-            self.history.to(device)
+            self.history.place(lambda layer: devices[layer])  # each block's history beside its layer
         if not self.is_dense:
-            if any("forward" in self.adapter.layers[i].__dict__ for i in self.pruned_layers):
+            if any(_pipeline_forward(layers[i]) is not None for i in self.pruned_layers):
                 raise RuntimeError(
                     "another pipeline is already attached to this model; detach it first (use `with pipe:`)"
                 )
@@ -299,9 +335,13 @@ class Pipeline:
                 self.block_ratios = self._allocate(None, self._history_positions())
             backbone = self._backbone()
             self._handle = backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            self._previous_forwards = {}
             for index in self.pruned_layers:
-                layer = self.adapter.layers[index]
-                layer.forward = self._layer_forward_fn(index, layer)
+                layer = layers[index]
+                # Whatever forward the instance has (accelerate's hooked one included) is kept, called
+                # for dense decode steps, and put back exactly on detach.
+                self._previous_forwards[index] = layer.__dict__.get("forward")
+                layer.forward = self._layer_forward_fn(index, layer, layer.forward)
         self._attached = True
         return self
 
@@ -312,10 +352,21 @@ class Pipeline:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        previous_forwards, self._previous_forwards = self._previous_forwards, {}
         for index in self.pruned_layers:
             layer = self.adapter.layers[index]
-            if "forward" in layer.__dict__:
+            if _pipeline_forward(layer) is not self:
+                if index in previous_forwards:
+                    logger.warning(
+                        "layer %d's forward was replaced while the pipeline was attached; leaving it",
+                        index,
+                    )
+                continue
+            previous = previous_forwards.get(index)
+            if previous is None:
                 del layer.forward
+            else:
+                layer.forward = previous
         self._batch = None
         self._end_decode()
         self._attached = False
@@ -465,15 +516,38 @@ class Pipeline:
                 runner.unpin_weights()
         self._pinned_for_decode = False
 
-    def _layer_forward_fn(self, index: int, layer: nn.Module):
-        original = type(layer).forward
+    def _layer_forward_fn(self, index: int, layer: nn.Module, previous: Any) -> Any:
+        """The forward the pipeline sets on a pruned layer; ``previous`` is the forward the layer had
+        (its class's, or accelerate's hooked one), which dense decode steps call unchanged.
+
+        On the pruned path an accelerate hook on the layer still does its work: its ``pre_forward``
+        moves the inputs to the layer's execution device (and loads weights it offloads), its
+        ``post_forward`` offloads them again and moves the output where the hook wants it; the
+        layer's submodules' offloaded weights are materialised for the whole layer (:func:`onloaded`),
+        as the block runners read them directly.
+        """
+
+        offloads = has_offloaded_weights(layer)  # known at attach: no walk per forward otherwise
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             batch = self._batch
             if batch is not None and batch.decoding and batch.decode.policy == "dense":
-                return original(layer, hidden_states, *args, **kwargs)
-            return self._layer_forward(index, layer, hidden_states, kwargs)
+                return previous(hidden_states, *args, **kwargs)
+            weights = onloaded(layer) if offloads else _NO_STAGE
+            hook = hook_of(layer)
+            if hook is None:
+                with weights:
+                    return self._layer_forward(index, layer, hidden_states, kwargs)
+            moved, kwargs = hook.pre_forward(layer, hidden_states, *args, **kwargs)
+            try:
+                with torch.no_grad() if getattr(hook, "no_grad", False) else nullcontext(), weights:
+                    output = self._layer_forward(index, layer, moved[0], kwargs)
+            except BaseException:
+                hook.post_forward(layer, None)  # offload what pre_forward loaded
+                raise
+            return hook.post_forward(layer, output)
 
+        forward._ppf_pipeline = self  # type: ignore[attr-defined]
         return forward
 
     def _layer_forward(
@@ -484,6 +558,7 @@ class Pipeline:
             raise RuntimeError(
                 "the pipeline's layer ran outside a model forward; call the model, not the layer"
             )
+        batch = batch.on(hidden.device)  # masks and positions beside this layer
         rotary = batch.aligned_rotary(self.adapter.rotary(kwargs))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         new_cache = self._decode is None or not self._decode.owns(cache)
@@ -664,7 +739,8 @@ class Pipeline:
                 history = self.history.get(index, kind) if self.history is not None else None
                 positions = history.sq_mean.shape[0] if history is not None else 1
                 ctx = self._context(index, kind, runner, positions, None, False)
-                scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
+                with onloaded(runner.out_proj):  # offloaded weights (device maps) are read back
+                    scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
                 if self.validate_outputs:
                     validation.check_scores(scores, self.strategies["score_channels"], ctx)
                 scores = self.hooks.fuse_history(ctx, scores, history)

@@ -50,6 +50,12 @@ class RowShift:
         scatter = (columns[None, :] - shifts[:, None]) % seq
         return cls(shifts, gather, scatter)
 
+    def to(self, device: torch.device) -> RowShift:
+        """The same roll with its index tensors on ``device`` (self when they are there already)."""
+        if self.shifts.device == device:
+            return self
+        return RowShift(self.shifts.to(device), self.gather_index.to(device), self.scatter_index.to(device))
+
     def to_positions(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """``x`` (batch first, ``dim`` the sequence) from column to position layout."""
         return _take(x, self.gather_index, dim)

@@ -15,10 +15,11 @@ from typing import Any
 
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import RunConfig
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 from ppframework.generation.runner import generate_completions
 from ppframework.history import HistoryStore
-from ppframework.models import load_model
+from ppframework.models import load_model, load_model_kwargs
 from ppframework.runner import environment
 
 logger = logging.getLogger(__name__)
@@ -108,13 +109,7 @@ def compare_generation(
     if facts.directory is not None:  # checked before the weights load, from config.json and tokenizer
         tokenizer = load_tokenizer_only(facts.directory, cfg.model.name)
         check_prompt_lengths(cfg, tokenizer, prompts, max_new_tokens, facts.max_positions)
-    model, tokenizer = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        gguf_file=cfg.model.gguf_file,
-        cache_dir=cfg.model.cache_dir,
-    )
+    model, tokenizer = load_model(cfg.model.name, **load_model_kwargs(cfg.model))
     if facts.directory is None:  # not readable before the load (e.g. a preset not converted yet)
         check_prompt_lengths(
             cfg, tokenizer, prompts, max_new_tokens, getattr(model.config, "max_position_embeddings", None)
@@ -175,7 +170,7 @@ def compare_generation(
         pipe.release()
     settings = cfg.model_dump(mode="json")
     settings["calibration_info"] = calibration_info
-    settings["resolved"] = {"device": str(next(model.parameters()).device), "greedy": True}
+    settings["resolved"] = {"device": str(input_device(model)), "greedy": True}
     return GenerateReport(
         prompts, max_new_tokens, rows, settings, environment(model), time.perf_counter() - start
     )

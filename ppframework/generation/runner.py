@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 from ppframework.generation.tasks import cut_at_stop
 
@@ -184,7 +185,7 @@ def generate_completions(
             )
         encoded.append(ids)
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     run = GenerationRun(completions=[], prompt_tokens=[len(ids) for ids in encoded])
     timer = _ForwardTimer(model, cuda=device.type == "cuda")
     starts = range(0, len(encoded), batch_size)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ppframework.devices import input_device
 from ppframework.metrics.timing import median, timed
 
 
@@ -64,7 +65,7 @@ def evaluate_perplexity(
     """
     if warmup_policy not in ("skip", "untracked"):
         raise ValueError(f"data.warmup_policy: {warmup_policy!r} is not 'skip' or 'untracked'")
-    device = next(model.parameters()).device
+    device = input_device(model)
     if warmup_policy == "untracked":
         if not batches:
             raise ValueError("data.max_batches: no batches to score")

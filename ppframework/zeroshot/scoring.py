@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 from ppframework.zeroshot.tasks import MultipleChoiceItem, get_task, load_task
 
@@ -259,13 +260,13 @@ def score_requests(
 
     Batches are built by :func:`build_batches` in request order; each runs as
     ``model(input_ids=..., attention_mask=..., use_cache=False)`` under ``torch.inference_mode`` on the
-    device of the model's parameters. ``requests`` are :class:`Request` objects or
-    ``(context, continuation)`` tuples.
+    model's input device (:func:`~ppframework.devices.input_device`). ``requests`` are
+    :class:`Request` objects or ``(context, continuation)`` tuples.
     """
     prefix = _special_prefix(tokenizer)
     encoded = [encode_pair(tokenizer, *_as_pair(request), prefix=prefix) for request in requests]
     batches = build_batches(encoded, batch_size, _pad_id(tokenizer), max_length)
-    device = next(model.parameters()).device
+    device = input_device(model)
     scores: list[float] = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
