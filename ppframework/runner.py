@@ -25,14 +25,16 @@ from ppframework import data as data_mod
 from ppframework.adapters import get_adapter
 from ppframework.api import build_pipeline, calibration_history
 from ppframework.config import RunConfig
+from ppframework.devices import input_device
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
-from ppframework.models import load_model
+from ppframework.models import load_model, load_model_kwargs
 from ppframework.outputs import atomic_write_text, hold_out_dir, write_json
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
+from ppframework.sweep.points import PointKeys, PointStore, sweep_summary
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class RunReport:
     environment: dict[str, Any]
     elapsed_s: float
     complete: bool = True
+    sweep: dict[str, Any] | None = None
+    """How the points ran: the launcher, the point store and which points were reused from it."""
 
     @property
     def failures(self) -> list[MethodResult]:
@@ -100,6 +104,7 @@ class RunReport:
             "elapsed_s": self.elapsed_s,
             "complete": self.complete,
             "failed": [row.method for row in self.failures],
+            "sweep": self.sweep,
         }
 
 
@@ -126,13 +131,13 @@ def _row(
     layer_ratio: float,
     realised: float,
     result: PerplexityResult,
-    dense: PerplexityResult,
+    dense_perplexity: float,
+    dense_seconds: float,
     flops: FlopsReport | None = None,
     static: bool = False,
     block_ratios: dict[Any, float] | None = None,
     realised_model: float = 0.0,
 ) -> MethodResult:
-    dense_s = dense.median_seconds
     ratios = list((block_ratios or {}).values()) or [layer_ratio]
     return MethodResult(
         method=label,
@@ -141,9 +146,9 @@ def _row(
         realised_ratio=realised,
         perplexity=result.perplexity,
         median_forward_s=result.median_seconds,
-        time_ratio=result.median_seconds / dense_s if dense_s else float("nan"),
+        time_ratio=result.median_seconds / dense_seconds if dense_seconds else float("nan"),
         batch_seconds=result.batch_seconds,
-        delta_perplexity=result.perplexity - dense.perplexity,
+        delta_perplexity=result.perplexity - dense_perplexity,
         probe_flops_share=flops.probe_share if flops else 0.0,
         ideal_time_ratio=flops.ideal_ratio_whole if flops else 1.0,
         static=static,
@@ -183,6 +188,8 @@ def run(
     progress: bool | None = None,
     method_fields: list[str] | None = None,
     extra_settings: dict[str, Any] | None = None,
+    store: PointStore | None = None,
+    rerun: bool = False,
 ) -> RunReport:
     """Evaluate dense and every method of ``cfg`` on the same batches; see :class:`RunReport`.
 
@@ -193,6 +200,10 @@ def run(
         method_fields: how to name each method in error messages (an ablation passes
             ``variants.<name> ...``; default ``methods[i]``).
         extra_settings: merged into the report's settings (e.g. the ablation's points).
+        store: where every finished point (dense and each method) is kept under the key of its
+            resolved settings (:mod:`ppframework.sweep.points`); points already there are reused
+            instead of run again (``ppf ablate`` resumes this way).
+        rerun: with ``store``, run every point again (and overwrite its stored result).
 
     A method that raises does not stop the run: its row carries the error (see
     :attr:`RunReport.failures`). Configuration problems raise :class:`ConfigError` before the model loads.
@@ -201,41 +212,152 @@ def run(
     start = time.perf_counter()
     checked = preflight(cfg, method_fields=method_fields)
     with hold_out_dir(cfg.out_dir) if cfg.out_dir else nullcontext():
-        return _run(cfg, checked.text, checked.eval_ids, progress, start, extra_settings or {})
+        session = RunSession(cfg, progress=progress, text=checked.text, ids=checked.eval_ids)
+        return _run(cfg, session, start, extra_settings or {}, store, rerun)
+
+
+class RunSession:
+    """One run config's model, tokenizer, batches and shared calibration, each loaded on first use.
+
+    ``ppf run`` / ``ppf ablate`` use one in-process session; under ``--launcher ray`` every worker
+    holds one (:mod:`ppframework.sweep.ray_launcher`), so both evaluate a point with the same code.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        progress: bool = False,
+        text: str | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self._text, self._ids = text, ids
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.batches: list[torch.Tensor] = []
+        self._calibration: HistoryStore | None = None
+        self.calibration_info: dict[str, Any] | None = None
+        self._calibration_error: str | None = None
+
+    def load(self) -> None:
+        """Load the model, the tokenizer and the evaluation batches (once)."""
+        if self.model is not None:
+            return
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model.name, **load_model_kwargs(cfg.model))
+        self.batches = eval_batches(cfg, self.tokenizer, self._text, self._ids)
+        self._text = self._ids = None
+
+    def dense(self) -> tuple[MethodResult, dict[str, Any], dict[str, Any]]:
+        """The dense row, the resolved settings (``resolved`` of :func:`resolved_settings`) and the
+        environment."""
+        self.load()
+        cfg = self.cfg
+        result = evaluate_perplexity(
+            self.model,
+            self.batches,
+            warmup_batches=cfg.data.warmup_batches,
+            progress=self.progress,
+            desc="dense",
+            warmup_policy=cfg.data.warmup_policy,
+        )
+        row = _row("dense", 0.0, 0.0, 0.0, result, result.perplexity, result.median_seconds)
+        resolved = resolved_settings(cfg, self.model, self.batches)["resolved"]
+        return row, resolved, environment(self.model)
+
+    def calibration(self) -> tuple[HistoryStore, dict[str, Any]]:
+        """The shared dense calibration history (computed or read from the cache once) and its info."""
+        if self._calibration_error is not None:
+            raise RuntimeError(f"the shared calibration failed: {self._calibration_error}")
+        if self._calibration is None:
+            self.load()
+            try:
+                self._calibration, self.calibration_info = calibration_history(
+                    self.model, self.tokenizer, self.cfg, self.progress
+                )
+            except Exception as exc:
+                self._calibration_error = f"{type(exc).__name__}: {exc}"
+                raise
+        assert self.calibration_info is not None
+        return self._calibration, self.calibration_info
+
+    def use_calibration(self, store: HistoryStore, info: dict[str, Any]) -> None:
+        """Use ``store`` (computed elsewhere, e.g. by another worker) as the shared calibration."""
+        self._calibration, self.calibration_info, self._calibration_error = store, info, None
+
+    def method(self, index: int, dense: MethodResult) -> MethodResult:
+        """The row of ``cfg.methods[index]``, timed against ``dense``; a failure becomes a failed row."""
+        cfg = self.cfg
+        method = cfg.methods[index]
+        warmup = cfg.data.warmup_batches
+        try:
+            self.load()
+            history = self.calibration()[0].clone() if method.needs_calibration else None
+            pipe = build_pipeline(
+                self.model, cfg, method_index=index, tokenizer=self.tokenizer, history=history
+            )
+            with pipe:
+                result = evaluate_perplexity(
+                    self.model,
+                    self.batches,
+                    warmup_batches=warmup,
+                    progress=self.progress,
+                    desc=method.label,
+                    warmup_policy=cfg.data.warmup_policy,
+                    untracked=pipe.untracked,
+                )
+            flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
+            return _row(
+                method.label,
+                method.pruning.ratio,
+                pipe.layer_ratio,
+                pipe.realised_ratio(warmup),
+                result,
+                dense.perplexity,
+                dense.median_forward_s,
+                flops,
+                pipe.is_static,
+                pipe.block_ratios,
+                pipe.realised_ratio_model(warmup),
+            )
+        except Exception as exc:  # one method's failure must not lose the others' results
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.error("method %s failed: %s", method.label, message)
+            logger.info("traceback of %s's failure", method.label, exc_info=True)
+            return MethodResult.failed(method.label, method.pruning.ratio, message)
 
 
 def _run(
     cfg: RunConfig,
-    text: str,
-    ids: torch.Tensor | None,
-    progress: bool,
+    session: RunSession,
     start: float,
     extra_settings: dict[str, Any],
+    store: PointStore | None,
+    rerun: bool,
 ) -> RunReport:
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        gguf_file=cfg.model.gguf_file,
-        cache_dir=cfg.model.cache_dir,
-    )
-    batches = eval_batches(cfg, tokenizer, text, ids)
-    warmup = cfg.data.warmup_batches
-    policy = cfg.data.warmup_policy
-    dense = evaluate_perplexity(
-        model, batches, warmup_batches=warmup, progress=progress, desc="dense", warmup_policy=policy
-    )
-    rows = [_row("dense", 0.0, 0.0, 0.0, dense, dense)]
-    settings = {**resolved_settings(cfg, model, batches), **extra_settings}
-    env = environment(model)
-    calibration: HistoryStore | None = None
-    calibration_info: dict[str, Any] | None = None
-    calibration_error: str | None = None
+    keys = PointKeys.of(cfg)
+    reuse = store is not None and not rerun
+    stored_dense = load_dense(store, keys.dense) if reuse and store else None
+    if stored_dense is not None:
+        dense, resolved, env = stored_dense
+        logger.info("dense: reusing the stored result %s", keys.dense)
+    else:
+        dense, resolved, env = session.dense()
+        if store is not None:
+            save_dense(store, keys, dense, resolved, env)
+    rows = [dense]
+    resumed: list[str] = ["dense"] if stored_dense is not None else []
+    settings = {**cfg.model_dump(mode="json"), "resolved": resolved, **extra_settings}
+    stored_calibration: dict[str, Any] | None = None
 
     def report(complete: bool) -> RunReport:
         elapsed = time.perf_counter() - start
-        return RunReport(list(rows), settings, calibration_info, env, elapsed, complete)
+        calibration = session.calibration_info or stored_calibration
+        sweep = sweep_summary("local", store, resumed)
+        return RunReport(list(rows), settings, calibration, env, elapsed, complete, sweep)
 
     def save_partial() -> None:
         if not cfg.out_dir:
@@ -247,47 +369,17 @@ def _run(
 
     save_partial()
     for index, method in enumerate(cfg.methods):
-        try:
-            history = None
-            if method.needs_calibration:
-                if calibration_error is not None:
-                    raise RuntimeError(f"the shared calibration failed: {calibration_error}")
-                if calibration is None:
-                    try:
-                        calibration, calibration_info = calibration_history(model, tokenizer, cfg, progress)
-                    except Exception as exc:
-                        calibration_error = f"{type(exc).__name__}: {exc}"
-                        raise
-                history = calibration.clone()
-            pipe = build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=history)
-            with pipe:
-                result = evaluate_perplexity(
-                    model,
-                    batches,
-                    warmup_batches=warmup,
-                    progress=progress,
-                    desc=method.label,
-                    warmup_policy=policy,
-                    untracked=pipe.untracked,
-                )
-            flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
-            row = _row(
-                method.label,
-                method.pruning.ratio,
-                pipe.layer_ratio,
-                pipe.realised_ratio(warmup),
-                result,
-                dense,
-                flops,
-                pipe.is_static,
-                pipe.block_ratios,
-                pipe.realised_ratio_model(warmup),
-            )
-        except Exception as exc:  # one method's failure must not lose the others' results
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
-            logger.error("method %s failed: %s", method.label, message)
-            logger.info("traceback of %s's failure", method.label, exc_info=True)
-            row = MethodResult.failed(method.label, method.pruning.ratio, message)
+        stored = load_method(store, keys.methods[index]) if reuse and store else None
+        if stored is not None:
+            row, calibration_info = stored
+            stored_calibration = stored_calibration or calibration_info
+            resumed.append(method.label)
+            logger.info("%s: reusing the stored result %s", method.label, keys.methods[index])
+        else:
+            row = session.method(index, dense)
+            if store is not None:
+                info = session.calibration_info if method.needs_calibration else None
+                save_method(store, keys, index, row, info)
         rows.append(row)
         save_partial()
     final = report(complete=True)
@@ -297,6 +389,55 @@ def _run(
         except OSError as exc:
             logger.warning("could not write the results to %s: %s", cfg.out_dir, exc)
     return final
+
+
+def save_dense(
+    store: PointStore, keys: PointKeys, row: MethodResult, resolved: dict[str, Any], env: dict[str, Any]
+) -> None:
+    """Store the dense point with what a resumed run needs to rebuild its report."""
+    record = {"row": asdict(row), "resolved": resolved, "environment": env}
+    store.try_save(keys.dense, record, keys.settings[keys.dense])
+
+
+def load_dense(
+    store: PointStore, key: str
+) -> tuple[MethodResult, dict[str, Any], dict[str, Any]] | None:
+    """The stored dense row, resolved settings and environment, or None."""
+    record = store.load(key)
+    if record is None:
+        return None
+    try:
+        return _row_from_json(record["row"]), dict(record["resolved"]), dict(record["environment"])
+    except (KeyError, TypeError) as exc:
+        logger.warning("stored dense point %s is incomplete (%s); running it again", key, exc)
+        return None
+
+
+def save_method(
+    store: PointStore, keys: PointKeys, index: int, row: MethodResult, calibration: dict[str, Any] | None
+) -> None:
+    """Store method ``index``'s row (failed rows too: they show in the table, and are run again)."""
+    key = keys.methods[index]
+    store.try_save(key, {"row": asdict(row), "calibration": calibration}, keys.settings[key])
+
+
+def load_method(store: PointStore, key: str) -> tuple[MethodResult, dict[str, Any] | None] | None:
+    """A stored successful method row and its calibration info, or None."""
+    record = store.load(key)
+    if record is None:
+        return None
+    try:
+        row = _row_from_json(record["row"])
+    except (KeyError, TypeError) as exc:
+        logger.warning("stored point %s is incomplete (%s); running it again", key, exc)
+        return None
+    return row, record.get("calibration")
+
+
+def _row_from_json(data: dict[str, Any]) -> MethodResult:
+    """A :class:`MethodResult` read back from JSON (``null`` numbers become NaN again)."""
+    values = {k: (float("nan") if v is None and k not in ("error",) else v) for k, v in data.items()}
+    return MethodResult(**values)
 
 
 def window_bos_phrase(data: dict[str, Any]) -> str:
@@ -322,7 +463,7 @@ def resolved_settings(cfg: RunConfig, model: torch.nn.Module, batches: list[torc
     param = next(model.parameters())
     settings = cfg.model_dump(mode="json")
     settings["resolved"] = {
-        "device": str(param.device),
+        "device": str(input_device(model)),
         "dtype": str(param.dtype),
         "n_batches": len(batches),
         "scored_batches": scored_batches(cfg, len(batches)),
@@ -351,7 +492,7 @@ def _parameter_split(resolved: dict[str, Any]) -> str:
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
     """Software and hardware the figures were measured on."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
