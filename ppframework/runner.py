@@ -360,12 +360,8 @@ def _run(
         return RunReport(list(rows), settings, calibration, env, elapsed, complete, sweep)
 
     def save_partial() -> None:
-        if not cfg.out_dir:
-            return
-        try:
-            write_report(report(complete=False), cfg.out_dir)
-        except OSError as exc:
-            logger.warning("could not write partial results to %s: %s", cfg.out_dir, exc)
+        if cfg.out_dir:
+            try_write_report(report(complete=False), cfg.out_dir)
 
     save_partial()
     for index, method in enumerate(cfg.methods):
@@ -384,11 +380,18 @@ def _run(
         save_partial()
     final = report(complete=True)
     if cfg.out_dir:
-        try:
-            write_report(final, cfg.out_dir)
-        except OSError as exc:
-            logger.warning("could not write the results to %s: %s", cfg.out_dir, exc)
+        try_write_report(final, cfg.out_dir)
     return final
+
+
+def try_write_report(report: RunReport, out_dir: str | Path) -> None:
+    """:func:`write_report`, logging instead of raising when the folder cannot be written (the run
+    goes on; the command line reports the final write's failure itself)."""
+    try:
+        write_report(report, out_dir)
+    except OSError as exc:
+        what = "the results" if report.complete else "partial results"
+        logger.warning("could not write %s to %s: %s", what, out_dir, exc)
 
 
 def save_dense(

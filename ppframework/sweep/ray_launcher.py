@@ -42,7 +42,7 @@ from ppframework.runner import (
     load_method,
     save_dense,
     save_method,
-    write_report,
+    try_write_report,
 )
 from ppframework.sweep.points import PointKeys, PointStore, sweep_summary
 
@@ -239,10 +239,7 @@ def _sweep(
 
     def save_partial() -> None:
         if cfg.out_dir:
-            try:
-                write_report(report(complete=False), cfg.out_dir)
-            except OSError as exc:
-                logger.warning("could not write partial results to %s: %s", cfg.out_dir, exc)
+            try_write_report(report(complete=False), cfg.out_dir)
 
     save_partial()
     bar = _progress_bar(len(pending), progress)
@@ -290,12 +287,8 @@ def _sweep(
             except Exception:  # already dead
                 pass
     final = report(complete=True)
-    final.rows = [dense] + [row for row in rows if row is not None]
     if cfg.out_dir:
-        try:
-            write_report(final, cfg.out_dir)
-        except OSError as exc:
-            logger.warning("could not write the results to %s: %s", cfg.out_dir, exc)
+        try_write_report(final, cfg.out_dir)
     return final
 
 
