@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ppframework.runner
 from ppframework import cli
@@ -121,6 +123,24 @@ def test_point_keys_follow_the_settings_that_decide_results(sweep_file: Path, tm
     other = load_ablation(sweep_file, ["variants.random-probe.strategies.select_probe=variance"]).run
     moved = [a != b for a, b in zip(PointKeys.of(other).methods, keys.methods, strict=True)]
     assert moved == [label.startswith("random-probe") for label in (m.label for m in plan.run.methods)]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.text(max_size=5), _json_values, max_size=6), st.randoms())
+def test_settings_key_ignores_key_order_and_sees_every_value(settings: dict[str, Any], rng: Any) -> None:
+    items = list(settings.items())
+    rng.shuffle(items)
+    assert settings_key(dict(items)) == settings_key(settings)
+    changed = {**settings, "__extra__": 1}
+    assert settings_key(changed) != settings_key(settings)
 
 
 def test_settings_key_is_canonical() -> None:
