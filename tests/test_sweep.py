@@ -105,6 +105,19 @@ def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+def _fail_at(monkeypatch: pytest.MonkeyPatch, label: str, error: BaseException) -> Any:
+    """Make the evaluation of ``label`` raise ``error``; return the real evaluation function."""
+    real = ppframework.runner.evaluate_perplexity
+
+    def failing(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
+        if desc == label:
+            raise error
+        return real(model, batches, desc=desc, **kwargs)
+
+    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", failing)
+    return real
+
+
 # ------------------------------------------------------------------------------------------ keys
 
 
@@ -192,14 +205,7 @@ def test_a_crashed_sweep_resumes_where_it_stopped(
     sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    real = ppframework.runner.evaluate_perplexity
-
-    def crash(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
-        if desc == "pp 40%":
-            raise KeyboardInterrupt
-        return real(model, batches, desc=desc, **kwargs)
-
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", crash)
+    real = _fail_at(monkeypatch, "pp 40%", KeyboardInterrupt())
     code, _, _ = _ablate(sweep_file, out, capsys)
     assert code == 130
     partial = _results(out)
@@ -221,14 +227,7 @@ def test_a_failed_point_is_shown_and_tried_again(
     sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    real = ppframework.runner.evaluate_perplexity
-
-    def flaky(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
-        if desc == "wanda-sp 20%":
-            raise RuntimeError("out of luck")
-        return real(model, batches, desc=desc, **kwargs)
-
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", flaky)
+    real = _fail_at(monkeypatch, "wanda-sp 20%", RuntimeError("out of luck"))
     code, stdout, _ = _ablate(sweep_file, out, capsys)
     assert code == 1 and "FAILED wanda-sp 20%: RuntimeError: out of luck" in stdout
     monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", real)
