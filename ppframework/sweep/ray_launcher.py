@@ -172,8 +172,11 @@ def run_ray(
             try:
                 ray.init(address=address, log_to_driver=True, include_dashboard=False)
             except Exception as exc:
-                where = f"the cluster at {address!r}" if address else "a local Ray cluster"
-                raise ConfigError(f"--address: could not connect to {where}: {_describe(exc)}") from None
+                if address:
+                    message = f"--address: could not connect to the cluster at {address!r}"
+                else:
+                    message = "--launcher ray: could not start a local Ray cluster"
+                raise ConfigError(f"{message}: {_describe(exc)}") from None
             started_here = True
         try:
             return _sweep(
