@@ -65,8 +65,9 @@ def _hook_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _offloads(hook: Any) -> bool:
-    return any(bool(getattr(h, "offload", False)) and hasattr(h, "weights_map") for h in _hooks(hook))
+def _is_offloading(hook: Any) -> bool:
+    """Whether one accelerate hook keeps its module's weights offloaded (in its ``weights_map``)."""
+    return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
 
 
 def is_dispatched(model: nn.Module) -> bool:
@@ -76,7 +77,7 @@ def is_dispatched(model: nn.Module) -> bool:
 
 def has_offloaded_weights(module: nn.Module) -> bool:
     """Whether any weight of ``module`` or its submodules is offloaded (kept on ``meta`` between forwards)."""
-    return any(_offloads(hook_of(m)) for m in module.modules())
+    return any(_is_offloading(h) for m in module.modules() for h in _hooks(hook_of(m)))
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -124,7 +125,7 @@ def onloaded(module: nn.Module) -> Iterator[None]:
     with ExitStack() as stack:
         for sub in module.modules():
             for hook in _hooks(hook_of(sub)):
-                if not (getattr(hook, "offload", False) and hasattr(hook, "weights_map")):
+                if not _is_offloading(hook):
                     continue
                 hook.pre_forward(sub)
                 hook.offload = False
@@ -149,9 +150,8 @@ def _offloaded_value(model: nn.Module, name: str, placeholder: torch.Tensor) -> 
     owners.append((module, parts[-1]))
     for owner, key in reversed(owners):
         for hook in _hooks(hook_of(owner)):
-            weights = getattr(hook, "weights_map", None)
-            if getattr(hook, "offload", False) and weights is not None and key in weights:
-                value = weights[key]
+            if _is_offloading(hook) and key in hook.weights_map:
+                value = hook.weights_map[key]
                 return value.to(placeholder.dtype) if value.dtype != placeholder.dtype else value
     raise RuntimeError(
         f"parameter {name} is on the meta device and no accelerate offload hook holds its value"

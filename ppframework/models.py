@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
+from pydantic import ValidationError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -47,6 +48,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ppframework.config import ModelConfig, validation_message
 from ppframework.devices import named_parameters_materialised
 from ppframework.errors import ConfigError
 
@@ -621,10 +623,9 @@ def load_model(
     placement = _placement(device, device_map, max_memory, offload_folder)
     if placement is None:
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
     else:
         torch_device = _device_map_main_device(placement["device_map"])
-        torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     source = _resolve_source(name, gguf_file)
 
     start = time.perf_counter()
@@ -659,23 +660,15 @@ def load_model(
     return model, tokenizer
 
 
-def load_model_kwargs(model_cfg: Any) -> dict[str, Any]:
+def load_model_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`load_model` (all but ``name``) that a
     :class:`~ppframework.config.ModelConfig` (``cfg.model``) sets: dtype, device, gguf_file, cache_dir,
     device_map, max_memory and offload_folder:
     ``load_model(cfg.model.name, **load_model_kwargs(cfg.model))``."""
-    return {
-        "dtype": model_cfg.dtype,
-        "device": model_cfg.device,
-        "gguf_file": model_cfg.gguf_file,
-        "cache_dir": model_cfg.cache_dir,
-        "device_map": getattr(model_cfg, "device_map", None),
-        "max_memory": getattr(model_cfg, "max_memory", None),
-        "offload_folder": getattr(model_cfg, "offload_folder", None),
-    }
+    return model_cfg.model_dump(exclude={"name"})
 
 
-def load_model_from_config(model_cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model_from_config(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`load_model` with every setting of a :class:`~ppframework.config.ModelConfig` (``cfg.model``),
     device map included."""
     return load_model(model_cfg.name, **load_model_kwargs(model_cfg))
@@ -697,22 +690,9 @@ def _placement_problem(message: str) -> bool:
     return any(word in text for word in _PLACEMENT_WORDS)
 
 
-def _map_device(module: str, value: Any) -> int | str:
-    """One device-map value in accelerate's spelling (GPU index, ``cpu``, ``disk``), checked here."""
-    label = f"model.device_map[{module!r}]={value!r}"
-    if isinstance(value, bool):
-        raise ModelError(f"{label} is not a device; use a GPU index, cuda:N, cpu or disk")
-    text = str(value).strip().lower()
-    if text in ("cpu", "disk"):
-        return text
-    if isinstance(value, int) or text.isdigit():
-        index = int(text)
-    elif text == "cuda":
-        index = 0
-    elif text.startswith("cuda:") and text[5:].isdigit():
-        index = int(text[5:])
-    else:
-        raise ModelError(f"{label} is not a device; use a GPU index, cuda:N, cpu or disk")
+def _check_gpu(module: str, index: int) -> None:
+    """A device-map entry naming GPU ``index`` needs that GPU on this machine."""
+    label = f"model.device_map[{module!r}]={index!r}"
     if not torch.cuda.is_available():
         raise ModelError(
             f"{label} names a GPU but CUDA is not available here (torch {torch.__version__}); map it to cpu "
@@ -721,7 +701,6 @@ def _map_device(module: str, value: Any) -> int | str:
     count = torch.cuda.device_count()
     if index >= count:
         raise ModelError(f"{label} but only {count} CUDA device(s) exist (0..{count - 1})")
-    return index
 
 
 def _placement(
@@ -730,40 +709,32 @@ def _placement(
     max_memory: dict[int | str, int | str] | None,
     offload_folder: str | Path | None,
 ) -> dict[str, Any] | None:
-    """The ``from_pretrained`` keywords of a device map (None without one), checked as
-    :class:`~ppframework.config.ModelConfig` checks them (for callers that skip the config)."""
-    if device_map is None:
-        if max_memory is not None:
-            raise ModelError("model.max_memory needs model.device_map (it caps a computed device map)")
-        if offload_folder is not None:
-            raise ModelError(
-                "model.offload_folder needs model.device_map (it holds weights offloaded to disk)"
-            )
-        return None
-    if str(device).strip().lower() != "auto":
-        raise ModelError(
-            f"model.device={device!r} conflicts with model.device_map; leave model.device at 'auto'"
-        )
-    kwargs: dict[str, Any] = {}
-    if isinstance(device_map, str):
-        from ppframework.config import DEVICE_MAP_STRATEGIES
+    """The ``from_pretrained`` keywords of a device map (None without one).
 
-        if device_map not in DEVICE_MAP_STRATEGIES:
-            raise ModelError(
-                f"model.device_map={device_map!r} is not valid; choose "
-                f"{', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of module names to devices"
-            )
-        kwargs["device_map"] = device_map
-        if max_memory is not None:
-            kwargs["max_memory"] = dict(max_memory)
-    else:
-        if not device_map:
-            raise ModelError("model.device_map is an empty mapping; map module names to devices")
-        if "" in device_map and len(device_map) > 1:
-            raise ModelError("model.device_map: '' (the whole model) cannot be combined with other entries")
-        if max_memory is not None:
-            raise ModelError("model.max_memory only applies to a computed model.device_map, not to a mapping")
-        kwargs["device_map"] = {module: _map_device(module, value) for module, value in device_map.items()}
+    The settings are checked by :class:`~ppframework.config.ModelConfig` itself (for callers that skip
+    the config), then against this machine (the GPUs a mapping names must exist).
+    """
+    if device_map is None and max_memory is None and offload_folder is None:
+        return None
+    try:
+        checked = ModelConfig(
+            device=str(device).strip().lower(),
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=None if offload_folder is None else str(offload_folder),
+        )
+    except ValidationError as exc:
+        lines = validation_message(exc).splitlines()  # field errors name `device_map`, not `model.device_map`
+        named = [line if line.startswith("model.") else f"model.{line}" for line in lines]
+        raise ModelError("\n".join(named)) from None
+    assert checked.device_map is not None  # max_memory / offload_folder without a map were refused
+    kwargs: dict[str, Any] = {"device_map": checked.device_map}
+    if isinstance(checked.device_map, dict):
+        for module, value in checked.device_map.items():
+            if isinstance(value, int):
+                _check_gpu(module, value)
+    elif checked.max_memory is not None:
+        kwargs["max_memory"] = dict(checked.max_memory)
     if offload_folder is not None:
         folder = Path(offload_folder).expanduser()
         try:
