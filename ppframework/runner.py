@@ -324,7 +324,7 @@ class RunSession:
                 pipe.realised_ratio_model(warmup),
             )
         except Exception as exc:  # one method's failure must not lose the others' results
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            message = describe_error(exc)
             logger.error("method %s failed: %s", method.label, message)
             logger.info("traceback of %s's failure", method.label, exc_info=True)
             return MethodResult.failed(method.label, method.pruning.ratio, message)
@@ -392,6 +392,15 @@ def try_write_report(report: RunReport, out_dir: str | Path) -> None:
     except OSError as exc:
         what = "the results" if report.complete else "partial results"
         logger.warning("could not write %s to %s: %s", what, out_dir, exc)
+
+
+def describe_error(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: message`` of ``exc`` on one line (whitespace collapsed), cut to ``limit`` characters of
+    message when given (a failed row's error)."""
+    text = " ".join(str(exc).split())
+    if limit is not None:
+        text = text[:limit]
+    return f"{type(exc).__name__}: {text}"
 
 
 def save_dense(

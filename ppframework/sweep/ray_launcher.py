@@ -38,6 +38,7 @@ from ppframework.runner import (
     MethodResult,
     RunReport,
     RunSession,
+    describe_error,
     load_dense,
     load_method,
     save_dense,
@@ -52,6 +53,9 @@ INSTALL_HINT = "pip install 'ppframework[ray]'"
 """How to get Ray (the optional extra)."""
 
 #: Environment variables the workers need to see as the driver does (data, caches, plugins, offline).
+RAY_ERROR_CHARS = 600
+"""How much of a Ray error (which carries the remote traceback) a failed row keeps."""
+
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "PPF_CACHE_DIR", "PPF_DATA_DIR", "PPF_LOAD_PLUGINS")
 
 
@@ -130,11 +134,6 @@ def _actor_options(resources: WorkerResources) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:600]}"
-
-
 def run_ray(
     cfg: RunConfig,
     *,
@@ -176,7 +175,7 @@ def run_ray(
                     message = f"--address: could not connect to the cluster at {address!r}"
                 else:
                     message = "--launcher ray: could not start a local Ray cluster"
-                raise ConfigError(f"{message}: {_describe(exc)}") from None
+                raise ConfigError(f"{message}: {describe_error(exc, RAY_ERROR_CHARS)}") from None
             started_here = True
         try:
             return _sweep(
@@ -228,7 +227,8 @@ def _sweep(
         try:
             dense_json, resolved, env = ray.get(actors[0].dense.remote())
         except Exception as exc:
-            raise RuntimeError(f"dense evaluation failed on the Ray worker: {_describe(exc)}") from exc
+            error = describe_error(exc, RAY_ERROR_CHARS)
+            raise RuntimeError(f"dense evaluation failed on the Ray worker: {error}") from exc
         dense = MethodResult(**dense_json)
         if store is not None:
             save_dense(store, keys, dense, resolved, env)
@@ -263,17 +263,16 @@ def _sweep(
                     row_json, info = ray.get(ref)
                     row = MethodResult(**row_json)
                     idle.append(actor)
-                except ray.exceptions.RayActorError as exc:
-                    row = MethodResult.failed(
-                        method.label, method.pruning.ratio, f"the Ray worker died: {_describe(exc)}"
-                    )
-                    logger.error("method %s failed: its worker died (%s)", method.label, exc)
-                    if pending and actor_cls is not None:
-                        idle.append(actor_cls.remote(cfg, threads))
-                except ray.exceptions.RayError as exc:  # e.g. the shared calibration failed on its worker
-                    row = MethodResult.failed(method.label, method.pruning.ratio, _describe(exc))
-                    logger.error("method %s failed: %s", method.label, row.error)
-                    idle.append(actor)
+                except ray.exceptions.RayError as exc:
+                    error = describe_error(exc, RAY_ERROR_CHARS)
+                    if isinstance(exc, ray.exceptions.RayActorError):
+                        error = f"the Ray worker died: {error}"
+                        if pending and actor_cls is not None:  # a fresh worker takes its place
+                            idle.append(actor_cls.remote(cfg, threads))
+                    else:  # e.g. the shared calibration failed on its worker
+                        idle.append(actor)
+                    row = MethodResult.failed(method.label, method.pruning.ratio, error)
+                    logger.error("method %s failed: %s", method.label, error)
                 rows[index] = row
                 calibration_info = calibration_info or info
                 if store is not None:
