@@ -287,6 +287,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pipes[f"pp probe-tokens {seq_ratio:g} {ratio:.0%}"] = Pipeline(
                 model, method("pp", ratio, skip, round_to, seq_ratio), history=history.clone()
             )
+        for dynamic in args.dynamic:
+            pipes[f"{dynamic} {ratio:.0%}"] = Pipeline(
+                model, method(dynamic, ratio, skip, round_to), history=history.clone()
+            )
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to)
             hist = history if static_method.needs_calibration else None  # frozen: shared, never updated
@@ -1031,6 +1035,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--static", nargs="+", default=["wanda-sp"], help="static baseline preset(s), or 'none'"
+    )
+    parser.add_argument(
+        "--dynamic",
+        nargs="*",
+        default=[],
+        help="other dynamic presets to time beside pp (e.g. pp-energy), with the same calibration history",
     )
     parser.add_argument(
         "--probe-seq-ratios",

@@ -502,8 +502,8 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 ACTIVATION_METRICS = {"ppsp", "wanda-sp", "flap"}
-PROBE_FUSIONS = {"importance-scaled", "none", "fixed"}
-HISTORY_FUSIONS = {"importance-scaled", "history-only", "fixed"}
+PROBE_FUSIONS = {"importance-scaled", "none", "fixed", "completion"}
+HISTORY_FUSIONS = {"importance-scaled", "history-only", "fixed", "completion"}
 BUILTIN_FUSIONS = PROBE_FUSIONS | HISTORY_FUSIONS
 BUILTIN_PROBES = {"residual", "random", "full", "none"}
 
@@ -542,6 +542,12 @@ def method_inconsistency(method: MethodConfig) -> str | None:
         return (
             "strategies.score_channels: 'flap' scores the calibration's fluctuation; use select_probe 'none' "
             "(or fuse_history 'history-only') and history.init 'calibration'"
+        )
+    if metric == "ppsp" and st.score_channels.params.get("bias_compensation") and not has_history:
+        return (
+            "strategies.score_channels.params.bias_compensation: compensation adds back the calibration "
+            "mean of the pruned channels, which needs history.init 'calibration'; set it, or turn "
+            "bias_compensation off"
         )
     if metric in ACTIVATION_METRICS:
         from_probe = has_probe and fusion in PROBE_FUSIONS

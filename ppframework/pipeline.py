@@ -640,6 +640,7 @@ class Pipeline:
             collect,
             batch.has_padding,
             batch.probe_flops_scale,
+            batch.rows_per_position,
         )
         hooks = self.hooks
         check, picked = self.validate_outputs, self.strategies
@@ -705,6 +706,7 @@ class Pipeline:
         collect: bool,
         has_padding: bool | None = None,
         probe_flops_scale: float = 1.0,
+        rows_per_position: torch.Tensor | None = None,
     ) -> BlockContext:
         return BlockContext(
             layer=index,
@@ -720,6 +722,7 @@ class Pipeline:
             has_padding=has_padding,
             mlp_matrices=int(self.adapter.mlp_matrices),
             probe_flops_scale=probe_flops_scale,
+            rows_per_position=rows_per_position,
         )
 
     def _decide_static(self) -> None:

@@ -74,6 +74,8 @@ class BlockContext:
             that run a probe, for this batch (>= 1; 1 when every block probes). A probe whose
             budget is a share of the *decoder's* FLOPs spends ``share * probe_flops_scale`` of its
             own block's dense FLOPs.
+        rows_per_position: (T,) how many rows of the batch are real text at each position (None:
+            unknown, e.g. in a static decision).
     """
 
     layer: int
@@ -89,6 +91,7 @@ class BlockContext:
     has_padding: bool | None = None
     mlp_matrices: int = 3
     probe_flops_scale: float = 1.0
+    rows_per_position: torch.Tensor | None = None
 
 
 @dataclass
@@ -126,6 +129,10 @@ class ChannelScores:
         channel_mean: (C,) mean input of each channel (from the history), set by ``fuse_history``
             when ``bias_compensation`` is on.
         out_weight: (hidden, C) the output projection's weight the scores were made for.
+        centered: fusion subtracts the history's squared calibration mean ``m[t, c]^2`` from the
+            ``sq_mean`` evidence of each position it sums, so ``a_c`` measures the spread around the
+            mean (what bias compensation cannot restore).
+        evidence_rows: (n_pos,) how many real probe rows each evidence row averages.
     """
 
     weight_term: torch.Tensor
@@ -140,6 +147,8 @@ class ChannelScores:
     bias_compensation: bool = False
     channel_mean: torch.Tensor | None = None
     out_weight: torch.Tensor | None = None
+    centered: bool = False
+    evidence_rows: torch.Tensor | None = None
 
     def channel_scores(self) -> torch.Tensor:
         """The final per-channel score (higher = more important)."""

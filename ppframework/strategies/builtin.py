@@ -7,6 +7,7 @@ from collections.abc import Callable
 from ppframework.hookspecs import hookimpl
 from ppframework.strategies.allocation import AdaptiveAllocation, UniformAllocation
 from ppframework.strategies.fusion import (
+    CompletionFusion,
     FixedFusion,
     HistoryOnlyFusion,
     ImportanceScaledFusion,
@@ -32,6 +33,7 @@ BUILTIN_STRATEGIES: tuple[type, ...] = (
     ProbeOnlyFusion,
     HistoryOnlyFusion,
     FixedFusion,
+    CompletionFusion,
     StructuredMask,
     SlicedInference,
     MaskedInference,

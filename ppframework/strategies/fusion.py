@@ -8,6 +8,8 @@ compensation, the history's per-channel mean input is attached too.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,12 +106,42 @@ def channel_mean(ctx: BlockContext, history: BlockHistory) -> torch.Tensor:
     return (rows * valid[:, None]).sum(dim=0) / valid.sum().clamp(min=1.0)
 
 
+def _statistic(scores: ChannelScores) -> str:
+    """The history statistic ``a_c`` is made of: centred ``sq_mean`` scores are the variance."""
+    return "variance" if scores.centered and scores.statistic == "sq_mean" else scores.statistic
+
+
 def _require_sq_mean(scores: ChannelScores, strategy: str) -> None:
     if scores.statistic != "sq_mean":
         raise ValueError(
             f"fusion {strategy!r} fuses probe evidence (mean of X^2) but metric {scores.metric!r} scores "
             f"the {scores.statistic!r} statistic; use fuse_history 'history-only' with select_probe 'none'"
         )
+
+
+def centred_rows(
+    rows: torch.Tensor, history: BlockHistory | None, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """``rows[t, c] - m[t, c]^2`` (clamped at 0): mean-of-squares rows around the calibration mean
+    ``m`` at ``positions`` (None: the first ``len(rows)`` positions)."""
+    if history is None or history.mean is None:
+        raise ValueError("centred scores need the calibration mean of X; set history.init 'calibration'")
+    means = history.mean[: rows.shape[0]] if positions is None else history.mean.index_select(0, positions)
+    return (rows - means.square()).clamp(min=0.0)
+
+
+def unprobed_history(
+    ctx: BlockContext, history: BlockHistory, positions: torch.Tensor, centred: bool
+) -> torch.Tensor:
+    """(C,) sum of the history statistic over this batch's real positions that the probe missed."""
+    rows = history.sq_mean[: ctx.seq_len]
+    if centred:
+        rows = centred_rows(rows, history, None)
+    missed = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    missed[positions] = False
+    if ctx.position_valid is not None:
+        missed &= ctx.position_valid[: rows.shape[0]]
+    return sum_valid_positions(rows, missed)
 
 
 def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None) -> None:
@@ -123,11 +155,16 @@ def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: Bloc
 
 
 class FusionParams(BaseModel):
-    """Numerical guard of the importance-scaled fusion."""
+    """Numerical guard of the importance-scaled fusion, and what the positions the probe missed add."""
 
     model_config = ConfigDict(extra="forbid")
 
     eps: float = Field(1e-6, gt=0.0)
+    unprobed: Literal["skip", "history"] = Field(
+        "skip",
+        description="skip: a_c sums the fused probed positions only (PP); history: the history of the "
+        "batch's other real positions is added, so a_c covers every position",
+    )
 
 
 class ImportanceScaledFusion:
@@ -148,14 +185,20 @@ class ImportanceScaledFusion:
         _attach_compensation(ctx, scores, history)
         if scores.evidence is None:
             if history is not None:
-                scores.activation = history_activation(ctx, history, scores.statistic)
+                scores.activation = history_activation(ctx, history, _statistic(scores))
             return scores
         _require_sq_mean(scores, self.name)
         evidence = scores.evidence
         if history is not None:
             past = history.sq_mean.index_select(0, scores.positions)
             evidence = importance_scaled_fusion(evidence, past, self.params.eps)
+        if scores.centered:
+            evidence = centred_rows(evidence, history, scores.positions)
         scores.activation = sum_valid_positions(evidence, scores.position_valid)
+        if self.params.unprobed == "history" and history is not None:
+            scores.activation = scores.activation + unprobed_history(
+                ctx, history, scores.positions, scores.centered
+            )
         return scores
 
 
@@ -173,7 +216,10 @@ class ProbeOnlyFusion:
         if scores.evidence is None:
             return scores  # weight-only metrics need nothing; activation metrics fail when combining
         _require_sq_mean(scores, self.name)
-        scores.activation = sum_valid_positions(scores.evidence, scores.position_valid)
+        evidence = scores.evidence
+        if scores.centered:
+            evidence = centred_rows(evidence, history, scores.positions)
+        scores.activation = sum_valid_positions(evidence, scores.position_valid)
         return scores
 
 
@@ -190,7 +236,7 @@ class HistoryOnlyFusion:
     ) -> ChannelScores:
         _attach_compensation(ctx, scores, history)
         if history is not None:
-            scores.activation = history_activation(ctx, history, scores.statistic)
+            scores.activation = history_activation(ctx, history, _statistic(scores))
         return scores
 
 
@@ -227,5 +273,84 @@ class FixedFusion:
         _attach_compensation(ctx, scores, history)
         past = history.sq_mean.index_select(0, scores.positions)
         fused = fixed_ratio_fusion(scores.evidence, past, self.params.probe_weight)
+        if scores.centered:
+            fused = centred_rows(fused, history, scores.positions)
         scores.activation = sum_valid_positions(fused, scores.position_valid)
+        return scores
+
+
+def completion_fusion(
+    evidence: torch.Tensor,
+    history_rows: torch.Tensor,
+    evidence_rows: torch.Tensor,
+    batch_rows: torch.Tensor,
+    probe_row_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per probed position, the batch's mean of ``X^2`` with the unprobed rows predicted by history:
+    ``F[t] = (w n_t P[t] + (R_t - w n_t) Hist[t]) / R_t`` with ``n_t`` probe rows out of ``R_t`` real
+    rows and ``w`` the batch rows each probe row stands for (``w n_t`` capped at ``R_t``)."""
+    rows = batch_rows.to(evidence.dtype).clamp(min=1.0)
+    share = (evidence_rows.to(evidence.dtype) * probe_row_weight / rows).clamp(max=1.0)[:, None]
+    return history_rows + share * (evidence - history_rows)
+
+
+class CompletionFusionParams(BaseModel):
+    """How much each probe row counts in the completion fusion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe_row_weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="batch rows each probe row stands for (1: the probe rows are a sample of the batch and "
+        "the history predicts the other rows, an unbiased estimate of the full-batch statistic)",
+    )
+
+
+class CompletionFusion:
+    """Batch completion (a Beyond-PP option, not PP's fusion): estimate the full batch's ``a_c``.
+
+    Full-batch probing scores ``a_c = sum_t mean_b X[b, t, c]^2`` over every row and position. The
+    probe observes ``n_t`` of the ``R_t`` real rows at its positions; the history predicts the rest.
+    So ``a_c = sum_{t real} F[t, c]`` with ``F[t] = (n_t P[t] + (R_t - n_t) Hist[t]) / R_t`` at probed
+    positions and ``F[t] = Hist[t]`` elsewhere: each source weighs what it stands for, where PP's
+    importance scaling weighs by magnitude (``rho = P / (P + Hist)``) and ignores unprobed positions.
+    Without a probe it is history-only; without history, probe-only.
+    """
+
+    stage = "fuse_history"
+    name = "completion"
+    Params = CompletionFusionParams
+
+    def __init__(self, params: CompletionFusionParams | None = None) -> None:
+        self.params = params or CompletionFusionParams()
+
+    @hookimpl
+    def fuse_history(
+        self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
+    ) -> ChannelScores:
+        _attach_compensation(ctx, scores, history)
+        if history is None:
+            return ProbeOnlyFusion().fuse_history(ctx=ctx, scores=scores, history=None)
+        if scores.evidence is None:
+            scores.activation = history_activation(ctx, history, _statistic(scores))
+            return scores
+        _require_sq_mean(scores, self.name)
+        positions = scores.positions
+        past = history.sq_mean.index_select(0, positions)
+        counts = scores.evidence_rows
+        if counts is None:
+            counts = torch.ones(positions.shape[0], dtype=torch.float32, device=positions.device)
+        if ctx.rows_per_position is not None:
+            batch_rows = ctx.rows_per_position.index_select(0, positions)
+        else:
+            batch_rows = counts.new_full(counts.shape, float(max(int(counts.max()), 1)))
+        fused = completion_fusion(scores.evidence, past, counts, batch_rows, self.params.probe_row_weight)
+        if scores.centered:
+            fused = centred_rows(fused, history, positions)
+        # a probed position no probe row was real at is all history (share 0), but still counts
+        real = None if ctx.position_valid is None else ctx.position_valid.index_select(0, positions)
+        scores.activation = sum_valid_positions(fused, real) + unprobed_history(
+            ctx, history, positions, scores.centered
+        )
         return scores

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
@@ -134,16 +134,81 @@ class WeightMetricScore:
         if probe is not None and probe_states is not None:
             scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid)
             scores.positions = probe.token_index
+            scores.evidence_rows = probe.valid.sum(dim=0)
         return scores
 
 
+def energy_weight_term(weight: torch.Tensor) -> torch.Tensor:
+    """``sum_i W[i, c]^2`` per input channel: PPsp's per-weight scores summed over output rows (L1)."""
+    return squared_weight_term(weight)
+
+
+class PPspParams(BaseModel):
+    """PPsp options beyond the paper (every default is the paper's PPsp)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    row_reduce: Literal["l2", "l1"] = Field(
+        "l2",
+        description="how a channel's per-weight scores a_c * W[i, c]^2 combine over output rows: l2 "
+        "(the paper: a_c * sqrt(sum_i W^4)) or l1 (a_c * sum_i W^2, the expected squared change of the "
+        "output when the channel alone is removed)",
+    )
+    head_reduce: Literal["l2", "sum"] = Field(
+        "l2",
+        description="how a head's channel scores make its score: l2 (the paper) or sum (with row_reduce "
+        "l1, the head's expected squared output change, cross-channel terms aside)",
+    )
+    bias_compensation: bool = Field(
+        False,
+        description="add the pruned channels' calibration mean contribution W[:, pruned] @ mean[pruned] "
+        "back to the block output, as FLAP does statically (needs history.init 'calibration')",
+    )
+    centered: bool = Field(
+        False,
+        description="score the activation around its calibration mean, a_c = sum_t (F[t, c] - m[t, c]^2) "
+        "(the part bias compensation cannot restore); needs bias_compensation",
+    )
+
+    @model_validator(mode="after")
+    def _centered_needs_compensation(self) -> PPspParams:
+        if self.centered and not self.bias_compensation:
+            raise ValueError(
+                "centered scores only the part of a channel that bias compensation cannot restore; set "
+                "bias_compensation: true as well, or centered: false"
+            )
+        return self
+
+
 class PPspScore(WeightMetricScore):
-    """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2."""
+    """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2.
+
+    Options (:class:`PPspParams`, off by default, so the default is the paper's PPsp): an L1 row
+    reduction (``a_c * sum_i W^2``), FLAP-style bias compensation from the calibration mean, and
+    centred activations that score only what compensation cannot restore.
+    """
 
     name = "ppsp"
     head_reduce = "l2"
+    Params = PPspParams
     weight_term = staticmethod(ppsp_weight_term)
     combine = staticmethod(activation_times_weight)
+
+    def __init__(self, params: PPspParams | None = None) -> None:
+        super().__init__()
+        self.params = params or PPspParams()
+        if self.params.row_reduce == "l1":
+            self.weight_term = energy_weight_term  # type: ignore[method-assign]
+        self.head_reduce = self.params.head_reduce
+        self.bias_compensation = self.params.bias_compensation
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+        scores.centered = self.params.centered
+        return scores
 
 
 class MagnitudeScore(WeightMetricScore):
