@@ -543,11 +543,13 @@ def method_inconsistency(method: MethodConfig) -> str | None:
             "strategies.score_channels: 'flap' scores the calibration's fluctuation; use select_probe 'none' "
             "(or fuse_history 'history-only') and history.init 'calibration'"
         )
-    if metric == "ppsp" and st.score_channels.params.get("bias_compensation") and not has_history:
+    ppsp_params = st.score_channels.params
+    from_calibration = ppsp_params.get("compensation_mean", "calibration") == "calibration" or not has_probe
+    if metric == "ppsp" and ppsp_params.get("bias_compensation") and from_calibration and not has_history:
         return (
             "strategies.score_channels.params.bias_compensation: compensation adds back the calibration "
-            "mean of the pruned channels, which needs history.init 'calibration'; set it, or turn "
-            "bias_compensation off"
+            "mean of the pruned channels, which needs history.init 'calibration'; set it, take the means "
+            "from the probe (compensation_mean: probe, with a probe), or turn bias_compensation off"
         )
     if metric in ACTIVATION_METRICS:
         from_probe = has_probe and fusion in PROBE_FUSIONS

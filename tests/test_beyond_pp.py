@@ -285,3 +285,33 @@ def test_completion_probe_row_weight_moves_towards_the_probe() -> None:
     assert completion_fusion(evidence, past, one, rows).item() == pytest.approx(0.5)
     assert completion_fusion(evidence, past, one, rows, probe_row_weight=4.0).item() == pytest.approx(2.0)
     assert completion_fusion(evidence, past, one, rows, probe_row_weight=100.0).item() == pytest.approx(4.0)
+
+
+def test_compensation_means_from_the_probe_average_its_real_entries() -> None:
+    states = torch.tensor([[[1.0, 10.0], [3.0, 20.0]], [[5.0, 30.0], [100.0, 100.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    probe = Probe(batch_index=torch.tensor([0, 1]), token_index=torch.tensor([0, 1]), valid=valid)
+    params = PPspParams(bias_compensation=True, compensation_mean="probe")
+    scores = PPspScore(params).score_channels(
+        ctx=_ctx(2), probe=probe, probe_states=states, weight=torch.ones(3, 2)
+    )
+    assert scores.channel_mean.tolist() == pytest.approx([3.0, 20.0])
+    # the fusion keeps the probe's means rather than the calibration's
+    history = BlockHistory(sq_mean=torch.ones(2, 2), mean=torch.full((2, 2), -7.0))
+    fused = ImportanceScaledFusion().fuse_history(ctx=_ctx(2), scores=scores, history=history)
+    assert fused.channel_mean.tolist() == pytest.approx([3.0, 20.0])
+
+
+def test_probe_compensation_needs_no_calibration_history() -> None:
+    method = MethodConfig.model_validate(
+        {
+            "preset": "no-history",
+            "strategies": {
+                "score_channels": {
+                    "name": "ppsp",
+                    "params": {"bias_compensation": True, "compensation_mean": "probe"},
+                }
+            },
+        }
+    )
+    assert method.strategies.score_channels.params["compensation_mean"] == "probe"

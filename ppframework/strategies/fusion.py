@@ -145,8 +145,8 @@ def unprobed_history(
 
 
 def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None) -> None:
-    if not scores.bias_compensation:
-        return
+    if not scores.bias_compensation or scores.channel_mean is not None:
+        return  # off, or the scoring stage set the means (e.g. from the probe)
     if history is None:
         raise ValueError(
             f"metric {scores.metric!r} asks for bias compensation, which needs a calibration history"

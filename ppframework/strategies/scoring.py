@@ -24,6 +24,12 @@ def probe_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Ten
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
 
 
+def probe_mean(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(C,) mean of ``states[b, t, c]`` over the real probe entries (fp32; 0 when none is real)."""
+    kept = states.float().masked_fill(~valid[:, :, None], 0.0).sum(dim=(0, 1))
+    return kept / valid.sum().clamp(min=1).to(torch.float32)
+
+
 def ppsp_weight_term(weight: torch.Tensor) -> torch.Tensor:
     """``sqrt(sum_i W[i, c]^4)`` per input channel ``c`` of the output projection (fp32)."""
     return weight.float().pow(4).sum(dim=0).sqrt()
@@ -164,6 +170,12 @@ class PPspParams(BaseModel):
         description="add the pruned channels' calibration mean contribution W[:, pruned] @ mean[pruned] "
         "back to the block output, as FLAP does statically (needs history.init 'calibration')",
     )
+    compensation_mean: Literal["calibration", "probe"] = Field(
+        "calibration",
+        description="where bias compensation's channel means come from: the calibration history (FLAP) or "
+        "this batch's probe (the mean of each channel over the probe's real tokens, so the text being "
+        "pruned for, not the calibration text, sets them; without a probe the calibration's)",
+    )
     centered: bool = Field(
         False,
         description="score the activation around its calibration mean, a_c = sum_t (F[t, c] - m[t, c]^2) "
@@ -208,6 +220,9 @@ class PPspScore(WeightMetricScore):
     ) -> ChannelScores:
         scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
         scores.centered = self.params.centered
+        from_probe = self.params.bias_compensation and self.params.compensation_mean == "probe"
+        if from_probe and probe is not None and probe_states is not None:
+            scores.channel_mean = probe_mean(probe_states, probe.valid)
         return scores
 
 
