@@ -130,6 +130,16 @@ def centred_rows(
     return (rows - means.square()).clamp(min=0.0)
 
 
+def _sum_probed(
+    rows: torch.Tensor, scores: ChannelScores, history: BlockHistory | None, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """(C,) ``a_c`` of the probed positions: the (fused) rows, centred when the scores ask, summed over
+    the ``valid`` ones."""
+    if scores.centered:
+        rows = centred_rows(rows, history, scores.positions)
+    return sum_valid_positions(rows, valid)
+
+
 def unprobed_history(
     ctx: BlockContext, history: BlockHistory, positions: torch.Tensor, centred: bool
 ) -> torch.Tensor:
@@ -192,9 +202,7 @@ class ImportanceScaledFusion:
         if history is not None:
             past = history.sq_mean.index_select(0, scores.positions)
             evidence = importance_scaled_fusion(evidence, past, self.params.eps)
-        if scores.centered:
-            evidence = centred_rows(evidence, history, scores.positions)
-        scores.activation = sum_valid_positions(evidence, scores.position_valid)
+        scores.activation = _sum_probed(evidence, scores, history, scores.position_valid)
         if self.params.unprobed == "history" and history is not None:
             scores.activation = scores.activation + unprobed_history(
                 ctx, history, scores.positions, scores.centered
@@ -216,10 +224,7 @@ class ProbeOnlyFusion:
         if scores.evidence is None:
             return scores  # weight-only metrics need nothing; activation metrics fail when combining
         _require_sq_mean(scores, self.name)
-        evidence = scores.evidence
-        if scores.centered:
-            evidence = centred_rows(evidence, history, scores.positions)
-        scores.activation = sum_valid_positions(evidence, scores.position_valid)
+        scores.activation = _sum_probed(scores.evidence, scores, history, scores.position_valid)
         return scores
 
 
@@ -273,9 +278,7 @@ class FixedFusion:
         _attach_compensation(ctx, scores, history)
         past = history.sq_mean.index_select(0, scores.positions)
         fused = fixed_ratio_fusion(scores.evidence, past, self.params.probe_weight)
-        if scores.centered:
-            fused = centred_rows(fused, history, scores.positions)
-        scores.activation = sum_valid_positions(fused, scores.position_valid)
+        scores.activation = _sum_probed(fused, scores, history, scores.position_valid)
         return scores
 
 
@@ -346,11 +349,9 @@ class CompletionFusion:
         else:
             batch_rows = counts.new_full(counts.shape, float(max(int(counts.max()), 1)))
         fused = completion_fusion(scores.evidence, past, counts, batch_rows, self.params.probe_row_weight)
-        if scores.centered:
-            fused = centred_rows(fused, history, positions)
         # a probed position no probe row was real at is all history (share 0), but still counts
         real = None if ctx.position_valid is None else ctx.position_valid.index_select(0, positions)
-        scores.activation = sum_valid_positions(fused, real) + unprobed_history(
+        scores.activation = _sum_probed(fused, scores, history, real) + unprobed_history(
             ctx, history, positions, scores.centered
         )
         return scores

@@ -144,11 +144,6 @@ class WeightMetricScore:
         return scores
 
 
-def energy_weight_term(weight: torch.Tensor) -> torch.Tensor:
-    """``sum_i W[i, c]^2`` per input channel: PPsp's per-weight scores summed over output rows (L1)."""
-    return squared_weight_term(weight)
-
-
 class PPspParams(BaseModel):
     """PPsp options beyond the paper (every default is the paper's PPsp)."""
 
@@ -210,7 +205,7 @@ class PPspScore(WeightMetricScore):
         super().__init__()
         self.params = params or PPspParams()
         if self.params.row_reduce == "l1":
-            self.weight_term = energy_weight_term  # type: ignore[method-assign]
+            self.weight_term = squared_weight_term  # type: ignore[method-assign]  # rows summed (L1)
         self.head_reduce = self.params.head_reduce
         self.bias_compensation = self.params.bias_compensation
 
