@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the test suite's CUDA-marked tests, then the speed benchmark's workload
-# (b) -- a LLaMA-2-7B-shaped model with random weights, fp16, at the paper's batch 20 x 1024 -- and
-# its table (under 8 minutes on one H200), then the generation benchmark on the same 7B-shaped fp16
+# (b) -- a LLaMA-2-7B-shaped model with random weights, fp16, at the paper's batch 20 x 1024, at 20%,
+# 40% and 60%, with the unsynchronised (CUDA events) stage profile and the operators of each stage
+# (PyTorch profiler) -- and its table (under 8 minutes on one H200), then the generation benchmark on the same 7B-shaped fp16
 # model: model.generate with the KV cache, batch 1 and 8, 128-token prompts, 128 new tokens, prefill
 # and decode timed separately (about 3-4 minutes more); then a device-map split: the offline
 # SmolLM2-135M (configs/default.yaml: WikiText-2, pp 40%) on cuda:0 alone and with half its decoder
@@ -47,7 +48,8 @@ if step forward; then
     echo "== workload (b): 7B-shaped fp16, batch 20 x 1024"
     mkdir -p "$RESULTS_DIR"
     timeout 300 "$PYTHON" benchmarks/speed.py --workload 7b --device cuda --dtype float16 \
-        --batch 20 --seq 1024 --ratios 0.2 0.4 --repeats 5 --out "$RESULTS_DIR" > "$RESULTS_DIR/stdout.txt"
+        --batch 20 --seq 1024 --ratios 0.2 0.4 0.6 --repeats 5 --profile-timing events --op-profile 1 \
+        --out "$RESULTS_DIR" > "$RESULTS_DIR/stdout.txt"
     echo "== table ($RESULTS_DIR/speed.md)"
     cat "$RESULTS_DIR/speed.md"
 fi

@@ -54,6 +54,7 @@ from ppframework.config import MethodConfig
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter
 from ppframework.metrics.memory import PeakMemory
+from ppframework.metrics.op_profile import OpProfile, profile_ops_by_stage
 from ppframework.metrics.runtime import DecoderTimer, TimingStats, time_interleaved
 from ppframework.metrics.stage_profile import OVERHEAD_GROUPS, StageProfiler
 from ppframework.metrics.timing import synchronize
@@ -226,6 +227,15 @@ def statics(args: argparse.Namespace) -> list[str]:
     return [name for name in args.static if name != "none"]
 
 
+def _timing_words(settings: dict[str, Any]) -> str:
+    """How the stage profile was timed, for the table's caption."""
+    if not str(settings["device"]).startswith("cuda"):
+        return "host clock"
+    if settings.get("profile_timing", "sync") == "events":
+        return "CUDA events, unsynchronised"
+    return "synchronised per stage"
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -334,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, pipe in pipes.items():
             if pipe is None or pipe.is_dense or pipe.is_static:
                 continue  # static methods do no per-batch work
-            profiler = StageProfiler(device).attach(pipe)
+            profiler = StageProfiler(device, timing=args.profile_timing).attach(pipe)
             for _ in range(args.profile_forwards):
                 forward(name)()
             profiler.detach(pipe)
@@ -342,6 +352,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "stages": profiler.per_forward(args.profile_forwards),
                 "overhead": profiler.overhead(args.profile_forwards),
             }
+        op_profiles: dict[str, OpProfile] = {}
+        if args.op_profile:
+            for name, pipe in pipes.items():
+                if pipe is not None and not pipe.is_dense and not pipe.is_static:
+                    op_profiles[name] = profile_ops_by_stage(pipe, forward(name), args.op_profile)
 
     counter = FlopsCounter.from_adapter(adapter)
     dense_decoder_flops = counter.dense_decoder_flops(args.batch, args.seq)
@@ -402,6 +417,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["overhead_share_of_dense_decoder"]["total"] - reused / dense_decoder_flops
             )
             row["gather_buffer_bytes"] = pipe.buffers.nbytes if pipe is not None else 0
+        if name in op_profiles:
+            row["op_profile"] = op_profiles[name].to_dict()
+            row["op_profile_markdown"] = op_profiles[name].to_markdown(top=6, dense_s=dense_decoder)
         rows.append(row)
 
     settings = {
@@ -420,6 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "profile_forwards": args.profile_forwards,
+        "profile_timing": args.profile_timing,
+        "op_profile_forwards": args.op_profile,
         "calibration": (
             f"{args.calib_batches} random-token batch(es) of {args.batch} x {args.seq} (speed only)"
         ),
@@ -845,7 +865,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "PP's per-batch overhead by stage, as a share of the dense decoder time "
-        f"(from {s['profile_forwards']} separate profiled forward(s); synchronised per stage on CUDA):",
+        f"(from {s['profile_forwards']} separate profiled forward(s); {_timing_words(s)}):",
         "",
         "| variant | " + " | ".join(groups) + " |",
         "|---|" + "---|" * len(groups),
@@ -855,6 +875,16 @@ def format_markdown(report: dict[str, Any]) -> str:
         if shares:
             lines.append(f"| {row['variant']} | " + " | ".join(f"{shares[g]:.2%}" for g in groups) + " |")
     lines += ["", *target_lines(report)]
+    for row in report["rows"]:
+        if row.get("op_profile_markdown"):
+            lines += [
+                "",
+                f"Operators by stage, {row['variant']} ({s['op_profile_forwards']} forward(s) under the "
+                "PyTorch profiler, self time per forward, top operators of each stage; *outside*: the "
+                "model's own work around the stages: norms, unpruned layers, embedding, LM head):",
+                "",
+                row["op_profile_markdown"],
+            ]
     lines += [
         "",
         "Columns: *realised* = fraction of decoder projection weights removed; *ratio* = median time / the "
@@ -1055,6 +1085,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
         "--profile-forwards", type=int, default=2, help="profiled forwards per pruned variant"
+    )
+    parser.add_argument(
+        "--profile-timing",
+        choices=("events", "sync"),
+        default="events",
+        help="stage timing on CUDA: events (unsynchronised, default) or sync (synchronise per stage)",
+    )
+    parser.add_argument(
+        "--op-profile",
+        type=int,
+        default=0,
+        help="also profile this many forwards per pruned variant under the PyTorch profiler and report "
+        "the operators of each stage (default 0: off)",
     )
     parser.add_argument("--calib-batches", type=int, default=2, help="random-token calibration batches")
     parser.add_argument("--layers", type=int, default=None, help="keep only this many decoder layers")

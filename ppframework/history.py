@@ -39,14 +39,15 @@ class BlockHistory:
         ``position_valid`` None means every position is real (a batch without padding)."""
         seq = stats.shape[0]
         rows = self.sq_mean[:seq]
-        current = rows if channels is None else rows.index_select(1, channels)
+        index = None if channels is None else _column_index(channels, seq)
+        current = rows if index is None else torch.gather(rows, 1, index)
         blended = torch.lerp(stats.to(current.dtype), current, momentum)
         if position_valid is not None:
             blended = torch.where(position_valid[:, None], blended, current)
-        if channels is None:
+        if index is None:
             rows.copy_(blended)
         else:
-            rows.index_copy_(1, channels, blended)
+            rows.scatter_(1, index, blended)
         self.updates += 1
 
     def running_mean_update(
@@ -69,18 +70,26 @@ class BlockHistory:
             )
         rows = self.sq_mean[:seq]
         counts = self.counts[:seq]
-        current = rows if channels is None else rows.index_select(1, channels)
-        seen = counts if channels is None else counts.index_select(1, channels)
+        index = None if channels is None else _column_index(channels, seq)
+        current = rows if index is None else torch.gather(rows, 1, index)
+        seen = counts if index is None else torch.gather(counts, 1, index)
         added = rows_per_position.to(torch.float32)[:, None]
         blended = current + (stats.to(current.dtype) - current) * (added / (seen + added).clamp(min=1.0))
         new_counts = seen + added
-        if channels is None:
+        if index is None:
             rows.copy_(blended)
             counts.copy_(new_counts)
         else:
-            rows.index_copy_(1, channels, blended)
-            counts.index_copy_(1, channels, new_counts)
+            rows.scatter_(1, index, blended)
+            counts.scatter_(1, index, new_counts)
         self.updates += 1
+
+
+def _column_index(channels: torch.Tensor, rows: int) -> torch.Tensor:
+    """``channels`` (unique) as a (rows, n) ``gather``/``scatter_`` index along dim 1 (a broadcast
+    view, no copy): the same entries as ``index_select``/``index_copy_`` on the columns, in fewer
+    passes over memory on CPU."""
+    return channels.expand(rows, channels.numel())
 
 
 class HistoryStore:

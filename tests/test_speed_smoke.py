@@ -59,6 +59,8 @@ def test_speed_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
         "2",
         "--profile-forwards",
         "1",
+        "--op-profile",
+        "1",
         "--threads",
         "1",
         "--out",
@@ -69,6 +71,7 @@ def test_speed_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "speed.json").read_text())
     markdown = (tmp_path / "speed.md").read_text()
     assert "| variant |" in markdown and "Targets:" in markdown
+    assert "Operators by stage, pp 40%" in markdown and "| **probe_forward** | (all) |" in markdown
     settings = report["settings"]
     assert settings["workload"] == "tiny" and settings["batch"] == 4 and settings["seq"] == 64
     assert settings["device"] == "cpu" and settings["static"] == "wanda-sp"
@@ -86,6 +89,9 @@ def test_speed_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
         assert OVERHEAD == set(pp["overhead_share_of_dense_decoder"])
         assert 0 < pp["ideal_ratio_decoder"] < 1 and pp["probe_flops_share"] > 0
         assert pp["flops"]["probe_reused"] > 0  # CPU: the probe's exact values are reused
+        stages = pp["op_profile"]["stages"]
+        assert {"select_probe", "probe_forward", "score_channels", "infer", "outside"} <= stages.keys()
+        assert any("mm" in op or "linear" in op for op in stages["probe_forward"])
     assert rows["wanda-sp 40%"]["static"] and "overhead_s" not in rows["wanda-sp 40%"]
 
 

@@ -169,8 +169,8 @@ class BlockRunner(ABC):
                 torch.index_select(src.index_select(0, r), 1, cols, out=dst)
             elif r is not None:
                 torch.index_select(src, 0, r, out=dst)
-            elif cols is not None:
-                torch.index_select(src, 1, cols, out=dst)
+            elif cols is not None:  # a column gather: gather with a broadcast index is the faster form
+                torch.gather(src, 1, cols.expand(src.shape[0], cols.numel()), out=dst)
             else:
                 dst.copy_(src)
             if bias is not None and bias is not b:

@@ -3,8 +3,17 @@
 :class:`StageProfiler` is a pluggy plugin with one ``@hookimpl(wrapper=True)`` per stage hook, so it
 times whatever strategy answers each stage, plus the instrumentation points the pipeline and the
 runners expose through ``Pipeline.profiler`` (``probe_forward``, ``gather``, ``statistics``,
-``history_update``). On CUDA every measured region is bracketed by ``torch.cuda.synchronize``, which
-makes the numbers attributable but slows the forward: profile in separate, untimed forwards.
+``history_update``). Two timings on CUDA (the same on CPU, where work is synchronous):
+
+* ``sync`` brackets every measured region with ``torch.cuda.synchronize``: attributable, but each
+  stage then also pays the launch latency the forward would otherwise hide behind queued work;
+* ``events`` (unsynchronised) records a pair of CUDA events on the current stream around each
+  region and reads them once, when the results are asked for: the GPU time from the stream reaching
+  the stage to finishing it, with the host free to run ahead as in an unprofiled forward.
+
+Either way, profile in separate, untimed forwards. ``annotate`` also opens a
+``torch.profiler.record_function`` range per stage (``stage:<name>``), so an operator-level profile
+can attribute each operator to its stage (:mod:`ppframework.metrics.op_profile`).
 
 Example::
 
@@ -35,8 +44,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -69,35 +78,88 @@ STAGES: tuple[str, ...] = (
 
 PLUGIN_NAME = "ppframework-stage-profiler"
 
+#: Prefix of the ``record_function`` range an annotating profiler opens around each stage.
+RANGE_PREFIX = "stage:"
+
+TIMINGS: tuple[str, ...] = ("sync", "events")
+
 
 class StageProfiler:
-    """Accumulates wall-clock seconds per stage (synchronised on CUDA).
+    """Accumulates seconds per stage.
 
     Args:
-        device: where the pipeline runs (CUDA devices are synchronised around every stage).
-        clock: the time source (tests pass a fake one).
+        device: where the pipeline runs.
+        clock: the host time source (tests pass a fake one).
+        timing: ``sync`` (synchronise around every stage on CUDA) or ``events`` (CUDA events, no
+            synchronisation until the results are read); the same on CPU.
+        annotate: open a ``record_function`` range ``stage:<name>`` around each stage.
     """
 
     def __init__(
-        self, device: torch.device | str | None = None, *, clock: Callable[[], float] = time.perf_counter
+        self,
+        device: torch.device | str | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        timing: Literal["sync", "events"] = "sync",
+        annotate: bool = False,
     ) -> None:
+        if timing not in TIMINGS:
+            raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.clock = clock
-        self.totals: dict[str, float] = defaultdict(float)
+        self.timing = timing
+        self.annotate = annotate
+        self._totals: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    @property
+    def uses_events(self) -> bool:
+        """Whether stages are timed with CUDA events (``events`` timing on a CUDA device)."""
+        return self.timing == "events" and self.device.type == "cuda"
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """Seconds per stage so far (reading them waits for the CUDA events still pending)."""
+        self._resolve()
+        return self._totals
+
+    def _resolve(self) -> None:
+        if not self._pending:
+            return
+        torch.cuda.synchronize(self.device)
+        for name, start, end in self._pending:
+            self._totals[name] += start.elapsed_time(end) / 1e3
+        self._pending.clear()
 
     # -- timing ----------------------------------------------------------------------------------
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the body as stage ``name`` (nested stages are timed independently)."""
-        synchronize(self.device)
-        start = self.clock()
-        try:
-            yield
-        finally:
+        with ExitStack() as ranges:
+            if self.annotate:
+                ranges.enter_context(torch.profiler.record_function(RANGE_PREFIX + name))
+            if self.uses_events:
+                with torch.cuda.device(self.device):
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                try:
+                    yield
+                finally:
+                    with torch.cuda.device(self.device):
+                        end.record()
+                    self._pending.append((name, start, end))
+                    self.calls[name] += 1
+                return
             synchronize(self.device)
-            self.totals[name] += self.clock() - start
-            self.calls[name] += 1
+            begin = self.clock()
+            try:
+                yield
+            finally:
+                synchronize(self.device)
+                self._totals[name] += self.clock() - begin
+                self.calls[name] += 1
 
     def _wrap(self, name: str) -> Generator[None, Any, Any]:
         with self.stage(name):
@@ -146,7 +208,8 @@ class StageProfiler:
 
     def reset(self) -> None:
         """Forget every measurement."""
-        self.totals.clear()
+        self._pending.clear()
+        self._totals.clear()
         self.calls.clear()
 
     def per_forward(self, forwards: int) -> dict[str, float]:

@@ -19,9 +19,17 @@ from ppframework.types import BlockContext, ChannelScores
 
 
 def importance_scaled_fusion(probe: torch.Tensor, history: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``F = (1 - rho) * Hist + rho * P`` with ``rho = P / (P + Hist + eps)``, per entry."""
-    rho = probe / (probe + history + eps)
-    return (1.0 - rho) * history + rho * probe
+    """``F = (1 - rho) * Hist + rho * P`` with ``rho = P / (P + Hist + eps)``, per entry.
+
+    Without autograd, computed in two buffers, operation by operation as the formula reads (the
+    same values as the expression evaluated with temporaries); the inputs are not modified."""
+    if torch.is_grad_enabled() and (probe.requires_grad or history.requires_grad):
+        rho = probe / (probe + history + eps)
+        return (1.0 - rho) * history + rho * probe
+    rho = torch.add(probe, history).add_(eps)
+    torch.div(probe, rho, out=rho)
+    fused = torch.rsub(rho, 1.0).mul_(history)
+    return fused.add_(rho.mul_(probe))
 
 
 def fixed_ratio_fusion(probe: torch.Tensor, history: torch.Tensor, weight: float) -> torch.Tensor:

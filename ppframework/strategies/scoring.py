@@ -13,12 +13,20 @@ from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
 
 
-def probe_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_evidence(
+    states: torch.Tensor, valid: torch.Tensor, all_real: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``P[t, c]`` = mean over real probe rows of ``states[b, t, c]^2`` (fp32).
 
     Returns (P of shape (k_T, C), position_valid of shape (k_T,)). Positions where no probe row
-    is real text get 0 and ``position_valid`` False.
+    is real text get 0 and ``position_valid`` False. ``all_real`` (the batch has no padding, known
+    once per batch) skips masking entries that are all real anyway; the values are the same.
     """
+    if all_real:
+        rows, positions = valid.shape
+        counts = torch.full((positions,), float(rows), dtype=torch.float32, device=states.device)
+        sums = states.float().square().sum(dim=0)
+        return sums.div_(counts[:, None]), torch.ones(positions, dtype=torch.bool, device=states.device)
     counts = valid.to(torch.float32).sum(dim=0)
     sums = states.float().square().masked_fill(~valid[:, :, None], 0.0).sum(dim=0)
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
@@ -138,9 +146,16 @@ class WeightMetricScore:
             out_weight=weight,
         )
         if probe is not None and probe_states is not None:
-            scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid)
+            all_real = ctx.has_padding is False
+            scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid, all_real)
             scores.positions = probe.token_index
-            scores.evidence_rows = probe.valid.sum(dim=0)
+            if all_real:
+                rows, positions = probe.valid.shape
+                scores.evidence_rows = torch.full(
+                    (positions,), rows, dtype=torch.long, device=probe.valid.device
+                )
+            else:
+                scores.evidence_rows = probe.valid.sum(dim=0)
         return scores
 
 

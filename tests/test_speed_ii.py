@@ -1,0 +1,281 @@
+"""Speed II: the decision path's faster forms compute exactly what the plain formulas do, and the
+profilers (unsynchronised stage timing, operators by stage) report what they promise.
+
+Results of ``pp`` must not change: every faster form is checked bit for bit against the expression
+it replaces, and a whole pruned run against one with the plain formulas patched back in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ppframework.adapters import get_adapter
+from ppframework.adapters.llama import apply_rotary, rotate_half
+from ppframework.calibration import calibrate
+from ppframework.config import MethodConfig
+from ppframework.history import BlockHistory
+from ppframework.hookspecs import hookimpl
+from ppframework.metrics.op_profile import OUTSIDE, profile_ops_by_stage
+from ppframework.metrics.stage_profile import RANGE_PREFIX, StageProfiler
+from ppframework.pipeline import Pipeline
+from ppframework.strategies import fusion, scoring
+from ppframework.strategies.fusion import importance_scaled_fusion
+from ppframework.strategies.scoring import probe_evidence
+from ppframework.testing.tiny import tiny_model
+from ppframework.types import BlockKind
+
+
+def _plain_fusion(probe: torch.Tensor, history: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    rho = probe / (probe + history + eps)
+    return (1.0 - rho) * history + rho * probe
+
+
+def _plain_evidence(states: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = valid.to(torch.float32).sum(dim=0)
+    sums = states.float().square().masked_fill(~valid[:, :, None], 0.0).sum(dim=0)
+    return sums / counts.clamp(min=1.0)[:, None], counts > 0
+
+
+def _plain_ema(history: BlockHistory, stats, position_valid, channels, momentum) -> None:
+    rows = history.sq_mean[: stats.shape[0]]
+    current = rows if channels is None else rows.index_select(1, channels)
+    blended = torch.lerp(stats.to(current.dtype), current, momentum)
+    if position_valid is not None:
+        blended = torch.where(position_valid[:, None], blended, current)
+    if channels is None:
+        rows.copy_(blended)
+    else:
+        rows.index_copy_(1, channels, blended)
+    history.updates += 1
+
+
+shapes = st.tuples(st.integers(1, 6), st.integers(1, 40), st.integers(1, 70))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), eps=st.sampled_from([1e-6, 1e-3, 1.0]))
+def test_importance_scaled_fusion_is_the_formula_bit_for_bit(shape, seed, eps):
+    gen = torch.Generator().manual_seed(seed)
+    _, positions, channels = shape
+    probe = torch.rand(positions, channels, generator=gen) * 10.0 ** torch.randint(-4, 4, (1,), generator=gen)
+    history = torch.rand(positions, channels, generator=gen)
+    probe[0, 0] = 0.0  # rho 0 and both zero
+    history[0, 0] = 0.0
+    before = (probe.clone(), history.clone())
+    got = importance_scaled_fusion(probe, history, eps)
+    assert torch.equal(got, _plain_fusion(probe, history, eps))
+    assert torch.equal(probe, before[0]) and torch.equal(history, before[1])  # inputs untouched
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), half=st.booleans())
+def test_probe_evidence_without_padding_is_the_masked_mean_bit_for_bit(shape, seed, half):
+    rows, positions, channels = shape
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(rows, positions, channels, generator=gen)
+    states = states.half() if half else states
+    valid = torch.ones(rows, positions, dtype=torch.bool)
+    got, got_ok = probe_evidence(states, valid, all_real=True)
+    want, want_ok = _plain_evidence(states, valid)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(got_ok, want_ok)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=shapes,
+    seed=st.integers(0, 2**31 - 1),
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    padded=st.booleans(),
+    all_channels=st.booleans(),
+)
+def test_ema_update_is_the_plain_update_bit_for_bit(shape, seed, momentum, padded, all_channels):
+    _, positions, channels = shape
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.rand(positions + 3, channels, generator=gen)
+    kept = (
+        None
+        if all_channels
+        else torch.randperm(channels, generator=gen)[: max(1, channels // 2)].sort().values
+    )
+    width = channels if kept is None else int(kept.numel())
+    stats = torch.rand(positions, width, generator=gen)
+    valid = torch.rand(positions, generator=gen) > 0.3 if padded else None
+    fast, plain = BlockHistory(start.clone()), BlockHistory(start.clone())
+    fast.ema_update(stats, valid, kept, momentum)
+    _plain_ema(plain, stats, valid, kept, momentum)
+    assert torch.equal(fast.sq_mean, plain.sq_mean) and fast.updates == plain.updates == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    seq=st.integers(1, 9),
+    half_width=st.integers(1, 8),
+    rotary_share=st.sampled_from([1.0, 0.5]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    per_row=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_rotary_is_the_rotate_half_formula_bit_for_bit(
+    batch, heads, seq, half_width, rotary_share, dtype, per_row, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * half_width
+    rot = max(2, int(width * rotary_share) // 2 * 2)
+    x = torch.randn(batch, heads, seq, width, generator=gen).to(dtype)
+    cos, sin = (torch.randn(batch if per_row else 1, seq, rot, generator=gen).to(dtype) for _ in range(2))
+    c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+    head = x[..., :rot]
+    want = head * c + rotate_half(head) * s_
+    if rot < width:
+        want = torch.cat((want, x[..., rot:]), dim=-1)
+    assert torch.equal(apply_rotary(x, cos, sin), want)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] = []
+
+    @hookimpl(wrapper=True)
+    def apply_mask(self, ctx, scores, ratio):
+        mask = yield
+        self.kept.append(mask.kept_units.clone())
+        return mask
+
+
+def _pp_run(model, history, batches) -> tuple[list[torch.Tensor], list[torch.Tensor], Pipeline]:
+    method = MethodConfig.model_validate(
+        {"preset": "pp", "pruning": {"ratio": 0.4, "skip_layers": [0], "round_to": 1}}
+    )
+    pipe = Pipeline(model, method, history=history.clone())
+    recorder = _Recorder()
+    pipe.plugin_manager.register(recorder)
+    logits = []
+    with pipe, torch.no_grad():
+        for ids in batches:
+            logits.append(model(input_ids=ids, use_cache=False).logits)
+    return logits, recorder.kept, pipe
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt"])
+def test_pp_results_are_unchanged_by_the_faster_decision_path(family, monkeypatch):
+    """Decisions, logits and the updated history, bit for bit, against the plain formulas."""
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(3)
+    history = calibrate(
+        model, get_adapter(model), [torch.randint(0, 200, (4, 24), generator=gen)], progress=False
+    )
+    batches = [torch.randint(0, 200, (4, 24), generator=gen) for _ in range(3)]
+    fast = _pp_run(model, history, batches)
+    monkeypatch.setattr(fusion, "importance_scaled_fusion", _plain_fusion)
+    monkeypatch.setattr(
+        scoring, "probe_evidence", lambda states, valid, all_real=False: _plain_evidence(states, valid)
+    )
+    monkeypatch.setattr(BlockHistory, "ema_update", _plain_ema)
+    plain = _pp_run(model, history, batches)
+    assert len(fast[1]) == len(plain[1]) > 0
+    for a, b in zip(fast[1], plain[1], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(fast[0], plain[0], strict=True):
+        assert torch.equal(a, b)
+    for key, block in fast[2].history.blocks.items():
+        assert torch.equal(block.sq_mean, plain[2].history.get(*key).sq_mean)
+
+
+# ------------------------------------------------------------------------------------ profilers
+def _tiny_pipe():
+    model = tiny_model("llama-gqa")
+    gen = torch.Generator().manual_seed(5)
+    history = calibrate(
+        model, get_adapter(model), [torch.randint(0, 200, (4, 24), generator=gen)], progress=False
+    )
+    method = MethodConfig.model_validate(
+        {"preset": "pp", "pruning": {"ratio": 0.4, "skip_layers": [0], "round_to": 1}}
+    )
+    ids = torch.randint(0, 200, (4, 24), generator=gen)
+    return model, Pipeline(model, method, history=history), ids
+
+
+def test_stage_profiler_rejects_an_unknown_timing():
+    with pytest.raises(ValueError, match="timing must be one of sync, events"):
+        StageProfiler(timing="cuda-graphs")  # type: ignore[arg-type]
+
+
+def test_event_timing_on_cpu_uses_the_host_clock():
+    ticks = iter(range(100))
+    profiler = StageProfiler("cpu", clock=lambda: float(next(ticks)), timing="events")
+    assert not profiler.uses_events
+    with profiler.stage("probe_forward"):
+        pass
+    with profiler.stage("probe_forward"):
+        pass
+    assert profiler.totals["probe_forward"] == 2.0 and profiler.calls["probe_forward"] == 2
+    profiler.reset()
+    assert profiler.per_forward(1) == {}
+
+
+def test_annotating_profiler_opens_one_range_per_stage_call():
+    model, pipe, ids = _tiny_pipe()
+    profiler = StageProfiler("cpu", annotate=True).attach(pipe)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with pipe, torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    profiler.detach(pipe)
+    ranges = [e.name[len(RANGE_PREFIX) :] for e in prof.events() if e.name.startswith(RANGE_PREFIX)]
+    for stage, calls in profiler.calls.items():
+        assert ranges.count(stage) == calls, stage
+    assert ranges.count("probe_forward") == len(pipe._runners)
+
+
+def test_operator_profile_charges_operators_to_their_stage():
+    model, pipe, ids = _tiny_pipe()
+
+    def forward() -> None:
+        with pipe, torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    profile = profile_ops_by_stage(pipe, forward, forwards=2)
+    assert pipe.profiler is None  # the annotator is gone
+    totals = profile.stage_totals()
+    assert list(totals)[:2] == ["select_probe", "probe_forward"] and OUTSIDE in totals
+    probe_ops = profile.ops["probe_forward"]
+    assert any(name in probe_ops for name in ("aten::mm", "aten::addmm", "aten::linear"))
+    assert probe_ops[next(iter(probe_ops))].calls % 2 == 0  # summed over both forwards
+    assert "aten::topk" in profile.ops["apply_mask"]
+    assert all(host >= 0 and device == 0 for host, device in totals.values())
+    markdown = profile.to_markdown(top=3, dense_s=1.0)
+    assert "| **probe_forward** | (all) |" in markdown and "share of dense" in markdown
+    assert profile.to_dict()["stages"]["probe_forward"]
+    with pytest.raises(ValueError, match="forwards must be >= 1"):
+        profile_ops_by_stage(pipe, forward, forwards=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_event_timing_does_not_synchronise_inside_pruned_layers():
+    model, pipe, ids = _tiny_pipe()
+    model.cuda()
+    pipe = Pipeline(model, pipe.method, history=pipe.history.to(torch.device("cuda")))
+    ids = ids.cuda()
+    profiler = StageProfiler("cuda", timing="events").attach(pipe)
+    handles = []
+    for index in pipe.pruned_layers:
+        layer = get_adapter(model).layers[index]
+        handles.append(layer.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")))
+        handles.append(layer.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default")))
+    try:
+        with pipe, torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        for handle in handles:
+            handle.remove()
+    profiler.detach(pipe)
+    stages = profiler.per_forward(1)
+    assert profiler.uses_events and stages["probe_forward"] > 0 and stages["infer"] > 0
+    assert profiler.calls["probe_forward"] == sum(1 for key in pipe._runners if key[1] in BlockKind)
