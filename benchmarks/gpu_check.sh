@@ -41,7 +41,8 @@ PY
 
 if step tests; then
     echo "== CUDA-marked tests"
-    timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_fast_paths.py tests/test_runtime_memory.py
+    timeout 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_fast_paths.py tests/test_runtime_memory.py \
+        tests/test_speed_ii.py
 fi
 
 if step forward; then

@@ -203,6 +203,34 @@ def method(
     return MethodConfig.model_validate(data)
 
 
+def ablation_variants(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--variants`` of the ablation file ``--variants-from`` (name -> override), checked."""
+    if not args.variants:
+        return {}
+    if not args.variants_from:
+        raise SystemExit("--variants: name the ablation file they come from with --variants-from FILE")
+    from ppframework.config import read_config_file
+
+    known = read_config_file(args.variants_from).get("variants") or {}
+    missing = [name for name in args.variants if name not in known]
+    if missing:
+        raise SystemExit(
+            f"--variants: {', '.join(missing)} not in {args.variants_from} (it has {', '.join(known)})"
+        )
+    return {name: known[name] for name in args.variants}
+
+
+def variant(override: Any, ratio: float, skip_layers: list[int], round_to: int) -> MethodConfig:
+    """An ablation file's variant on ``pp`` at ``ratio`` with the benchmark's skipped layers and width
+    rounding (the ablation's own merge rule, :func:`ppframework.ablation.variant_method`)."""
+    from ppframework.ablation import variant_method
+
+    base = {"preset": "pp", "pruning": {"ratio": ratio, "skip_layers": skip_layers, "round_to": round_to}}
+    raw = variant_method(base, override)
+    raw.setdefault("pruning", {}).update(ratio=ratio, skip_layers=skip_layers, round_to=round_to)
+    return MethodConfig.model_validate(raw)
+
+
 def reused_flops(pipe: Pipeline, skip_batches: int) -> int:
     """FLOPs the full pass did not redo because the probe's exact per-token values were reused."""
     adapter = pipe.adapter
@@ -300,6 +328,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for dynamic in args.dynamic:
             pipes[f"{dynamic} {ratio:.0%}"] = Pipeline(
                 model, method(dynamic, ratio, skip, round_to), history=history.clone()
+            )
+        for name, override in ablation_variants(args).items():
+            pipes[f"{name} {ratio:.0%}"] = Pipeline(
+                model, variant(override, ratio, skip, round_to), history=history.clone()
             )
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to)
@@ -900,41 +932,55 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def target_lines(report: dict[str, Any]) -> list[str]:
-    """The issue's targets, checked against this report (informational, never asserted).
+    """The targets (Speed II), checked against this report (informational, never asserted).
 
-    CPU: pp 40% decoder realisation >= 0.90 and PP's per-batch overhead <= 5% of the dense decoder
-    time; CUDA: realisation >= 0.90 and the probe <= 3% of the time (paper: ~1.5% of the FLOPs);
-    both: the ratio-0 pipeline within 2% of the unmodified model.
+    Both devices: the ratio-0 pipeline within 2% of the unmodified model and PP's per-batch overhead
+    at most 3% of the dense decoder time net of the reused probe work; pp 40% decoder realisation
+    >= 0.90 on CPU, >= 0.85 on CUDA; on CUDA also the static baseline's realisation >= 0.92. A last
+    line flags a run whose own controls (the ratio-0 pipeline, a static baseline above its ideal)
+    are off by more than the margins the targets need.
     """
     rows = {r["variant"]: r for r in report["rows"]}
     cuda = report["settings"]["device"].startswith("cuda")
     out = ["Targets:"]
     zero = rows.get("pipeline ratio 0")
+    noise: list[str] = []
     if zero:
         whole, dec = zero["whole"]["ratio"], zero["decoder"]["ratio"]
         out.append(
             "- ratio-0 pipeline within 2% of the unmodified model: "
             f"whole {whole:.3f} ({_ok(whole <= 1.02)}), decoder {dec:.3f} ({_ok(dec <= 1.02)})"
         )
+        noise += [f"ratio-0 decoder {dec:.3f}"] if abs(dec - 1.0) > 0.02 else []
+    for row in report["rows"]:
+        if row["static"] and row["realisation_decoder"] > 1.02:
+            noise.append(f"{row['variant']} realises {row['realisation_decoder']:.3f} of its ideal")
     pp40 = rows.get("pp 40%")
     if not pp40:
         return [*out, "- (no pp 40% row: run with --ratios including 0.4 for the pp targets)"]
-    real = pp40["realisation_decoder"]
-    out.append(f"- pp 40% decoder realisation >= 0.90: {_fmt(real, '.3f')} ({_ok(real >= 0.90)})")
+    real, floor = pp40["realisation_decoder"], 0.85 if cuda else 0.90
+    out.append(f"- pp 40% decoder realisation >= {floor:.2f}: {_fmt(real, '.3f')} ({_ok(real >= floor)})")
+    for row in report["rows"]:
+        if cuda and row["static"] and row["target_ratio"] == 0.4:
+            static = row["realisation_decoder"]
+            verdict = _ok(static >= 0.92)
+            out.append(f"- {row['variant']} realisation >= 0.92: {_fmt(static, '.3f')} ({verdict})")
     shares = pp40.get("overhead_share_of_dense_decoder")
-    if shares is None:
-        return out
-    probe = shares["probe forward"]
-    out.append(
-        f"- pp 40% probe: {pp40['probe_flops_share']:.2%} of dense decoder FLOPs "
-        f"({pp40['probe_net_flops_share']:.2%} net of reuse), {probe:.2%} of dense decoder time"
-        + (f" (<= 3%: {_ok(probe <= 0.03)})" if cuda else "")
-    )
-    if not cuda:
-        total, net = shares["total"], pp40["overhead_share_net_of_reuse"]
+    if shares is not None:
+        probe, total, net = shares["probe forward"], shares["total"], pp40["overhead_share_net_of_reuse"]
         out.append(
-            f"- pp 40% per-batch overhead <= 5% of dense decoder time: {total:.2%} as measured "
-            f"({_ok(total <= 0.05)}), {net:.2%} net of the reused probe work ({_ok(net <= 0.05)})"
+            f"- pp 40% probe: {pp40['probe_flops_share']:.2%} of dense decoder FLOPs "
+            f"({pp40['probe_net_flops_share']:.2%} net of reuse), {probe:.2%} of dense decoder time"
+        )
+        out.append(
+            f"- pp 40% per-batch overhead <= 3% of dense decoder time net of the reused probe work: "
+            f"{net:.2%} ({_ok(net <= 0.03)}; {total:.2%} as measured)"
+        )
+    if noise:
+        out.append(
+            "- this run's controls are off by more than the targets' margins ("
+            + "; ".join(noise)
+            + "): read its ratios as noisy, and compare versions in one process (benchmarks/ab_speed.py)"
         )
     return out
 
@@ -1078,6 +1124,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         help="extra pp variants probing this fraction of positions instead of 0.5 (changes results)",
+    )
+    parser.add_argument(
+        "--variants-from", default=None, help="an ablation file (ppf ablate) whose --variants to time"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        help="variants of --variants-from, each on pp at every ratio (e.g. completion)",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed interleaved rounds (default 5; --generation: 3)"

@@ -269,3 +269,26 @@ def test_kept_weight_bytes_by_hand(tied: bool) -> None:
     assert pruned["total"] == 4 * (kept + norms + head + 3 * 64)
     assert speed.kv_cache_bytes(model, {}, batch=2, prompt=10, steps=5) == 2 * 4 * 2 * 16 * 2 * 13 * 4
     assert speed.kv_cache_bytes(model, masks, 2, 10, 5) == 2 * (3 * 2 + 1) * 16 * 2 * 13 * 4
+
+
+def test_ablation_variants_become_pp_methods_at_the_benchmark_settings(tmp_path: Path) -> None:
+    """``--variants-from FILE --variants NAME``: the ablation's own merge on pp, with the benchmark's
+    ratio, skipped layers and rounding; unknown names fail with the names the file has."""
+    speed = _speed_module()
+    args = speed.parse_args(
+        ["--variants-from", "configs/beyond-pp.yaml", "--variants", "completion", "momentum-0.9"]
+    )
+    args.variants_from = str(Path(__file__).resolve().parents[1] / "configs" / "beyond-pp.yaml")
+    overrides = speed.ablation_variants(args)
+    assert list(overrides) == ["completion", "momentum-0.9"]
+    completion = speed.variant(overrides["completion"], 0.4, [0, 1, 2], 8)
+    assert completion.strategies.fuse_history.name == "completion"
+    assert completion.pruning.ratio == 0.4 and completion.pruning.round_to == 8
+    assert completion.pruning.skip_layers == [0, 1, 2]
+    assert speed.variant(overrides["momentum-0.9"], 0.2, [0], 1).history.momentum == 0.9
+    args.variants = ["no-such-variant"]
+    with pytest.raises(SystemExit, match="no-such-variant not in .*it has pp, full-batch"):
+        speed.ablation_variants(args)
+    args.variants_from = None
+    with pytest.raises(SystemExit, match="--variants-from"):
+        speed.ablation_variants(args)
