@@ -320,7 +320,9 @@ class StrategiesConfig(StrictModel):
 
     allocate: StageConfig = Field(
         default_factory=lambda: StageConfig(name="uniform"),
-        description="per-block ratios: uniform (p' everywhere) or adaptive (FLAP's global selection)",
+        description="per-block ratios: uniform (p' everywhere), adaptive (FLAP's global selection, static "
+        "methods) or adaptive-calibration (the same, decided at attach from the calibration history's "
+        "scores; dynamic methods too)",
     )
     select_probe: StageConfig
     score_channels: StageConfig
@@ -525,6 +527,11 @@ def method_inconsistency(method: MethodConfig) -> str | None:
             "strategies.allocate: 'adaptive' ranks every block's scores before the first layer runs, which "
             "only static methods can do; use select_probe 'none' and history.update 'frozen' (or "
             "history.init 'none'), or allocate 'uniform'"
+        )
+    if st.allocate.name == "adaptive-calibration" and not has_history:
+        return (
+            "strategies.allocate: 'adaptive-calibration' decides the structure from the calibration "
+            "history's scores; set history.init 'calibration', or use allocate 'uniform'"
         )
     if fusion not in BUILTIN_FUSIONS:
         return None

@@ -264,8 +264,13 @@ class Pipeline:
         self.is_static = not getattr(probe_strategy, "dynamic", True) and not self.updates_history
         allocator = self.strategies["allocate"]
         self._allocation_needs_scores = bool(getattr(allocator, "needs_scores", False))
+        self._allocation_from_history = bool(getattr(allocator, "from_history", False))
+        #: Per-block ratios a ``from_history`` allocator decided at the first attach of a dynamic
+        #: method (from the history as calibrated, before any batch updated it).
+        self._history_structure: dict[BlockKey, float] | None = None
         self._allocate_per_batch = bool(getattr(allocator, "per_batch", False)) and not self.is_static
-        if self._allocation_needs_scores and not self.is_static and self.pruned_layers:
+        from_history = self._allocation_from_history and method.history.init == "calibration"
+        if self._allocation_needs_scores and not self.is_static and self.pruned_layers and not from_history:
             raise ConfigError(
                 f"{field_prefix}.strategies.allocate: {method.strategies.allocate.name!r} needs every "
                 "block's scores before the first layer runs, which only static methods have (a probe with "
@@ -331,6 +336,11 @@ class Pipeline:
                 )
             if self.is_static:  # before patching: a failing decision leaves the model untouched
                 self._decide_static()
+            elif self._allocation_needs_scores:  # a structure from the calibration history's scores
+                if self._history_structure is None:  # decided at the first attach, kept after
+                    _, scored = self._history_scores()
+                    self._history_structure = self._allocate(scored, self._history_positions())
+                self.block_ratios = dict(self._history_structure)
             else:
                 self.block_ratios = self._allocate(None, self._history_positions())
             backbone = self._backbone()
@@ -735,21 +745,7 @@ class Pipeline:
         """
         blocks = [key for key in self._runners if key[1] in self.targets]
         if any(key not in self._static_masks for key in blocks):
-            contexts: dict[BlockKey, BlockContext] = {}
-            scored: dict[BlockKey, ChannelScores] = {}
-            for index, kind in blocks:
-                runner = self._runners[(index, kind)]
-                history = self.history.get(index, kind) if self.history is not None else None
-                positions = history.sq_mean.shape[0] if history is not None else 1
-                ctx = self._context(index, kind, runner, positions, None, False)
-                with onloaded(runner.out_proj):  # offloaded weights (device maps) are read back
-                    scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
-                if self.validate_outputs:
-                    validation.check_scores(scores, self.strategies["score_channels"], ctx)
-                scores = self.hooks.fuse_history(ctx, scores, history)
-                if self.validate_outputs:
-                    validation.check_fused(scores, self.strategies["fuse_history"], ctx, defer=False)
-                contexts[(index, kind)], scored[(index, kind)] = ctx, scores
+            contexts, scored = self._history_scores()
             given = scored if self._allocation_needs_scores else None
             self.block_ratios = self._allocate(given, self._history_positions())
             for key in blocks:
@@ -761,6 +757,26 @@ class Pipeline:
                 self._static_masks[key] = mask
         for key in blocks:
             self._runners[key].pin_weights()
+
+    def _history_scores(self) -> tuple[dict[BlockKey, BlockContext], dict[BlockKey, ChannelScores]]:
+        """Every pruned block scored from the history alone (no probe), with the method's metric and
+        fusion over all the positions the history covers: (contexts, scores) per block."""
+        contexts: dict[BlockKey, BlockContext] = {}
+        scored: dict[BlockKey, ChannelScores] = {}
+        for index, kind in (key for key in self._runners if key[1] in self.targets):
+            runner = self._runners[(index, kind)]
+            history = self.history.get(index, kind) if self.history is not None else None
+            positions = history.sq_mean.shape[0] if history is not None else 1
+            ctx = self._context(index, kind, runner, positions, None, False)
+            with onloaded(runner.out_proj):  # offloaded weights (device maps) are read back
+                scores = self.hooks.score_channels(ctx, None, None, runner.out_proj.weight)
+            if self.validate_outputs:
+                validation.check_scores(scores, self.strategies["score_channels"], ctx)
+            scores = self.hooks.fuse_history(ctx, scores, history)
+            if self.validate_outputs:
+                validation.check_fused(scores, self.strategies["fuse_history"], ctx, defer=False)
+            contexts[(index, kind)], scored[(index, kind)] = ctx, scores
+        return contexts, scored
 
     # -- allocation ----------------------------------------------------------------------------
     def allocation_context(self, seq_len: int = 1, batch_index: int = -1) -> AllocationContext:

@@ -639,3 +639,62 @@ def test_adaptive_prunes_the_budget_within_one_unit(layers, heads, units, ratio,
         z = standardised_unit_scores(scores[key], key[1], plan.geometries[key[1]].unit_width)
         n = round(r * count[key[1]])
         assert n == 0 or n == count[key[1]] - 1 or bool(z.sort().values[n - 1] < z.sort().values[n])
+
+
+# ------------------------------------------------------------------- adaptive-calibration (dynamic)
+
+
+def _pp_adaptive_calibration(ratio: float = 0.4, **changes) -> MethodConfig:
+    return MethodConfig.model_validate(
+        {
+            "preset": "pp",
+            "pruning": {"ratio": ratio, "skip_layers": [0], "round_to": 1},
+            "strategies": {"allocate": "adaptive-calibration"},
+            **changes,
+        }
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-gqa"])
+def test_adaptive_calibration_gives_pp_the_static_structure_of_its_calibration_history(family):
+    """pp with allocate 'adaptive-calibration' keeps, per block, the budget FLAP's global selection
+    gives the same history's PPsp scores (static-ppsp with allocate 'adaptive'), while the probe still
+    picks which units: the kept units change from batch to batch within a fixed count."""
+    model, batches, history = _calibrated(family)
+    static = MethodConfig.model_validate(
+        {
+            "preset": "static-ppsp",
+            "pruning": {"ratio": 0.4, "skip_layers": [0], "round_to": 1},
+            "strategies": {"allocate": "adaptive"},
+        }
+    )
+    want = _attached(model, static, history, batches[0]).block_ratios
+    pipe = Pipeline(model, _pp_adaptive_calibration(), history=history.clone())
+    kept: dict = {}
+    for ids in batches:
+        with pipe, torch.no_grad():  # attached again for every batch
+            model(input_ids=ids, use_cache=False)
+        for key, mask in pipe.last_masks.items():
+            kept.setdefault(key, []).append(mask.kept_units.clone())
+        first = next(iter(pipe.history.blocks.values()))
+        first.sq_mean.mul_(100.0)  # a history far from the calibration's must not move the structure
+    assert pipe.block_ratios == want and len(set(want.values())) > 1
+    assert all(len({t.numel() for t in masks}) == 1 for masks in kept.values())  # fixed budgets
+    assert any(not torch.equal(masks[0], masks[-1]) for masks in kept.values())  # dynamic choice
+    uniform = Pipeline(model, _pp_adaptive_calibration(strategies={}), history=history.clone())
+    assert uniform.strategies["allocate"].name == "uniform"
+
+
+def test_adaptive_calibration_needs_a_calibration_history():
+    with pytest.raises(ConfigError, match="'adaptive-calibration' decides the structure from the"):
+        load_config(
+            {
+                "methods": [
+                    {
+                        "preset": "pp",
+                        "history": {"init": "none"},
+                        "strategies": {"allocate": "adaptive-calibration", "fuse_history": "none"},
+                    }
+                ]
+            }
+        )

@@ -6,6 +6,8 @@ structure search ("AL-AM", An et al., AAAI 2024): each block's channel scores ar
 within the block, attention heads take the mean of their channels' standardised scores, and one
 global threshold over every pruned block of both kinds decides how many units each block keeps,
 so that the pruned units cost the target share of the pruned blocks' FLOPs (or parameters).
+``adaptive-calibration`` is the same structure decided from the calibration history's scores when
+the pipeline attaches, so dynamic methods (a probe, a moving history) can use it too.
 """
 
 from __future__ import annotations
@@ -181,3 +183,14 @@ class AdaptiveAllocation:
                 "(select_probe 'none' and a frozen or absent history)"
             )
         return adaptive_ratios(plan, scores, self.params.cost, self.params.rule)
+
+
+class CalibrationAdaptiveAllocation(AdaptiveAllocation):
+    """FLAP's adaptive structure for any method with a calibration history, dynamic ones included:
+    decided once, when the pipeline attaches, from every block's scores on the calibration history
+    alone (the method's own metric and fusion, no probe); each batch's probe then chooses *which*
+    units within each block's budget."""
+
+    name = "adaptive-calibration"
+    from_history = True
+

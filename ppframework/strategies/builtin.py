@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ppframework.hookspecs import hookimpl
-from ppframework.strategies.allocation import AdaptiveAllocation, UniformAllocation
+from ppframework.strategies.allocation import (
+    AdaptiveAllocation,
+    CalibrationAdaptiveAllocation,
+    UniformAllocation,
+)
 from ppframework.strategies.fusion import (
     CompletionFusion,
     FixedFusion,
@@ -21,6 +25,7 @@ from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore,
 BUILTIN_STRATEGIES: tuple[type, ...] = (
     UniformAllocation,
     AdaptiveAllocation,
+    CalibrationAdaptiveAllocation,
     ResidualProbe,
     RandomProbe,
     FullBatchProbe,
