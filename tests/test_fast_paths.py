@@ -28,6 +28,7 @@ from ppframework.metrics.stage_profile import OVERHEAD_GROUPS, StageProfiler
 from ppframework.pipeline import Pipeline
 from ppframework.strategies.inference import squared_mean_per_position, squared_sum_over_rows
 from ppframework.strategies.probe import select_residual_probe
+from ppframework.testing.sync import no_sync_in_layers
 from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockKind
 
@@ -289,19 +290,10 @@ def test_no_host_device_synchronisation_inside_a_pruned_layer(family):
     """Inside every pruned layer, CUDA sync debug mode 'error' raises on any synchronisation."""
     model, history, batches = _setup(family, "cuda", n_batches=2)
     pipe = Pipeline(model, pp_method(), history=history.clone())
-    handles = []
-    for index in pipe.pruned_layers:
-        layer = get_adapter(model).layers[index]
-        handles.append(layer.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")))
-        handles.append(layer.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default")))
-    try:
-        with pipe, torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        for handle in handles:
-            handle.remove()
+    layers = [get_adapter(model).layers[index] for index in pipe.pruned_layers]
+    with no_sync_in_layers(layers), pipe, torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
     assert pipe.realised_ratio() > 0.2
 
 

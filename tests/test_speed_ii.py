@@ -24,6 +24,7 @@ from ppframework.pipeline import Pipeline
 from ppframework.strategies import fusion, scoring
 from ppframework.strategies.fusion import importance_scaled_fusion
 from ppframework.strategies.scoring import probe_evidence
+from ppframework.testing.sync import no_sync_in_layers
 from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockKind
 
@@ -263,18 +264,9 @@ def test_event_timing_does_not_synchronise_inside_pruned_layers():
     pipe = Pipeline(model, pipe.method, history=pipe.history.to(torch.device("cuda")))
     ids = ids.cuda()
     profiler = StageProfiler("cuda", timing="events").attach(pipe)
-    handles = []
-    for index in pipe.pruned_layers:
-        layer = get_adapter(model).layers[index]
-        handles.append(layer.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")))
-        handles.append(layer.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default")))
-    try:
-        with pipe, torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        for handle in handles:
-            handle.remove()
+    layers = [get_adapter(model).layers[index] for index in pipe.pruned_layers]
+    with no_sync_in_layers(layers), pipe, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
     profiler.detach(pipe)
     stages = profiler.per_forward(1)
     assert profiler.uses_events and stages["probe_forward"] > 0 and stages["infer"] > 0
