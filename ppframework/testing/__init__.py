@@ -1,8 +1,9 @@
 """Test helpers for ppframework and its plugins.
 
 :mod:`ppframework.testing.conformance` holds the reusable strategy conformance checks (re-exported
-here); :mod:`ppframework.testing.tiny` builds tiny random models (import it explicitly). Importing
-this package imports neither pytest nor hypothesis (the checks import hypothesis when they run).
+here); :mod:`ppframework.testing.tiny` builds tiny random models and :mod:`ppframework.testing.sync`
+checks that CUDA layers never synchronise (import them explicitly). Importing this package imports
+neither pytest nor hypothesis (the checks import hypothesis when they run).
 """
 
 from ppframework.testing.conformance import (
