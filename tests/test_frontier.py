@@ -72,6 +72,10 @@ def test_interpolated_value_lies_between_the_neighbours(times, ppls, where):
     t = curve[0].time_ratio + where * (curve[-1].time_ratio - curve[0].time_ratio)
     value = interpolate(curve, t)
     assert value is not None
+    shared = [p.perplexity for p in curve if math.isclose(p.time_ratio, t, abs_tol=1e-12)]
+    if shared:  # points within 1e-12 of t share its time ratio: the lowest perplexity, as documented
+        assert value == min(shared)
+        return
     left = max((p for p in curve if p.time_ratio <= t), key=lambda p: p.time_ratio)
     right = min((p for p in curve if p.time_ratio >= t), key=lambda p: p.time_ratio)
     lo, hi = sorted((left.perplexity, right.perplexity))
