@@ -18,6 +18,7 @@ Writes ``ab_speed.json`` and ``ab_speed.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import re
@@ -53,6 +54,7 @@ def import_renamed(source: Path, alias: str = ALIAS) -> ModuleType:
     if not (package / "__init__.py").is_file():
         raise SystemExit(f"--before-src: {source} has no ppframework/__init__.py; give a checkout's root")
     root = Path(tempfile.mkdtemp(prefix="ab-speed-"))
+    atexit.register(shutil.rmtree, root, True)  # the renamed copy goes when the process ends
     shutil.copytree(package, root / alias)
     word = re.compile(r"\bppframework\b")
     for path in (root / alias).rglob("*.py"):
@@ -153,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "variant": name,
                 "decoder_median_s": decoder[name].median,
+                "decoder_seconds": decoder[name].seconds,
+                "decoder_iqr_share": decoder[name].iqr / decoder[name].median,
                 "decoder_ratio": decoder[name].median / dense_s,
                 "whole_median_s": whole[name].median,
                 "whole_ratio": whole[name].median / whole["dense"].median,
@@ -187,14 +191,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"batch {s['batch']} x {s['seq']}, {s['threads']} thread(s), {s['repeats']} interleaved repeats "
         f"after {s['warmup']} warm-up round(s); before = `{s['before_src']}`; torch {s['torch']}.",
         "",
-        "| variant | decoder s | decoder ratio | whole ratio | PP overhead (share of dense decoder) |",
-        "|---|---|---|---|---|",
+        "| variant | decoder s | IQR / median | decoder ratio | whole ratio | PP overhead (share of dense "
+        "decoder) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         shares = row["overhead_shares"]
         overhead = "-" if not shares else f"{shares['total']:.2%}"
         lines.append(
-            f"| {row['variant']} | {row['decoder_median_s']:.4f} | {row['decoder_ratio']:.3f} "
+            f"| {row['variant']} | {row['decoder_median_s']:.4f} | {row['decoder_iqr_share']:.1%} "
+            f"| {row['decoder_ratio']:.3f} "
             f"| {row['whole_ratio']:.3f} | {overhead} |"
         )
     groups = ["selection", "probe forward", "scoring and fusion", "gather", "history update", "total"]

@@ -217,6 +217,12 @@ def ablation_variants(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"--variants: {', '.join(missing)} not in {args.variants_from} (it has {', '.join(known)})"
         )
+    taken = {"pp", *args.dynamic, *statics(args)} & set(args.variants)
+    if taken:
+        raise SystemExit(
+            f"--variants: {', '.join(sorted(taken))} would share a row label with a variant timed anyway "
+            "(pp, --dynamic, --static); leave it out"
+        )
     return {name: known[name] for name in args.variants}
 
 
@@ -301,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.batch = args.batch or batch
     args.seq = args.seq or seq
     device, dtype, round_to, skip = setup(args)
+    variants = ablation_variants(args)  # checked before any heavy work
 
     start = time.perf_counter()
     model, description = build_model(args, device, dtype)
@@ -329,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pipes[f"{dynamic} {ratio:.0%}"] = Pipeline(
                 model, method(dynamic, ratio, skip, round_to), history=history.clone()
             )
-        for name, override in ablation_variants(args).items():
+        for name, override in variants.items():
             pipes[f"{name} {ratio:.0%}"] = Pipeline(
                 model, variant(override, ratio, skip, round_to), history=history.clone()
             )

@@ -286,6 +286,9 @@ def test_ablation_variants_become_pp_methods_at_the_benchmark_settings(tmp_path:
     assert completion.pruning.ratio == 0.4 and completion.pruning.round_to == 8
     assert completion.pruning.skip_layers == [0, 1, 2]
     assert speed.variant(overrides["momentum-0.9"], 0.2, [0], 1).history.momentum == 0.9
+    args.variants = ["pp"]
+    with pytest.raises(SystemExit, match="pp would share a row label"):
+        speed.ablation_variants(args)
     args.variants = ["no-such-variant"]
     with pytest.raises(SystemExit, match="no-such-variant not in .*it has pp, full-batch"):
         speed.ablation_variants(args)
