@@ -35,13 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import method  # noqa: E402
+from speed import build_model, method  # noqa: E402
 
 from ppframework.adapters import get_adapter  # noqa: E402
 from ppframework.calibration import calibrate  # noqa: E402
 from ppframework.metrics.runtime import DecoderTimer, TimingStats, time_interleaved  # noqa: E402
 from ppframework.metrics.stage_profile import StageProfiler  # noqa: E402
-from ppframework.models import load_model  # noqa: E402
 from ppframework.pipeline import Pipeline  # noqa: E402
 
 ALIAS = "ppframework_before"
@@ -93,10 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, _ = load_model("smollm2-135m", dtype="float32", device="cpu")
-    if args.layers is not None:
-        model.model.layers = model.model.layers[: args.layers]
-        model.config.num_hidden_layers = args.layers
+    args.workload, args.dtype = "smollm2", "float32"  # speed.py's offline SmolLM2, --layers honoured
+    model, _ = build_model(args, torch.device("cpu"), torch.float32)
     adapter = get_adapter(model)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, int(model.config.vocab_size), (args.batch, args.seq), generator=gen)

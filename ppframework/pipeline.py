@@ -264,12 +264,12 @@ class Pipeline:
         self.is_static = not getattr(probe_strategy, "dynamic", True) and not self.updates_history
         allocator = self.strategies["allocate"]
         self._allocation_needs_scores = bool(getattr(allocator, "needs_scores", False))
-        self._allocation_from_history = bool(getattr(allocator, "from_history", False))
         #: Per-block ratios a ``from_history`` allocator decided at the first attach of a dynamic
         #: method (from the history as calibrated, before any batch updated it).
         self._history_structure: dict[BlockKey, float] | None = None
         self._allocate_per_batch = bool(getattr(allocator, "per_batch", False)) and not self.is_static
-        from_history = self._allocation_from_history and method.history.init == "calibration"
+        calibrated = method.history.init == "calibration"
+        from_history = bool(getattr(allocator, "from_history", False)) and calibrated
         if self._allocation_needs_scores and not self.is_static and self.pruned_layers and not from_history:
             raise ConfigError(
                 f"{field_prefix}.strategies.allocate: {method.strategies.allocate.name!r} needs every "
