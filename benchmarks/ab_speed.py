@@ -4,9 +4,11 @@ The machine's run-to-run noise (a few percent on a shared CPU) is as large as th
 pass makes, so two separate ``speed.py`` runs cannot tell them apart. This script imports an older
 checkout of ``ppframework`` under another name (its ``.py`` files copied with ``ppframework``
 renamed), builds the same model once, and times, interleaved in one process, the dense model, the
-older ``pp`` and this ``pp`` at each ratio (and a static baseline). It also checks that both make
-the same decisions: after the timed rounds (the same batches in the same order) every block's kept
-units, the history and the logits of one more forward must be bit-identical.
+older ``pp`` and this ``pp`` at each ratio, and a static baseline's older and current sliced pass. It
+also checks that both make the same decisions: after the timed rounds (the same batches in the same
+order) every block's kept units, the history and the logits of one more forward must be
+bit-identical (the static pair: the logits). Each current row also gets the per-round difference
+from its older twin (rounds are interleaved, so a slow spell hits both alike).
 
 Example (``git worktree add /tmp/before <rev>`` first)::
 
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import build_model, method  # noqa: E402
+from speed import build_model, method, paired_difference  # noqa: E402
 
 from ppframework.adapters import get_adapter  # noqa: E402
 from ppframework.calibration import calibrate  # noqa: E402
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     skip = [0, 1, 2]
     pipes: dict[str, Any] = {"dense": None}
     pairs = []
+    static_pairs = []
     for ratio in args.ratios:
         new_method = method("pp", ratio, skip, 8)
         old_method = old_config.MethodConfig.model_validate(new_method.model_dump(mode="json"))
@@ -110,9 +113,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         after = Pipeline(model, new_method, history=history.clone())
         pipes[f"pp {ratio:.0%} before"], pipes[f"pp {ratio:.0%} after"] = before, after
         pairs.append((ratio, before, after))
-        if args.static != "none":
+        if args.static != "none":  # the sliced full pass alone, before and after
             static = method(args.static, ratio, skip, 8)
-            pipes[f"{args.static} {ratio:.0%}"] = Pipeline(model, static, history=history)
+            old_static = old_config.MethodConfig.model_validate(static.model_dump(mode="json"))
+            label = f"{args.static} {ratio:.0%}"
+            pipes[f"{label} before"] = old_pipeline.Pipeline(model, old_static, history=old_history)
+            pipes[f"{label} after"] = Pipeline(model, static, history=history)
+            static_pairs.append(label)
     timers = {name: DecoderTimer(adapter.layers, torch.device("cpu")) for name in pipes}
 
     def forward(name: str):
@@ -134,6 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             differ = same_decisions(before, after)
             logits_same = torch.equal(forward(f"pp {ratio:.0%} before")(), forward(f"pp {ratio:.0%} after")())
             checks[f"{ratio:.0%}"] = {"differences": differ, "logits_identical": logits_same}
+        for label in static_pairs:
+            logits_same = torch.equal(forward(f"{label} before")(), forward(f"{label} after")())
+            checks[label] = {"differences": [], "logits_identical": logits_same}
         dense_s = decoder["dense"].median
         profiles = {}
         for ratio, before, after in pairs:
@@ -160,6 +170,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "overhead_shares": profiles.get(name),
             }
         )
+        if name.endswith(" after"):  # per round, after minus before, over the dense decoder median
+            before = decoder[name.removesuffix(" after") + " before"].seconds
+            rows[-1]["after_minus_before"] = paired_difference(decoder[name].seconds, before, dense_s)
     return {
         "settings": {
             "before_src": str(args.before_src),
@@ -189,16 +202,20 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"after {s['warmup']} warm-up round(s); before = `{s['before_src']}`; torch {s['torch']}.",
         "",
         "| variant | decoder s | IQR / median | decoder ratio | whole ratio | PP overhead (share of dense "
-        "decoder) |",
-        "|---|---|---|---|---|---|",
+        "decoder) | after - before, paired per round (median, quartiles; share of dense decoder) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         shares = row["overhead_shares"]
         overhead = "-" if not shares else f"{shares['total']:.2%}"
+        paired = row.get("after_minus_before")
+        change = "-"
+        if paired:
+            change = f"{paired['median']:+.2%} ({paired['q25']:+.2%} .. {paired['q75']:+.2%})"
         lines.append(
             f"| {row['variant']} | {row['decoder_median_s']:.4f} | {row['decoder_iqr_share']:.1%} "
             f"| {row['decoder_ratio']:.3f} "
-            f"| {row['whole_ratio']:.3f} | {overhead} |"
+            f"| {row['whole_ratio']:.3f} | {overhead} | {change} |"
         )
     groups = ["selection", "probe forward", "scoring and fusion", "gather", "history update", "total"]
     lines += ["", "| variant | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
@@ -221,7 +238,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             if ok
             else f": {', '.join(check['differences'][:5])}; logits identical {check['logits_identical']}"
         )
-        lines.append(f"- pp {ratio}: {'identical' if ok else 'DIFFERENT'}{detail}")
+        name = ratio if not ratio[0].isdigit() else f"pp {ratio}"
+        lines.append(f"- {name}: {'identical' if ok else 'DIFFERENT'}{detail}")
     return "\n".join(lines)
 
 

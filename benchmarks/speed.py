@@ -284,6 +284,44 @@ def _realisation(measured: float, ideal: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ run
+def paired_difference(slower: list[float], faster: list[float], scale: float) -> dict[str, float]:
+    """Median and quartiles of ``(slower[r] - faster[r]) / scale`` over the rounds ``r`` that timed
+    both (interleaved rounds: a slow spell of the machine hits both calls of a round alike)."""
+    diffs = [(a - b) / scale for a, b in zip(slower, faster, strict=True)]
+    if not diffs:
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "rounds": 0}
+    q25, q50, q75 = (
+        statistics.quantiles(diffs, n=4, method="inclusive") if len(diffs) > 1 else (diffs[0],) * 3
+    )
+    return {"median": q50, "q25": q25, "q75": q75, "rounds": len(diffs)}
+
+
+def add_paired_overhead(rows: list[dict[str, Any]], dense_decoder_s: float) -> None:
+    """Give every dynamic row its decoder time over each static row with the very same kept shapes
+    (same target and realised ratio), paired per round, as shares of the dense decoder time.
+
+    Both run the same sliced full pass, so the difference is what the dynamic method adds per
+    batch, net of what its full pass reuses: the direct measure of PP's overhead (the stage
+    profile's total minus the reused FLOPs is an estimate of the same thing).
+    """
+    static_rows = [r for r in rows if r["static"]]
+    for row in rows:
+        if row["static"] or row["method"] == "unmodified model" or row["target_ratio"] == 0:
+            continue
+        paired = {}
+        for static in static_rows:
+            same_shapes = (
+                static["target_ratio"] == row["target_ratio"]
+                and abs(static["realised_ratio"] - row["realised_ratio"]) < 1e-9
+            )
+            if same_shapes:
+                paired[static["variant"]] = paired_difference(
+                    row["decoder"]["seconds"], static["decoder"]["seconds"], dense_decoder_s
+                )
+        if paired:
+            row["over_static_paired"] = paired
+
+
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, int, list[int]]:
     """Device, dtype, round_to and skip layers of a run (defaults by device and workload); sets the
     thread count and the seed."""
@@ -460,6 +498,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["op_profile"] = op_profiles[name].to_dict()
             row["op_profile_markdown"] = op_profiles[name].to_markdown(top=6, dense_s=dense_decoder)
         rows.append(row)
+    add_paired_overhead(rows, dense_decoder)
 
     settings = {
         "workload": args.workload,
@@ -913,6 +952,24 @@ def format_markdown(report: dict[str, Any]) -> str:
         shares = row.get("overhead_share_of_dense_decoder")
         if shares:
             lines.append(f"| {row['variant']} | " + " | ".join(f"{shares[g]:.2%}" for g in groups) + " |")
+    paired = [
+        (row, static, d) for row in report["rows"] for static, d in row.get("over_static_paired", {}).items()
+    ]
+    if paired:
+        lines += [
+            "",
+            "PP's overhead measured directly: the decoder time over a static baseline with the very same "
+            "kept shapes, paired per interleaved round, as a share of the dense decoder time (what the "
+            "dynamic method adds per batch net of its reuse, per-batch gathers included):",
+            "",
+            "| variant | over | median | quartiles | rounds |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['variant']} | {static} | {d['median']:.2%} | {d['q25']:.2%} .. {d['q75']:.2%} "
+            f"| {d['rounds']} |"
+            for row, static, d in paired
+        ]
     lines += ["", *target_lines(report)]
     for row in report["rows"]:
         if row.get("op_profile_markdown"):
@@ -942,7 +999,9 @@ def target_lines(report: dict[str, Any]) -> list[str]:
     """The targets (Speed II), checked against this report (informational, never asserted).
 
     Both devices: the ratio-0 pipeline within 2% of the unmodified model and PP's per-batch overhead
-    at most 3% of the dense decoder time net of the reused probe work; pp 40% decoder realisation
+    at most 3% of the dense decoder time net of the reused probe work (judged on the paired difference
+    over a static baseline with the same kept shapes when the run has one; the stage profile's
+    estimate otherwise); pp 40% decoder realisation
     >= 0.90 on CPU, >= 0.85 on CUDA; on CUDA also the static baseline's realisation >= 0.92. A last
     line flags a run whose own controls (the ratio-0 pipeline, a static baseline above its ideal)
     are off by more than the margins the targets need.
@@ -979,9 +1038,19 @@ def target_lines(report: dict[str, Any]) -> list[str]:
             f"- pp 40% probe: {pp40['probe_flops_share']:.2%} of dense decoder FLOPs "
             f"({pp40['probe_net_flops_share']:.2%} net of reuse), {probe:.2%} of dense decoder time"
         )
+        paired = pp40.get("over_static_paired", {})
+        for static, d in paired.items():
+            out.append(
+                f"- pp 40% per-batch overhead <= 3% of dense decoder time net of the reused probe work, "
+                f"measured directly over {static} (paired): {d['median']:.2%}, quartiles "
+                f"{d['q25']:.2%} .. {d['q75']:.2%} ({_ok(d['median'] <= 0.03)})"
+            )
+        verdict = "" if paired else f" ({_ok(net <= 0.03)})"
         out.append(
-            f"- pp 40% per-batch overhead <= 3% of dense decoder time net of the reused probe work: "
-            f"{net:.2%} ({_ok(net <= 0.03)}; {total:.2%} as measured)"
+            f"- pp 40% per-batch overhead from the stage profile: {total:.2%} as measured, {net:.2%} "
+            f"minus the reused FLOPs at the dense decoder's average speed{verdict} (an estimate: the "
+            "reused work is matmul, cheaper per FLOP than the decoder's average, so it overstates the "
+            "saving; the paired figure is the measurement)"
         )
     if noise:
         out.append(

@@ -38,7 +38,7 @@ def test_ab_speed_against_this_checkout(tmp_path: Path) -> None:
         "--profile-forwards",
         "1",
         "--static",
-        "none",
+        "wanda-sp",
         "--threads",
         "1",
         "--out",
@@ -47,12 +47,21 @@ def test_ab_speed_against_this_checkout(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "ab_speed.json").read_text())
-    assert report["identical"] == {"40%": {"differences": [], "logits_identical": True}}
+    same = {"differences": [], "logits_identical": True}
+    assert report["identical"] == {"40%": same, "wanda-sp 40%": same}
     variants = [row["variant"] for row in report["rows"]]
-    assert variants == ["dense", "pp 40% before", "pp 40% after"]
-    for row in report["rows"][1:]:
-        assert row["overhead_shares"]["total"] > 0 and len(row["decoder_seconds"]) == 1
-    assert "- pp 40%: identical" in (tmp_path / "ab_speed.md").read_text()
+    assert variants == ["dense", "pp 40% before", "pp 40% after", "wanda-sp 40% before", "wanda-sp 40% after"]
+    rows = {row["variant"]: row for row in report["rows"]}
+    for name in ("pp 40% before", "pp 40% after"):
+        assert rows[name]["overhead_shares"]["total"] > 0 and len(rows[name]["decoder_seconds"]) == 1
+    for name in ("pp 40%", "wanda-sp 40%"):
+        after, before = rows[f"{name} after"], rows[f"{name} before"]
+        change = after["decoder_seconds"][0] - before["decoder_seconds"][0]
+        change /= rows["dense"]["decoder_median_s"]
+        assert after["after_minus_before"]["median"] == pytest.approx(change)
+        assert "after_minus_before" not in before
+    markdown = (tmp_path / "ab_speed.md").read_text()
+    assert "- pp 40%: identical" in markdown and "- wanda-sp 40%: identical" in markdown
 
 
 def test_ab_speed_refuses_a_folder_without_the_package(tmp_path: Path) -> None:

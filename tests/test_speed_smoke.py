@@ -93,6 +93,17 @@ def test_speed_benchmark_tiny_end_to_end(tmp_path: Path) -> None:
         assert {"select_probe", "probe_forward", "score_channels", "infer", "outside"} <= stages.keys()
         assert any("mm" in op or "linear" in op for op in stages["probe_forward"])
     assert rows["wanda-sp 40%"]["static"] and "overhead_s" not in rows["wanda-sp 40%"]
+    for name, static in (("pp 20%", "wanda-sp 20%"), ("pp 40%", "wanda-sp 40%")):
+        paired = rows[name]["over_static_paired"]
+        assert list(paired) == [static] and paired[static]["rounds"] == 2
+        diffs = [
+            (a - b) / rows["dense"]["decoder"]["median_s"]
+            for a, b in zip(rows[name]["decoder"]["seconds"], rows[static]["decoder"]["seconds"], strict=True)
+        ]
+        assert paired[static]["median"] == pytest.approx(sum(diffs) / 2)
+    assert "over_static_paired" not in rows["pipeline ratio 0"]
+    assert "| pp 40% | wanda-sp 40% |" in markdown
+    assert "measured directly over wanda-sp 40% (paired)" in markdown
 
 
 GENERATION_ROW_KEYS = {
@@ -295,3 +306,35 @@ def test_ablation_variants_become_pp_methods_at_the_benchmark_settings(tmp_path:
     args.variants_from = None
     with pytest.raises(SystemExit, match="--variants-from"):
         speed.ablation_variants(args)
+
+
+def _row(variant, seconds, *, static=False, ratio=0.4, realised=0.35):
+    return {
+        "variant": variant,
+        "method": variant.split()[0],
+        "static": static,
+        "target_ratio": ratio,
+        "realised_ratio": realised,
+        "decoder": {"seconds": seconds},
+    }
+
+
+def test_paired_overhead_pairs_rounds_and_only_rows_with_the_same_kept_shapes() -> None:
+    """Per-round differences (not a difference of medians), scaled by the dense decoder time; a
+    static row at another ratio or with other kept shapes (another allocation) is not paired."""
+    speed = _speed_module()
+    rows = [
+        _row("pp 40%", [1.10, 0.95, 1.30, 1.02]),
+        _row("wanda-sp 40%", [1.00, 0.90, 1.20, 1.00], static=True),
+        _row("flap 40%", [0.90, 0.90, 0.90, 0.90], static=True, realised=0.37),
+        _row("wanda-sp 20%", [1.5, 1.5, 1.5, 1.5], static=True, ratio=0.2, realised=0.17),
+    ]
+    speed.add_paired_overhead(rows, dense_decoder_s=2.0)
+    paired = rows[0]["over_static_paired"]
+    assert list(paired) == ["wanda-sp 40%"]
+    # differences 0.10, 0.05, 0.10, 0.02 over 2.0: sorted 0.01, 0.025, 0.05, 0.05
+    assert paired["wanda-sp 40%"]["median"] == pytest.approx(0.0375)
+    assert paired["wanda-sp 40%"]["q25"] == pytest.approx(0.02125)
+    assert paired["wanda-sp 40%"]["q75"] == pytest.approx(0.05)
+    assert paired["wanda-sp 40%"]["rounds"] == 4
+    assert all("over_static_paired" not in r for r in rows[1:])
