@@ -12,7 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppframework.adapters import get_adapter
+from ppframework.adapters import get_adapter, llama
+from ppframework.adapters.attention import (
+    SDPA_GROUPED_QUERIES,
+    additive_attention_bias,
+    causal_attention,
+    causal_attention_by_runs,
+    kv_runs,
+)
 from ppframework.adapters.llama import apply_rotary, rotate_half
 from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
@@ -186,6 +193,111 @@ def test_pp_results_are_unchanged_by_the_faster_decision_path(family, monkeypatc
         assert torch.equal(a, b)
     for key, block in fast[2].history.blocks.items():
         assert torch.equal(block.sq_mean, plain[2].history.get(*key).sq_mean)
+
+
+# ------------------------------------------------------------------- grouped-query attention
+def test_kv_runs_by_hand():
+    assert kv_runs([0, 0, 0, 1, 1, 1, 2, 2, 2]) == ((0, 9, 0, 3),)  # uniform GQA: one call
+    assert kv_runs([0, 0, 0, 1, 2, 2]) == ((0, 3, 0, 1), (3, 4, 1, 2), (4, 6, 2, 3))
+    assert kv_runs([0, 1, 1, 2, 2]) == ((0, 1, 0, 1), (1, 5, 1, 3))
+    assert kv_runs([0, 2]) == ((0, 1, 0, 1), (1, 2, 2, 3))  # key/value head 1 serves no query head
+    assert kv_runs([0, 1, 2, 3]) == ((0, 4, 0, 4),)  # multi-head attention
+    assert kv_runs([1, 0]) is None  # not ordered by key/value head: the caller copies instead
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=8))
+def test_kv_runs_cover_every_query_head_with_its_own_key_value_head(counts):
+    kv_index = [kv for kv, n in enumerate(counts) for _ in range(n)]
+    runs = kv_runs(kv_index)
+    assert runs is not None
+    assert [q for qs, qe, _, _ in runs for q in range(qs, qe)] == list(range(len(kv_index)))
+    for qs, qe, ks, ke in runs:
+        assert (qe - qs) % (ke - ks) == 0  # SDPA's grouped form: Hq a multiple of Hkv
+        per_head = (qe - qs) // (ke - ks)
+        assert [ks + (q - qs) // per_head for q in range(qs, qe)] == kv_index[qs:qe]
+    for a, b in zip(runs, runs[1:], strict=False):  # maximal: neighbours could not be one call
+        assert a[3] != b[2] or (a[1] - a[0]) // (a[3] - a[2]) != (b[1] - b[0]) // (b[3] - b[2])
+
+
+@pytest.mark.skipif(not SDPA_GROUPED_QUERIES, reason="SDPA's enable_gqa needs PyTorch 2.5")
+@settings(max_examples=30, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 3), min_size=1, max_size=4).filter(any),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 40),
+    padded=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_grouped_query_attention_equals_copied_keys_bit_for_bit(counts, batch, seq, padded, dtype, seed):
+    """The grouped form against the key/value copy per query head it replaces, with and without
+    padding (as a mask or as its precomputed bias), on projection-layout (strided) tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, dim = len(counts), 8
+    kv_index = torch.tensor([kv for kv, n in enumerate(counts) for _ in range(n)])
+    heads = kv_index.numel()
+
+    def heads_view(n):
+        flat = torch.randn(batch, seq, n * dim, generator=gen).to(dtype)
+        return flat.view(batch, seq, n, dim).transpose(1, 2)
+
+    q, k, v = heads_view(heads), heads_view(kv_heads), heads_view(kv_heads)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, : int(torch.randint(0, seq, (1,), generator=gen))] = 0  # left padding in row 0
+    expected = causal_attention(q, k.index_select(1, kv_index), v.index_select(1, kv_index), mask, None, 0.3)
+    expected = expected.transpose(1, 2).reshape(batch, seq, heads * dim)
+    runs = kv_runs(kv_index.tolist())
+    assert torch.equal(causal_attention_by_runs(q, k, v, runs, mask, None, 0.3), expected)
+    if mask is not None:
+        bias = additive_attention_bias(mask, dtype)
+        assert torch.equal(causal_attention_by_runs(q, k, v, runs, None, bias, 0.3), expected)
+
+
+def _generate_and_score(model, history, prompt, mask):
+    method = MethodConfig.model_validate(
+        {"preset": "pp", "pruning": {"ratio": 0.4, "skip_layers": [0], "round_to": 1}}
+    )
+    pipe = Pipeline(model, method, history=history.clone())
+    recorder = _Recorder()
+    pipe.plugin_manager.register(recorder)
+    with pipe, torch.no_grad():
+        logits = model(input_ids=prompt, attention_mask=mask, use_cache=False).logits
+        tokens = model.generate(
+            input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+    return logits, tokens, recorder.kept, pipe
+
+
+@pytest.mark.skipif(not SDPA_GROUPED_QUERIES, reason="SDPA's enable_gqa needs PyTorch 2.5")
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen3", "gemma3"])
+def test_pp_results_are_unchanged_by_grouped_query_attention(family, monkeypatch):
+    """Decisions, logits (padded batch), history and generated tokens, bit for bit, against the
+    key/value copy per query head (the path before; still taken off CPU)."""
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(4)
+    history = calibrate(
+        model, get_adapter(model), [torch.randint(0, 200, (4, 24), generator=gen)], progress=False
+    )
+    prompt = torch.randint(3, 200, (3, 20), generator=gen)
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    calls = []
+    real = llama.causal_attention_by_runs
+    monkeypatch.setattr(llama, "causal_attention_by_runs", lambda *a: calls.append(1) or real(*a))
+    grouped = _generate_and_score(model, history, prompt, mask)
+    assert calls, "the grouped form was not used"
+    monkeypatch.setattr(llama, "SDPA_GROUPED_QUERIES", False)
+    copied = _generate_and_score(model, history, prompt, mask)
+    assert torch.equal(grouped[0], copied[0]) and torch.equal(grouped[1], copied[1])
+    assert len(grouped[2]) == len(copied[2]) > 0
+    for a, b in zip(grouped[2], copied[2], strict=True):
+        assert torch.equal(a, b)
+    for key, block in grouped[3].history.blocks.items():
+        assert torch.equal(block.sq_mean, copied[3].history.get(*key).sq_mean)
 
 
 # ------------------------------------------------------------------------------------ profilers

@@ -51,6 +51,75 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
 
 
+#: SDPA's grouped-query form (``enable_gqa``: query head ``h`` reads key/value head
+#: ``h // (Hq / Hkv)``) exists from PyTorch 2.5.
+SDPA_GROUPED_QUERIES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+KVRun = tuple[int, int, int, int]
+
+
+def kv_runs(kv_index: list[int]) -> tuple[KVRun, ...] | None:
+    """The query heads as runs SDPA's grouped-query form can take without copying keys and values.
+
+    ``kv_index[i]`` is query head ``i``'s key/value head. A run ``(q_start, q_stop, kv_start,
+    kv_stop)`` covers consecutive key/value heads that each serve the same number of consecutive
+    query heads, so query head ``q_start + j`` reads key/value head ``kv_start + j // per_head``.
+    None when the query heads are not ordered by key/value head (the caller then copies the
+    keys/values per query head instead).
+    """
+    if any(b < a for a, b in zip(kv_index, kv_index[1:], strict=False)):
+        return None
+    groups: list[list[int]] = []  # [kv head, first query head, query heads]
+    for head, kv in enumerate(kv_index):
+        if groups and groups[-1][0] == kv:
+            groups[-1][2] += 1
+        else:
+            groups.append([kv, head, 1])
+    runs: list[list[int]] = []  # [q_start, q_stop, kv_start, kv_stop, per kv head]
+    for kv, first, count in groups:
+        last = runs[-1] if runs else None
+        if last is not None and last[3] == kv and last[4] == count:
+            last[1], last[3] = first + count, kv + 1
+        else:
+            runs.append([first, first + count, kv, kv + 1, count])
+    return tuple((a, b, c, d) for a, b, c, d, _ in runs)
+
+
+def causal_attention_by_runs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    runs: tuple[KVRun, ...],
+    attention_mask: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`causal_attention` of (B, Hq, T, d) queries over (B, Hkv, T, d) keys/values shared by
+    groups of query heads (:func:`kv_runs`), as (B, T, Hq * d), without copying a key/value head per
+    query head: one SDPA call per run in its grouped-query form.
+
+    Each query head's attention is computed from the same numbers in the same kernel as with the
+    copied keys/values (the copy only feeds them under another head index), so the output is the
+    same bit for bit.
+    """
+    batch, heads, seq, dim = q.shape
+    if attn_bias is None and attention_mask is not None and not bool(attention_mask.all()):
+        attn_bias = additive_attention_bias(attention_mask, q.dtype)  # once for every run
+    mask = {"attn_mask": attn_bias} if attn_bias is not None else {"is_causal": seq > 1}
+
+    def run(qs: int, qe: int, ks: int, ke: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], scale=scale, enable_gqa=True, **mask
+        )
+
+    if len(runs) == 1:
+        return run(*runs[0]).transpose(1, 2).reshape(batch, seq, heads * dim)
+    out = q.new_empty(batch, seq, heads, dim)
+    for qs, qe, ks, ke in runs:
+        out[:, :, qs:qe] = run(qs, qe, ks, ke).transpose(1, 2)
+    return out.view(batch, seq, heads * dim)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

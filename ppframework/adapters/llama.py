@@ -17,9 +17,13 @@ import torch
 from torch import nn
 
 from ppframework.adapters.attention import (
+    SDPA_GROUPED_QUERIES,
     HeadGroups,
+    KVRun,
     biased_attention,
+    causal_attention_by_runs,
     grouped_attention,
+    kv_runs,
     position_bias,
 )
 from ppframework.adapters.base import (
@@ -128,6 +132,7 @@ class LlamaAttentionRunner(BlockRunner):
         self.softcap: float | None = None
         self._kv_memo: tuple[Any, Any, torch.Tensor | None, torch.Tensor | None] | None = None
         self._groups_memo: tuple[torch.Tensor, HeadGroups] | None = None
+        self._runs_memo: tuple[torch.Tensor, tuple[KVRun, ...] | None] | None = None
         self._dense_kv_index: torch.Tensor | None = None
 
     @property
@@ -279,6 +284,9 @@ class LlamaAttentionRunner(BlockRunner):
                 bias = slot.bias(seq, k.shape[2], q.dtype, self.window)
                 out = grouped_attention(q, k, v, groups, bias, self.scaling)
                 return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
+            runs = None if kv_index is None or decoding or special else self._kv_runs(kv_index)
+            if runs is not None:
+                return causal_attention_by_runs(q, k, v, runs, attention_mask, attn_bias, self.scaling)
             if kv_index is not None:
                 k = k.index_select(1, kv_index)
                 v = v.index_select(1, kv_index)
@@ -291,6 +299,16 @@ class LlamaAttentionRunner(BlockRunner):
         else:
             out = attend(q, k, v, attention_mask, attn_bias, self.scaling, slot)
         return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
+
+    def _kv_runs(self, kv_index: torch.Tensor) -> tuple[KVRun, ...] | None:
+        """:func:`kv_runs` of ``kv_index``, remembered per tensor; None off CPU (the grouped form's
+        speed and bit-identity are measured on CPU only) or before PyTorch 2.5."""
+        if kv_index.device.type != "cpu" or not SDPA_GROUPED_QUERIES:
+            return None
+        memo = self._runs_memo
+        if memo is None or memo[0] is not kv_index:
+            memo = self._runs_memo = (kv_index, kv_runs(kv_index.tolist()))
+        return memo[1]
 
     def _head_groups(self, kv_index: torch.Tensor, kv_heads: int) -> HeadGroups:
         """The query stacking of :func:`grouped_attention` for ``kv_index``, remembered per tensor."""
