@@ -69,3 +69,22 @@ def test_ab_speed_refuses_a_folder_without_the_package(tmp_path: Path) -> None:
     command += ["--out", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0 and "has no ppframework/__init__.py" in done.stderr
+
+
+def test_block_reuse_times_both_forms_and_finds_them_identical(tmp_path: Path) -> None:
+    """``benchmarks/block_reuse.py`` on a cut-down real model: both block kinds, the same output with
+    and without the probe's values, and the per-block saving scaled to the decoder."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "block_reuse.py"), "--layers", "6"]
+    command += ["--batch", "3", "--seq", "40", "--calls", "2", "--repeats", "1", "--threads", "1"]
+    command += ["--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "block_reuse.json").read_text())
+    assert set(report["blocks"]) == {"attention", "mlp"}
+    pruned = report["settings"]["pruned_layers"]
+    assert pruned == 3 and report["settings"]["layer"] in (3, 4, 5)
+    for block in report["blocks"].values():
+        assert block["identical"] and block["reused_ms"] > 0 and block["recomputed_ms"] > 0
+        share = block["saved_ms"]["median"] / 1e3 * pruned / report["dense_decoder_s"]
+        assert block["saved_share_of_dense_decoder"] == pytest.approx(share)
+    assert "| mlp |" in (tmp_path / "block_reuse.md").read_text()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from ppframework.adapters import get_adapter, llama
 from ppframework.adapters.attention import (
+    MIN_GROUPED_QUERY_POSITIONS,
     SDPA_GROUPED_QUERIES,
     additive_attention_bias,
     causal_attention,
@@ -21,6 +22,7 @@ from ppframework.adapters.attention import (
     kv_runs,
 )
 from ppframework.adapters.llama import apply_rotary, rotate_half
+from ppframework.adapters.probe_reuse import MIN_EXACT_ROWS, ProbeReuse
 from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
 from ppframework.history import BlockHistory
@@ -195,6 +197,87 @@ def test_pp_results_are_unchanged_by_the_faster_decision_path(family, monkeypatc
         assert torch.equal(block.sq_mean, plain[2].history.get(*key).sq_mean)
 
 
+# ------------------------------------------------------------------------------- probe reuse
+def _mlp_full_passes(kept, batch, seq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    runner = get_adapter(tiny_model("llama")).runner(1, BlockKind.MLP)
+    x = torch.randn(batch, seq, 64, generator=gen)
+    kept_units = torch.randperm(128, generator=gen)[:kept].sort().values
+    rows = torch.randperm(batch, generator=gen)[: max(1, batch // 3)].sort().values
+    tokens = torch.randperm(seq, generator=gen)[: max(2, seq // 2)].sort().values
+    with torch.no_grad():
+        _, reuse = runner.probe_forward(x, rows, tokens, attention_mask=None, keep_for_reuse=True)
+        reused = runner.pre_output(x, attention_mask=None, kept_units=kept_units, reuse=reuse)
+        recomputed = runner.pre_output(x, attention_mask=None, kept_units=kept_units)
+        return reused, recomputed, reuse.usable_for(x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kept=st.integers(1, 128),
+    batch=st.integers(1, 5),
+    seq=st.integers(2, 80),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mlp_reuse_equals_recomputing_bit_for_bit(kept, batch, seq, seed):
+    """The full pass with the probe's gate/up projections copied in equals the one that recomputes
+    them, bit for bit, at any kept width (a width off the vector size once broke this: copied
+    activations had been computed on the probe's layout, where other elements take the scalar path)
+    and any batch shape (products too small for the BLAS to compute every row alike are not split)."""
+    reused, recomputed, _ = _mlp_full_passes(kept, batch, seq, seed)
+    assert torch.equal(reused, recomputed)
+
+
+@pytest.mark.parametrize("kept", [77, 100, 128])
+def test_mlp_reuse_is_used_and_exact_at_sizes_the_blas_computes_alike(kept):
+    reused, recomputed, used = _mlp_full_passes(kept, batch=5, seq=80, seed=3)
+    assert used and torch.equal(reused, recomputed)
+
+
+def test_reuse_is_skipped_for_products_too_small_to_be_exact():
+    x = torch.zeros(4, 40, 8)
+    probe = ProbeReuse.build(x, torch.tensor([1]), torch.arange(0, 40, 2), None)
+    assert not probe.pieces_are_large(x)  # the probe itself: 1 row x 20 tokens
+    x = torch.zeros(4, 80, 8)
+    with torch.no_grad():  # (with autograd on the full pass never reuses)
+        assert ProbeReuse.build(x, torch.tensor([1]), torch.arange(0, 80, 2), None).usable_for(x)
+    tokens = torch.arange(0, 70)  # the probe row's other tokens: 10
+    assert not ProbeReuse.build(x, torch.tensor([1]), tokens, None).pieces_are_large(x)
+    assert ProbeReuse.build(x[:1], torch.tensor([0]), tokens, None).pieces_are_large(x[:1]) is False
+    assert MIN_EXACT_ROWS >= 12
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi3", "gemma3"])
+def test_pp_with_probe_reuse_equals_pp_without_it_bit_for_bit(family):
+    """Kept units, logits and history of a pp run with the probe's values reused (the CPU default)
+    against one that recomputes every token (the paper's way), at widths off the vector size."""
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(6)
+    history = calibrate(
+        model, get_adapter(model), [torch.randint(0, 200, (4, 32), generator=gen)], progress=False
+    )
+    batches = [torch.randint(0, 200, (5, 30), generator=gen) for _ in range(3)]
+    runs = []
+    for reuse in (True, False):
+        method = MethodConfig.model_validate(
+            {"preset": "pp", "pruning": {"ratio": 0.37, "skip_layers": [0], "round_to": 1}}
+        )
+        pipe = Pipeline(model, method, history=history.clone())
+        pipe.reuse_probe = reuse
+        recorder = _Recorder()
+        pipe.plugin_manager.register(recorder)
+        with pipe, torch.no_grad():
+            logits = [model(input_ids=ids, use_cache=False).logits for ids in batches]
+        runs.append((logits, recorder.kept, pipe))
+    (logits_a, kept_a, pipe_a), (logits_b, kept_b, pipe_b) = runs
+    assert any(k.numel() % 8 for k in kept_a)  # widths off the vector size are exercised
+    assert all(torch.equal(a, b) for a, b in zip(kept_a, kept_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b, strict=True))
+    for key, block in pipe_a.history.blocks.items():
+        assert torch.equal(block.sq_mean, pipe_b.history.get(*key).sq_mean)
+
+
 # ------------------------------------------------------------------- grouped-query attention
 def test_kv_runs_by_hand():
     assert kv_runs([0, 0, 0, 1, 1, 1, 2, 2, 2]) == ((0, 9, 0, 3),)  # uniform GQA: one call
@@ -225,14 +308,16 @@ def test_kv_runs_cover_every_query_head_with_its_own_key_value_head(counts):
 @given(
     counts=st.lists(st.integers(0, 3), min_size=1, max_size=4).filter(any),
     batch=st.integers(1, 3),
-    seq=st.integers(1, 40),
+    seq=st.integers(MIN_GROUPED_QUERY_POSITIONS, 80),
     padded=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_grouped_query_attention_equals_copied_keys_bit_for_bit(counts, batch, seq, padded, dtype, seed):
     """The grouped form against the key/value copy per query head it replaces, with and without
-    padding (as a mask or as its precomputed bias), on projection-layout (strided) tensors."""
+    padding (as a mask or as its precomputed bias), on projection-layout (strided) tensors, from
+    the sequence length the runner uses it at (below it, SDPA's per-head results can depend on the
+    number of heads in the call)."""
     gen = torch.Generator().manual_seed(seed)
     kv_heads, dim = len(counts), 8
     kv_index = torch.tensor([kv for kv, n in enumerate(counts) for _ in range(n)])
@@ -280,9 +365,9 @@ def test_pp_results_are_unchanged_by_grouped_query_attention(family, monkeypatch
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(4)
     history = calibrate(
-        model, get_adapter(model), [torch.randint(0, 200, (4, 24), generator=gen)], progress=False
+        model, get_adapter(model), [torch.randint(0, 200, (4, 64), generator=gen)], progress=False
     )
-    prompt = torch.randint(3, 200, (3, 20), generator=gen)
+    prompt = torch.randint(3, 200, (3, 40), generator=gen)
     mask = torch.ones_like(prompt)
     mask[1, :5] = 0
     calls = []
@@ -383,3 +468,25 @@ def test_event_timing_does_not_synchronise_inside_pruned_layers():
     stages = profiler.per_forward(1)
     assert profiler.uses_events and stages["probe_forward"] > 0 and stages["infer"] > 0
     assert profiler.calls["probe_forward"] == sum(1 for key in pipe._runners if key[1] in BlockKind)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not SDPA_GROUPED_QUERIES, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_query_attention_on_cuda_matches_the_copy(dtype):
+    """The grouped form is used on CPU only (its speed on CUDA is unmeasured); this is the gate for
+    turning it on there: it must give the copied keys/values' output bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    counts, batch, seq, dim = [2, 1, 3, 0, 2], 2, 200, 64
+    kv_index = torch.tensor([kv for kv, n in enumerate(counts) for _ in range(n)], device="cuda")
+
+    def heads_view(n):
+        flat = torch.randn(batch, seq, n * dim, generator=gen).to("cuda", dtype)
+        return flat.view(batch, seq, n, dim).transpose(1, 2)
+
+    q, k, v = heads_view(kv_index.numel()), heads_view(len(counts)), heads_view(len(counts))
+    copied_k, copied_v = k.index_select(1, kv_index), v.index_select(1, kv_index)
+    expected = causal_attention(q, copied_k, copied_v, None, None, 0.125).transpose(1, 2)
+    expected = expected.reshape(batch, seq, -1)
+    runs = kv_runs(kv_index.tolist())
+    assert torch.equal(causal_attention_by_runs(q, k, v, runs, None, None, 0.125), expected)

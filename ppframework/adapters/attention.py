@@ -57,6 +57,11 @@ SDPA_GROUPED_QUERIES = tuple(int(part) for part in torch.__version__.split(".")[
 
 KVRun = tuple[int, int, int, int]
 
+#: Below this many query positions, CPU SDPA's results for a head can depend on how many heads the
+#: call has (measured with 2 threads: head_dim 64 at 5-11 positions, head_dim 8 at odd counts up to
+#: 31), so the grouped form is used only from here on, where it matched the copy bit for bit.
+MIN_GROUPED_QUERY_POSITIONS = 32
+
 
 def kv_runs(kv_index: list[int]) -> tuple[KVRun, ...] | None:
     """The query heads as runs SDPA's grouped-query form can take without copying keys and values.

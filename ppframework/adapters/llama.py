@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ppframework.adapters.attention import (
+    MIN_GROUPED_QUERY_POSITIONS,
     SDPA_GROUPED_QUERIES,
     HeadGroups,
     KVRun,
@@ -284,7 +285,8 @@ class LlamaAttentionRunner(BlockRunner):
                 bias = slot.bias(seq, k.shape[2], q.dtype, self.window)
                 out = grouped_attention(q, k, v, groups, bias, self.scaling)
                 return out.transpose(1, 2).reshape(batch, seq, n_heads * d)
-            runs = None if kv_index is None or decoding or special else self._kv_runs(kv_index)
+            grouped = kv_index is not None and not decoding and not special
+            runs = self._kv_runs(kv_index) if grouped and seq >= MIN_GROUPED_QUERY_POSITIONS else None
             if runs is not None:
                 return causal_attention_by_runs(q, k, v, runs, attention_mask, attn_bias, self.scaling)
             if kv_index is not None:
@@ -357,8 +359,8 @@ class LlamaMLPRunner(BlockRunner):
     """Gated MLP ``down(act(gate(x)) * up(x))`` on kept intermediate channels.
 
     Sliced path: the kept rows of gate and up are gathered into one weight (one matmul); with a
-    :class:`ProbeReuse` the probe's activations of the kept channels (exact per token) fill the
-    probe's tokens instead of being recomputed. Subclasses with a fused gate/up projection override
+    :class:`ProbeReuse` the probe's gate and up projections of the kept channels (exact per token)
+    fill the probe's tokens instead of being recomputed. Subclasses with a fused gate/up projection override
     :meth:`dense_gate_up` and :meth:`sliced_gate_up_weight`.
     """
 
@@ -398,14 +400,16 @@ class LlamaMLPRunner(BlockRunner):
         weight, bias = self.sliced_gate_up_weight(kept_units)
         n = int(kept_units.numel())
         if reuse is not None and reuse.usable_for(x):
-
-            def compute(x2d: torch.Tensor, out2d: torch.Tensor) -> None:
-                h = torch.nn.functional.linear(x2d, weight, bias)
-                torch.mul(act(h[:, :n]), h[:, n:], out=out2d)
-
-            out = x.new_empty(*x.shape[:-1], n)
-            return fill_outside_probe(x, out, compute, reuse, reuse.values.index_select(-1, kept_units))
-        h = torch.nn.functional.linear(x, weight, bias)
+            # Only the projections are copied: the activation then runs on the same (B, T, 2n)
+            # layout as without reuse. A vectorised activation computes a row's last elements on a
+            # scalar path, so activations copied from the probe's differently shaped tensor would
+            # differ in the last bit wherever n is not a multiple of the vector width.
+            gate, up = reuse.values
+            probe_h = torch.cat((gate.index_select(-1, kept_units), up.index_select(-1, kept_units)), dim=-1)
+            h = x.new_empty(*x.shape[:-1], 2 * n)
+            fill_outside_probe(x, h, linear_into(weight, bias), reuse, probe_h)
+        else:
+            h = torch.nn.functional.linear(x, weight, bias)
         return act(h[..., :n]) * h[..., n:]
 
     def probe_forward(
@@ -418,9 +422,12 @@ class LlamaMLPRunner(BlockRunner):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         keep_for_reuse: bool = False,
     ) -> tuple[torch.Tensor, ProbeReuse | None]:
-        """The probe's activations; with ``keep_for_reuse`` also kept for the full pass."""
-        states, _ = super().probe_forward(x, rows, tokens, attention_mask=attention_mask, rotary=rotary)
-        return states, (ProbeReuse.build(x, rows, tokens, states) if keep_for_reuse else None)
+        """The probe's activations; with ``keep_for_reuse`` also its gate and up projections."""
+        if not keep_for_reuse:
+            states, _ = super().probe_forward(x, rows, tokens, attention_mask=attention_mask, rotary=rotary)
+            return states, None
+        gate, up = self.dense_gate_up(x.index_select(0, rows).index_select(1, tokens))
+        return self.act(gate) * up, ProbeReuse.build(x, rows, tokens, (gate, up))
 
 
 class LlamaLikeAdapter(ModelAdapter):

@@ -13,14 +13,16 @@ import torch
 class ProbeReuse:
     """What a block's probe forward computed that the full pass may reuse, exactly.
 
-    Per-token computations (the linear projections, the gated MLP) give a (row, token) the same
-    values whether it is computed inside the probe or inside the full batch, since the input and the
-    weights are the same; the full pass then computes only the tokens outside the probe and copies
-    the probe's values of the kept channels for the others. ``values`` is runner-specific (the MLP's
-    pre-output activations; attention's q, k, v projections before rotary). ``row_list`` holds the
-    probe rows on the host (building it synchronises on CUDA, so the pipeline reuses on CPU only
-    unless told otherwise). ``source`` is the full batch's normed input the probe was cut from; a
-    runner reuses only for that very tensor.
+    The linear projections give a (row, token) the same values whether it is computed inside the
+    probe or inside the full batch, since the input and the weights are the same; the full pass then
+    computes only the tokens outside the probe and copies the probe's values of the kept channels for
+    the others. ``values`` is runner-specific and holds matmul outputs only (the MLP's gate and up
+    projections; attention's q, k, v projections before norms and rotary): element-wise functions
+    after them run on the full batch's own layout, as without reuse (a vectorised activation computes
+    a row's last elements on a scalar path, so copying activations would change last bits).
+    ``row_list`` holds the probe rows on the host (building it synchronises on CUDA, so the pipeline
+    reuses on CPU only unless told otherwise). ``source`` is the full batch's normed input the probe
+    was cut from; a runner reuses only for that very tensor.
     """
 
     source: torch.Tensor
@@ -39,8 +41,26 @@ class ProbeReuse:
 
     def usable_for(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the tensor the probe was cut from (and autograd is off: the full pass
-        then writes into preallocated outputs)."""
-        return self.source is x and not torch.is_grad_enabled()
+        then writes into preallocated outputs), and every matmul the reuse splits the batch into has
+        at least :data:`MIN_EXACT_ROWS` rows."""
+        return self.source is x and not torch.is_grad_enabled() and self.pieces_are_large(x)
+
+    def pieces_are_large(self, x: torch.Tensor) -> bool:
+        """Whether the probe's product and each product of the full pass (whole rows outside the
+        probe, the probe rows' other tokens) has at least :data:`MIN_EXACT_ROWS` rows."""
+        batch, seq = x.shape[:2]
+        sizes = [len(self.row_list) * int(self.tokens.numel())]
+        sizes += [len(self.row_list) * int(self.other_tokens.numel())] if self.other_tokens.numel() else []
+        sizes += [seq] if batch > len(self.row_list) else []
+        return min(sizes) >= MIN_EXACT_ROWS
+
+
+#: The BLAS computes a row of a matrix product the same way whatever the number of rows only from a
+#: few rows on (measured with MKL on this project's CPU: products of up to 3 rows, and with 2 threads
+#: also of 5-7 and 9-11, take other kernels and differ in the last bit), and only for outputs of more
+#: than a few columns (2 and 8 differ, 16 does not). Reuse is skipped below these sizes, with margin.
+MIN_EXACT_ROWS = 32
+MIN_EXACT_COLUMNS = 32
 
 
 def fill_outside_probe(
@@ -59,6 +79,9 @@ def fill_outside_probe(
     """
     batch, _, hidden = x.shape
     width = out.shape[-1]
+    if width < MIN_EXACT_COLUMNS:  # too narrow for the BLAS to compute every column alike: recompute
+        compute(x.reshape(-1, hidden), out.view(-1, width))
+        return out
     start = 0
     for row in [*reuse.row_list, batch]:
         if row > start:
