@@ -1048,9 +1048,9 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         verdict = "" if paired else f" ({_ok(net <= 0.03)})"
         out.append(
             f"- pp 40% per-batch overhead from the stage profile: {total:.2%} as measured, {net:.2%} "
-            f"minus the reused FLOPs at the dense decoder's average speed{verdict} (an estimate: the "
-            "reused work is matmul, cheaper per FLOP than the decoder's average, so it overstates the "
-            "saving; the paired figure is the measurement)"
+            f"minus the reused FLOPs at the dense decoder's average speed{verdict} (an estimate that "
+            "overstates the saving: splitting the products around the probe costs part of it, see "
+            "benchmarks/block_reuse.py; the paired figure is the measurement)"
         )
     if noise:
         out.append(
