@@ -157,6 +157,17 @@ class _Recorder:
         return mask
 
 
+def _calibrated_batches(family: str, seed: int, batch: int, seq: int):
+    """A tiny model, its history from one 4 x ``seq`` batch, and three ``batch`` x ``seq`` batches."""
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(seed)
+    history = calibrate(
+        model, get_adapter(model), [torch.randint(0, 200, (4, seq), generator=gen)], progress=False
+    )
+    return model, history, [torch.randint(0, 200, (batch, seq), generator=gen) for _ in range(3)]
+
+
 def _pp_run(
     model, history, batches, ratio: float = 0.4, reuse: bool | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], Pipeline]:
@@ -177,13 +188,7 @@ def _pp_run(
 @pytest.mark.parametrize("family", ["llama-gqa", "opt"])
 def test_pp_results_are_unchanged_by_the_faster_decision_path(family, monkeypatch):
     """Decisions, logits and the updated history, bit for bit, against the plain formulas."""
-    torch.manual_seed(0)
-    model = tiny_model(family)
-    gen = torch.Generator().manual_seed(3)
-    history = calibrate(
-        model, get_adapter(model), [torch.randint(0, 200, (4, 24), generator=gen)], progress=False
-    )
-    batches = [torch.randint(0, 200, (4, 24), generator=gen) for _ in range(3)]
+    model, history, batches = _calibrated_batches(family, seed=3, batch=4, seq=24)
     fast = _pp_run(model, history, batches)
     monkeypatch.setattr(fusion, "importance_scaled_fusion", _plain_fusion)
     monkeypatch.setattr(
@@ -254,13 +259,7 @@ def test_reuse_is_skipped_for_products_too_small_to_be_exact():
 def test_pp_with_probe_reuse_equals_pp_without_it_bit_for_bit(family, monkeypatch):
     """Kept units, logits and history of a pp run with the probe's values reused (the CPU default)
     against one that recomputes every token (the paper's way), at widths off the vector size."""
-    torch.manual_seed(0)
-    model = tiny_model(family)
-    gen = torch.Generator().manual_seed(6)
-    history = calibrate(
-        model, get_adapter(model), [torch.randint(0, 200, (4, 64), generator=gen)], progress=False
-    )
-    batches = [torch.randint(0, 200, (5, 64), generator=gen) for _ in range(3)]
+    model, history, batches = _calibrated_batches(family, seed=6, batch=5, seq=64)
     splits = []
     real = llama.fill_outside_probe
     monkeypatch.setattr(llama, "fill_outside_probe", lambda *a: splits.append(1) or real(*a))
