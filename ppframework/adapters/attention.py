@@ -103,9 +103,10 @@ def causal_attention_by_runs(
     groups of query heads (:func:`kv_runs`), as (B, T, Hq * d), without copying a key/value head per
     query head: one SDPA call per run in its grouped-query form.
 
-    Each query head's attention is computed from the same numbers in the same kernel as with the
-    copied keys/values (the copy only feeds them under another head index), so the output is the
-    same bit for bit.
+    Each query head's attention is computed from the same numbers as with the copied keys/values
+    (the copy only feeds them under another head index); from :data:`MIN_GROUPED_QUERY_POSITIONS`
+    positions on the output is also the same bit for bit (measured on CPU; the runner uses it only
+    there).
     """
     batch, heads, seq, dim = q.shape
     if attn_bias is None and attention_mask is not None and not bool(attention_mask.all()):
