@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import build_model, method  # noqa: E402
+from speed import build_model, method, paired_difference  # noqa: E402
 
 from ppframework.adapters import get_adapter  # noqa: E402
 from ppframework.calibration import calibrate  # noqa: E402
+from ppframework.metrics.runtime import time_interleaved  # noqa: E402
 from ppframework.pipeline import Pipeline  # noqa: E402
 from ppframework.types import BlockKind  # noqa: E402
 
@@ -56,7 +55,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         with static:  # attaching decides the static masks
             pass
-        dense_s = _median_forward(model, ids, args.repeats)
+        backbone = model.model  # the dense decoder layers, without the LM head
+        dense = time_interleaved({"dense": lambda: backbone(input_ids=ids, use_cache=False)}, args.repeats, 0)
+        dense_s = dense["dense"].median
         for kind in BlockKind:
             runner, mask = static._runners[(layer, kind)], static._static_masks[(layer, kind)]
             runner.unpin_weights()  # gather per call into the shared buffers, as pp does
@@ -75,20 +76,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     reuse=reuse if with_reuse else None,
                 )
 
-            seconds: dict[bool, list[float]] = {True: [], False: []}
-            for r in range(args.calls):
-                for flag in (True, False) if r % 2 else (False, True):
-                    start = time.perf_counter()
-                    full_pass(flag)
-                    seconds[flag].append(time.perf_counter() - start)
-            saved = [b - a for a, b in zip(seconds[True], seconds[False], strict=True)]
-            q25, q50, q75 = statistics.quantiles(saved, n=4, method="inclusive")
+            timed = time_interleaved(
+                {"recomputed": lambda f=full_pass: f(False), "reused": lambda f=full_pass: f(True)},
+                repeats=args.calls,
+                warmup=0,
+            )
+            reused, recomputed = timed["reused"], timed["recomputed"]
+            saved = paired_difference(recomputed.seconds, reused.seconds, 1e-3)  # in ms
             pruned = len(static.pruned_layers)
             blocks[kind.value] = {
-                "reused_ms": statistics.median(seconds[True]) * 1e3,
-                "recomputed_ms": statistics.median(seconds[False]) * 1e3,
-                "saved_ms": {"median": q50 * 1e3, "q25": q25 * 1e3, "q75": q75 * 1e3},
-                "saved_share_of_dense_decoder": q50 * pruned / dense_s,
+                "reused_ms": reused.median * 1e3,
+                "recomputed_ms": recomputed.median * 1e3,
+                "saved_ms": {key: saved[key] for key in ("median", "q25", "q75")},
+                "saved_share_of_dense_decoder": saved["median"] / 1e3 * pruned / dense_s,
                 "identical": torch.equal(full_pass(True), full_pass(False)),
             }
     return {
@@ -106,17 +106,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "blocks": blocks,
         "saved_share_of_dense_decoder": sum(b["saved_share_of_dense_decoder"] for b in blocks.values()),
     }
-
-
-def _median_forward(model: Any, ids: torch.Tensor, repeats: int) -> float:
-    """Median seconds of the dense decoder layers (the backbone without the LM head)."""
-    backbone = model.model
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backbone(input_ids=ids, use_cache=False)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

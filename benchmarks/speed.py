@@ -306,7 +306,7 @@ def add_paired_overhead(rows: list[dict[str, Any]], dense_decoder_s: float) -> N
     """
     static_rows = [r for r in rows if r["static"]]
     for row in rows:
-        if row["static"] or row["method"] == "unmodified model" or row["target_ratio"] == 0:
+        if row["static"] or row["target_ratio"] == 0:  # dense and the ratio-0 pipeline: nothing to pair
             continue
         paired = {}
         for static in static_rows:
