@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ppframework.metrics.memory import PeakMemory, current_rss_bytes, format_bytes
-from ppframework.metrics.runtime import DecoderTimer, TimingStats, ratio_to, time_interleaved
+from ppframework.metrics.runtime import DecoderTimer, TimingStats, ratio_to, round_order, time_interleaved
 from ppframework.testing.tiny import tiny_model
 
 
@@ -24,13 +26,27 @@ class FakeClock:
         return self.now
 
 
-def test_interleaving_order_rotates() -> None:
+def test_interleaving_order_rotates_and_alternates_direction() -> None:
     log: list[str] = []
     fns = {name: (lambda name=name: log.append(name)) for name in "abc"}
-    stats = time_interleaved(fns, repeats=4, warmup=1)
-    assert log == list("abc" + "abc" + "bca" + "cab" + "abc")
+    stats = time_interleaved(fns, repeats=6, warmup=1)
+    assert log == list("abc" + "abc" + "cba" + "bca" + "acb" + "cab" + "bac")
     assert list(stats) == ["a", "b", "c"]
-    assert all(len(s.seconds) == 4 for s in stats.values())
+    assert all(len(s.seconds) == 6 for s in stats.values())
+
+
+@given(st.integers(min_value=1, max_value=7), st.integers(min_value=0, max_value=30))
+def test_round_order_balances_neighbours(count: int, first_round: int) -> None:
+    """Every round runs each variant once; in any two consecutive rounds starting at an even round,
+    every pair of variants runs in both orders (the paired overhead's order effects cancel), and
+    over ``2 * count`` rounds every variant runs first."""
+    names = [f"v{i}" for i in range(count)]
+    start = first_round - first_round % 2
+    rounds = [round_order(names, r) for r in range(start, start + 2 * count)]
+    assert all(sorted(order) == sorted(names) for order in rounds)
+    for even, odd in zip(rounds[::2], rounds[1::2], strict=True):
+        assert odd == even[::-1]
+    assert {order[0] for order in rounds} == set(names)
 
 
 def test_stats_with_fake_clock() -> None:

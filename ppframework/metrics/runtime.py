@@ -1,8 +1,9 @@
 """Interleaved runtime comparisons and decoder-only timing.
 
-:func:`time_interleaved` runs several callables round-robin (A B C, B C A, C A B, ...) so that slow
-drifts of a noisy machine (thermal throttling, other processes) hit every variant alike and their
-*ratio* holds even when absolute seconds do not. :class:`DecoderTimer` measures, per forward, the
+:func:`time_interleaved` runs several callables round-robin (A B C, then C B A, B C A, A C B, ...)
+so that slow drifts of a noisy machine (thermal throttling, other processes) hit every variant alike
+and their *ratio* holds even when absolute seconds do not; every other round runs backwards, so two
+variants compared per round run in each order equally often. :class:`DecoderTimer` measures, per forward, the
 time spent inside a model's decoder layers alone (from the first layer's entry to the last layer's
 exit), next to the whole forward timed by the caller.
 """
@@ -105,6 +106,16 @@ class TimingStats:
         return out
 
 
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order of round ``round_index`` of :func:`time_interleaved`: ``names`` rotated by
+    ``round_index // 2``, reversed when ``round_index`` is odd."""
+    if not names:
+        return []
+    shift = (round_index // 2) % len(names)
+    order = names[shift:] + names[:shift]
+    return order[::-1] if round_index % 2 else order
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     repeats: int,
@@ -116,9 +127,12 @@ def time_interleaved(
 ) -> dict[str, TimingStats]:
     """Time every callable ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
 
-    Round ``r`` runs the variants in the insertion order of ``fns`` rotated by ``r`` (A B C, then
-    B C A, then C A B, ...), so no variant always runs first or after the same neighbour. On a CUDA
-    ``device`` each call is bracketed by ``torch.cuda.synchronize``. Return values are discarded.
+    Round ``r`` runs :func:`round_order` ``(names, r)``: the insertion order of ``fns`` rotated
+    by ``r // 2``, backwards in odd rounds (A B C, C B A, B C A, A C B, ...). So no variant always
+    runs first, and any two run in each order in every pair of rounds: a per-round difference
+    between neighbours (``speed.py``'s paired overhead) does not carry what running first or second
+    does to a call. On a CUDA ``device`` each call is bracketed by ``torch.cuda.synchronize``.
+    Return values are discarded.
 
     Args:
         fns: name -> zero-argument callable.
@@ -143,8 +157,7 @@ def time_interleaved(
             fns[name]()
     synchronize(dev)
     for round_index in range(repeats):
-        shift = round_index % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(names, round_index):
             synchronize(dev)
             start = clock()
             fns[name]()
