@@ -3,9 +3,9 @@
 :func:`time_interleaved` runs several callables round-robin (A B C, then C B A, B C A, A C B, ...)
 so that slow drifts of a noisy machine (thermal throttling, other processes) hit every variant alike
 and their *ratio* holds even when absolute seconds do not; every other round runs backwards, so two
-variants compared per round run in each order equally often. :class:`DecoderTimer` measures, per forward, the
-time spent inside a model's decoder layers alone (from the first layer's entry to the last layer's
-exit), next to the whole forward timed by the caller.
+variants compared per round run in each order equally often. :class:`DecoderTimer` measures, per
+forward, the time spent inside a model's decoder layers alone (from the first layer's entry to the
+last layer's exit), next to the whole forward timed by the caller.
 """
 
 from __future__ import annotations
