@@ -232,7 +232,7 @@ def test_fill_outside_probe_equals_computing_every_token():
         torch.testing.assert_close(out, want)  # products this small may differ in the last bit
         with torch.no_grad():  # (this module lets small products split; see the fixture)
             assert reuse.usable_for(x) and not reuse.usable_for(x.clone())
-    assert not reuse.usable_for(x)  # autograd on: the full pass computes everything
+        assert not reuse.usable_for(x)  # autograd on: the full pass computes everything
 
 
 def test_no_padding_probe_path_chooses_what_the_general_path_chooses():
