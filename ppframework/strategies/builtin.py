@@ -17,6 +17,7 @@ from ppframework.strategies.fusion import (
     ImportanceScaledFusion,
     ProbeOnlyFusion,
 )
+from ppframework.strategies.griffin import GriffinScore
 from ppframework.strategies.inference import MaskedInference, SlicedInference
 from ppframework.strategies.masking import StructuredMask
 from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, ResidualProbe
@@ -34,6 +35,7 @@ BUILTIN_STRATEGIES: tuple[type, ...] = (
     WandaSpScore,
     FlapScore,
     MagnitudeScore,
+    GriffinScore,
     ImportanceScaledFusion,
     ProbeOnlyFusion,
     HistoryOnlyFusion,
