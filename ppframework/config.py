@@ -452,6 +452,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "history": _NO_HISTORY,
         "decode": "frozen",
     },
+    "griffin": {
+        "description": "GRIFFIN (Dong et al., 2024; baseline): the prompt runs dense; each MLP keeps, for "
+        "every decode step, the channels with the largest L2 norm over the prompt's tokens of the per-token "
+        "L2-normalised activations; every row decides alone, every layer pruned. Attention is not pruned: "
+        "ratio is the fraction of MLP channels removed, so the model-wide realised ratio is smaller.",
+        "pruning": {
+            "ratio": 0.5,
+            "targets": ["mlp"],
+            "skip_layers": [],
+            "inflate_ratio": False,
+            "round_to": 1,
+        },
+        "strategies": _strategies(select_probe="full", score_channels="griffin", fuse_history="none"),
+        "history": _NO_HISTORY,
+        "decode": "frozen",
+        "prefill": "dense",
+        "decision": "sequence",
+    },
     "dense": {
         "description": "No pruning (ratio 0): the pipeline does not touch the model.",
         "pruning": {"ratio": 0.0},
