@@ -15,6 +15,9 @@ that continues that cache is a *decode* step, run by the method's ``decode`` pol
 
 Decode steps never touch the history, run no probe and record no pruning events: the history
 describes the prompts the method decided on, one entry per position.
+
+Under ``decision: sequence`` the state has one child state per row of the batch (``rows``), each
+with that row's masks and its own pinned sliced weights (``pins``); decode steps run row by row.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ DecodePolicy = Literal["frozen", "dense"]
 #: The decode policies a method can name (``MethodConfig.decode``).
 DECODE_POLICIES: tuple[str, ...] = ("frozen", "dense")
 
+#: Who a decision forward decides for (``MethodConfig.decision``).
+DECISION_SCOPES: tuple[str, ...] = ("batch", "sequence")
+
+#: What a decision forward computes (``MethodConfig.prefill``).
+PREFILL_MODES: tuple[str, ...] = ("pruned", "dense")
+
 
 @dataclass
 class DecodeState:
@@ -39,6 +48,10 @@ class DecodeState:
     policy: DecodePolicy
     masks: dict[tuple[int, BlockKind], BlockMask] = field(default_factory=dict)
     steps: int = 0
+    #: ``decision: sequence``: one state per row of the batch (reordered with the cache by beam search).
+    rows: list[DecodeState] = field(default_factory=list)
+    #: A row's sliced weights, pinned at its prefill (or first decode step) per block runner.
+    pins: dict[tuple[int, BlockKind], Any] = field(default_factory=dict)
 
     @classmethod
     def for_cache(cls, cache: Any, policy: DecodePolicy) -> DecodeState:

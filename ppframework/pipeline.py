@@ -16,7 +16,7 @@ from torch import nn
 from ppframework import hookspecs, validation
 from ppframework.adapters import ModelAdapter, get_adapter
 from ppframework.adapters.base import BlockRunner, GatherBuffers, ProbeReuse, additive_attention_bias
-from ppframework.adapters.kv_cache import KVSlot, cache_length
+from ppframework.adapters.kv_cache import KVSlot, RowCache, cache_length
 from ppframework.config import MethodConfig
 from ppframework.decoding import DecodeState
 from ppframework.devices import execution_device, has_offloaded_weights, hook_of, onloaded
@@ -24,6 +24,7 @@ from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter
 from ppframework.positions import RowShift, row_shifts
+from ppframework.strategies.inference import squared_mean_per_position
 from ppframework.registry import StrategyRegistry, default_registry
 from ppframework.types import (
     AllocationContext,
@@ -49,6 +50,20 @@ def _no_stage(name: str) -> AbstractContextManager[None]:
 def _pipeline_forward(layer: nn.Module) -> Pipeline | None:
     """The pipeline whose forward is set on ``layer``, or None."""
     return getattr(layer.__dict__.get("forward"), "_ppf_pipeline", None)
+
+
+def _row_rotary(
+    rotary: tuple[torch.Tensor, torch.Tensor] | None, row: int, length: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row ``row``'s rotary tables (its first ``length`` positions; None = all), batch dimension kept."""
+    if rotary is None:
+        return None
+
+    def take(table: torch.Tensor) -> torch.Tensor:
+        table = table if table.shape[0] == 1 else table[row : row + 1]
+        return table if length is None else table[:, :length]
+
+    return take(rotary[0]), take(rotary[1])
 
 
 def inflated_ratio(ratio: float, num_layers: int, n_skipped: int, inflate: bool = True) -> float:
@@ -109,6 +124,7 @@ class _Batch:
     decode: DecodeState | None = None
     past: int = 0
     key_mask: torch.Tensor | None = None
+    row_lengths: list[int] | None = None
     _bias: dict[torch.dtype, torch.Tensor | None] = field(default_factory=dict)
     _key_bias: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     _rotary: tuple[Any, tuple[torch.Tensor, torch.Tensor] | None] | None = None
@@ -306,7 +322,23 @@ class Pipeline:
         self._pinned_for_decode = False
         #: The mask of every pruned block chosen by the last decision forward (a prefill included).
         self.last_masks: dict[tuple[int, BlockKind], BlockMask] = {}
+        #: ``decision: sequence``: each row's masks from the last decision forward (one dict per row).
+        self.last_row_masks: list[dict[tuple[int, BlockKind], BlockMask]] = []
         self._untracked = False
+        #: ``decision: sequence``: rows decide alone and run alone (static methods decide for no batch).
+        self.per_row = method.decision == "sequence" and not self.is_static and bool(self.pruned_layers)
+        #: ``prefill: dense``: decision forwards run the unpruned layers and decide from what they computed.
+        self.dense_prefill = method.prefill == "dense"
+        #: The cache keeps every key/value head (rows or dense prefills share one cache layout).
+        self._full_kv = self.per_row or self.dense_prefill
+        self._row: int | None = None  # the row being run alone (decision: sequence)
+        self._record_weight = 1.0  # a row's share of its batch in the removed-weights record
+        if self.dense_prefill and self.pruned_layers:
+            logger.info(
+                "%s: prefill 'dense': decision forwards (prompts, perplexity windows) run the unpruned "
+                "layers; only decode steps run on the masks decided from them",
+                method.label,
+            )
 
     # -- attach / detach -----------------------------------------------------------------------
     @property
@@ -487,9 +519,12 @@ class Pipeline:
             real.sum(dim=0),
             shift=shift,
             probe_flops_scale=self._probe_flops_scale(batch, seq),
+            row_lengths=[int(n) for n in real.sum(dim=1).tolist()] if self.per_row and batch > 1 else None,
         )
         self.batch_index += 1
         self.record.removed_params.append(0.0)
+        if self.per_row:
+            self.last_row_masks = []
         if self._allocate_per_batch:
             self.block_ratios = self._allocate(None, seq, self.batch_index)
         return args, kwargs
@@ -543,6 +578,8 @@ class Pipeline:
             batch = self._batch
             if batch is not None and batch.decoding and batch.decode.policy == "dense":
                 return previous(hidden_states, *args, **kwargs)
+            if batch is not None and not batch.decoding and self.dense_prefill:
+                return self._dense_prefill(index, layer, previous, hidden_states, args, kwargs)
             weights = onloaded(layer) if offloads else _NO_STAGE
             hook = hook_of(layer)
             if hook is None:
@@ -571,11 +608,28 @@ class Pipeline:
         batch = batch.on(hidden.device)  # masks and positions beside this layer
         rotary = batch.aligned_rotary(self.adapter.rotary(kwargs))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        new_cache = self._decode is None or not self._decode.owns(cache)
-        if cache is not None and not batch.decoding and new_cache:
-            self._decode = DecodeState.for_cache(cache, self.method.decode)
+        if cache is not None and not batch.decoding:
+            self._begin_decode(cache, hidden.shape[0])
         if batch.shift is not None:
             hidden = batch.shift.to_positions(hidden)
+        if self.per_row and hidden.shape[0] > 1:
+            hidden = self._rows_forward(index, layer, hidden, batch, rotary, cache)
+        else:
+            hidden = self._blocks_forward(index, layer, hidden, batch, rotary, cache)
+        if batch.shift is not None:
+            hidden = batch.shift.to_columns(hidden)
+        return hidden
+
+    def _blocks_forward(
+        self,
+        index: int,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        batch: _Batch,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Layer ``index``'s attention then MLP block on ``hidden`` (position layout)."""
         for kind in BlockKind:
             normed = self.adapter.block_input(layer, kind, hidden)
             inputs = BlockInputs(
@@ -588,15 +642,129 @@ class Pipeline:
             )
             out = self._run_block(index, kind, inputs, batch, cache)
             hidden = self.adapter.block_residual(layer, kind, hidden, out)
-        if batch.shift is not None:
-            hidden = batch.shift.to_columns(hidden)
         return hidden
+
+    def _begin_decode(self, cache: Any, rows: int) -> None:
+        """A decision forward that fills ``cache``: start the state its decode steps will continue."""
+        if self._decode is not None and self._decode.owns(cache):
+            return  # an earlier layer of this forward started it
+        self._decode = DecodeState.for_cache(cache, self.method.decode)
+        if self.per_row and rows > 1:
+            self._track_rows(self._decode, cache, rows)
+
+    # -- decision: sequence -------------------------------------------------------------------------
+    @staticmethod
+    def _track_rows(state: DecodeState, cache: Any, rows: int) -> None:
+        """Give ``state`` one child per row, and keep them in step when beam search reorders the cache."""
+        state.rows = [DecodeState(state.cache, state.policy) for _ in range(rows)]
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is None:
+            return
+
+        def reorder_rows(beam_idx: torch.Tensor) -> Any:
+            result = reorder(beam_idx)
+            state.rows[:] = [state.rows[i] for i in beam_idx.tolist()]
+            return result
+
+        cache.reorder_cache = reorder_rows  # this cache object only; it dies with the generation
+
+    def _rows_forward(
+        self,
+        index: int,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        batch: _Batch,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Layer ``index`` with every row run alone (``decision: sequence``), in position layout.
+
+        A decision forward runs row ``b`` on its ``row_lengths[b]`` real tokens as a batch of one,
+        so it decides and computes exactly what that prompt alone would (padding never runs); a
+        decode step runs row ``b`` on the masks and sliced weights of its own prefill. Every row of
+        a layer decides from the history as it stood before that row, and updates it after, in
+        row order: as if the prompts had come one at a time. The rows' keys and values reach the
+        model's cache in one update per layer (:class:`RowCache`).
+        """
+        rows, seq = hidden.shape[:2]
+        out = hidden.clone()  # padding positions pass through unchanged
+        state = self._decode if cache is not None else None
+        decoding = batch.decoding
+        if decoding and (batch.decode is None or len(batch.decode.rows) != rows):
+            raise RuntimeError(
+                f"decision 'sequence': this decode step has {rows} rows but its prefill decided for "
+                f"{0 if batch.decode is None else len(batch.decode.rows)}; continue the cache with the "
+                "same rows"
+            )
+        row_cache = RowCache(cache, rows, batch.past) if cache is not None else None
+        runners = {(index, kind): self._runners[(index, kind)] for kind in BlockKind}
+        frozen = self.method.decode == "frozen"
+        self._record_weight = 1.0 / rows
+        try:
+            for b in range(rows):
+                self._row = b
+                if row_cache is not None:
+                    row_cache.row = b
+                row_state = None if state is None else state.rows[b]
+                if decoding:
+                    row_hidden = hidden[b : b + 1]
+                    row_batch = self._decode_row_batch(batch, b)
+                    row_rotary = _row_rotary(rotary, b, None)
+                else:
+                    length = batch.row_lengths[b] if batch.row_lengths is not None else seq
+                    row_hidden = hidden[b : b + 1, :length]
+                    row_batch = self._decision_row_batch(length, hidden.device)
+                    row_rotary = _row_rotary(rotary, b, length)
+                for key, runner in runners.items():  # the row's own pinned weights (none before its prefill)
+                    runner._pinned = None if row_state is None else row_state.pins.get(key)
+                    if decoding and frozen and runner._pinned is None:
+                        runner.pin_weights()  # a dense prefill gathered nothing: the first step does
+                row_out = self._blocks_forward(index, layer, row_hidden, row_batch, row_rotary, row_cache)
+                out[b : b + 1, : row_out.shape[1]] = row_out
+                if row_state is not None and frozen:
+                    for key, runner in runners.items():
+                        if runner._pinned is not None:
+                            row_state.pins[key] = runner._pinned
+        finally:
+            self._row = None
+            self._record_weight = 1.0
+            for runner in runners.values():
+                runner._pinned = None
+        if row_cache is not None:
+            row_cache.flush(seq, batch.shift)
+        return out
+
+    def _decision_row_batch(self, length: int, device: torch.device) -> _Batch:
+        """A decision forward's row alone: ``length`` real tokens, no padding."""
+        ones = torch.ones(1, length, dtype=torch.long, device=device)
+        return _Batch(
+            ones,
+            torch.ones(length, dtype=torch.bool, device=device),
+            False,
+            torch.ones(length, dtype=torch.long, device=device),
+            probe_flops_scale=self._probe_flops_scale(1, length),
+        )
+
+    @staticmethod
+    def _decode_row_batch(batch: _Batch, row: int) -> _Batch:
+        """A decode step's row alone, continuing that row's cache with its own decision."""
+        assert batch.decode is not None
+        key_mask = None if batch.key_mask is None else batch.key_mask[row : row + 1]
+        return _Batch(
+            batch.attention_mask[row : row + 1],
+            None,
+            False,
+            None,
+            decode=batch.decode.rows[row],
+            past=batch.past,
+            key_mask=key_mask,
+        )
 
     def _slot(self, runner: BlockRunner, kind: BlockKind, batch: _Batch, cache: Any) -> KVSlot | None:
         """The cache slot of an attention block's full pass (None without a cache or for the MLP)."""
         if cache is None or kind is not BlockKind.ATTENTION:
             return None
-        full_kv = not batch.decoding and self.method.decode == "dense"
+        full_kv = self._full_kv or (not batch.decoding and self.method.decode == "dense")
         return batch.kv_slot(cache, runner.layer_idx, full_kv)
 
     def _infer(
@@ -700,11 +868,156 @@ class Pipeline:
         self._remember(index, kind, mask, cache)
         return result.output
 
+    # -- prefill: dense ------------------------------------------------------------------------------
+    def _dense_prefill(
+        self, index: int, layer: nn.Module, previous: Any, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> Any:
+        """A decision forward under ``prefill: dense``: the layer's own forward runs unpruned (so the
+        logits and the key/value cache are exactly the dense model's), and the inputs of its output
+        projections, captured on the way, are the activations the decision is made from.
+
+        For every pruned block the probe's rows and positions of those exact activations are the
+        evidence ``score_channels`` scores (no probe forward), fused with the history; the mask chosen
+        serves the decode steps that continue the cache. The history is updated from every channel
+        (all were computed), at real positions only. Under ``decision: sequence`` each row decides
+        from its own real tokens, in row order. Static methods keep their mask.
+        """
+        captured: dict[BlockKind, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = []
+        for kind in BlockKind:
+
+            def capture(module: nn.Module, inp: tuple, out: torch.Tensor, kind: BlockKind = kind) -> None:
+                shape = (*hidden.shape[:2], -1)  # some families (OPT's MLP) run on (B * T, D) rows
+                captured[kind] = (inp[0].reshape(shape), out.reshape(shape))
+
+            handles.append(self._runners[(index, kind)].out_proj.register_forward_hook(capture))
+        try:
+            output = previous(hidden, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [kind.value for kind in BlockKind if kind not in captured]
+        if missing:
+            raise RuntimeError(
+                f"prefill 'dense': layer {index}'s forward did not call the output projection of its "
+                f"{', '.join(missing)} block; this family cannot decide from a dense prefill"
+            )
+        z_attn, attn_out = captured[BlockKind.ATTENTION]
+        batch = self._batch
+        assert batch is not None
+        batch = batch.on(z_attn.device)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            self._begin_decode(cache, z_attn.shape[0])
+        hidden = hidden.to(z_attn.device)
+        residual = {BlockKind.ATTENTION: hidden}
+        residual[BlockKind.MLP] = self.adapter.block_residual(layer, BlockKind.ATTENTION, hidden, attn_out)
+        for kind in BlockKind:
+            if kind not in self.targets:
+                continue
+            z, res = captured[kind][0], residual[kind]
+            normed = self.adapter.block_input(layer, kind, res)
+            if batch.shift is not None:
+                z, res, normed = (batch.shift.to_positions(t) for t in (z, res, normed))
+            self._decide_dense(index, kind, z, res, normed, batch, cache)
+        return output
+
+    def _decide_dense(
+        self,
+        index: int,
+        kind: BlockKind,
+        z: torch.Tensor,
+        residual: torch.Tensor,
+        normed: torch.Tensor,
+        batch: _Batch,
+        cache: Any,
+    ) -> None:
+        """Decide block ``(index, kind)`` from its dense activations ``z`` (position layout)."""
+        runner = self._runners[(index, kind)]
+        units = runner.geometry.units
+        ran = BlockMask(kept_units=torch.arange(units, device=z.device), total_units=units)
+        self._record(index, kind, ran, normed.shape, None)  # what ran: every unit
+        frozen = cache is not None and self.method.decode == "frozen"
+        if self.is_static:
+            self._remember(index, kind, self._static_masks[(index, kind)], cache)
+            return
+        rows = z.shape[0]
+        if self.per_row and rows > 1:
+            lengths = batch.row_lengths or [z.shape[1]] * rows
+            try:
+                for b in range(rows):
+                    self._row = b
+                    length = lengths[b]
+                    row_batch = self._decision_row_batch(length, z.device)
+                    part = slice(b, b + 1), slice(0, length)
+                    self._decide_one(index, kind, runner, z[part], residual[part], normed[part], row_batch, cache)
+            finally:
+                self._row = None
+            return
+        self._decide_one(index, kind, runner, z, residual, normed, batch, cache)
+        if frozen:
+            runner.pin_weights()  # filled at the first decode step, reused by the rest
+            self._pinned_for_decode = True
+
+    def _decide_one(
+        self,
+        index: int,
+        kind: BlockKind,
+        runner: BlockRunner,
+        z: torch.Tensor,
+        residual: torch.Tensor,
+        normed: torch.Tensor,
+        batch: _Batch,
+        cache: Any,
+    ) -> None:
+        """Probe, score, fuse, mask and update the history for one decision on dense activations."""
+        history = self.history.get(index, kind) if self.history is not None else None
+        collect = history is not None and self.updates_history and not self._untracked
+        ctx = self._context(
+            index,
+            kind,
+            runner,
+            z.shape[1],
+            batch.position_valid,
+            collect,
+            batch.has_padding,
+            batch.probe_flops_scale,
+            batch.rows_per_position,
+        )
+        check, picked, hooks = self.validate_outputs, self.strategies, self.hooks
+        probe = hooks.select_probe(ctx, residual, normed, batch.attention_mask)
+        if check:
+            validation.check_probe(probe, picked["select_probe"], ctx, *normed.shape[:2])
+        states = None
+        if probe is not None:
+            states = z.index_select(0, probe.batch_index).index_select(1, probe.token_index)
+        scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
+        if check:
+            validation.check_scores(scores, picked["score_channels"], ctx, probe)
+        scores = hooks.fuse_history(ctx, scores, history)
+        pending = validation.check_fused(scores, picked["fuse_history"], ctx) if check else None
+        mask = hooks.apply_mask(ctx, scores, self.block_ratios[(index, kind)])
+        if check:
+            validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
+        if collect:
+            stats, valid = squared_mean_per_position(z, batch.attention_mask, batch.has_padding)
+            if self.method.history.update == "running-mean":
+                history.running_mean_update(stats, batch.rows_per_position, None)
+            else:
+                history.ema_update(stats, valid if batch.has_padding else None, None, self.method.history.momentum)
+        self._remember(index, kind, mask, cache)
+
     def _remember(self, index: int, kind: BlockKind, mask: BlockMask, cache: Any) -> None:
         """Keep a decision's mask (for the decode steps that will continue its cache, if any)."""
         self.last_masks[(index, kind)] = mask
+        row = self._row
+        if row is not None:
+            while len(self.last_row_masks) <= row:
+                self.last_row_masks.append({})
+            self.last_row_masks[row][(index, kind)] = mask
         if cache is not None and self._decode is not None:
-            self._decode.masks[(index, kind)] = mask
+            state = self._decode if row is None else self._decode.rows[row]
+            state.masks[(index, kind)] = mask
 
     def _context(
         self,
@@ -873,7 +1186,7 @@ class Pipeline:
         if mask.kept_kv_heads is not None:
             kept_kv = int(mask.kept_kv_heads.numel())
             removed += (geo.num_kv_heads - kept_kv) * per_kv
-        self.record.removed_params[-1] += removed
+        self.record.removed_params[-1] += removed * self._record_weight
         self.record.kept_units.setdefault((index, kind), []).append(mask.n_kept)
         self.record.events.append(
             BlockEvent(

@@ -117,3 +117,73 @@ class KVSlot:
         if key not in self.bias_cache:
             self.bias_cache[key] = key_bias(self.key_mask, self.past, queries, keys, dtype, window)
         return self.bias_cache[key]
+
+
+class RowCache:
+    """One layer's key/value cache seen one row at a time (``decision: sequence``).
+
+    Each row of the batch runs the block alone; its attention runner stores that row's keys and values
+    here (through :class:`KVSlot`, as with the model's own cache) and attends to the row's cached keys
+    followed by the new ones. :meth:`flush` then writes every row's new keys and values into the
+    model's cache with one ``update``, so the cache keeps the batch layout ``generate`` expects.
+
+    ``row`` is the row being run; ``past`` the tokens cached before this forward. In a decision
+    forward (``past == 0``) row ``b`` stores its ``lengths[b]`` real tokens in position layout; the
+    flush pads them to ``seq`` columns and rolls them back to the model's column layout (``shift``).
+    A decode step reads the row's cached keys from the cache layer's ``keys``/``values`` (transformers'
+    dynamic caches, sliding-window layers included); caches without them are refused.
+    """
+
+    def __init__(self, cache: Any, rows: int, past: int) -> None:
+        self.cache = cache
+        self.past = past
+        self.row = 0
+        self.layer_idx: int | None = None
+        self._keys: list[torch.Tensor | None] = [None] * rows
+        self._values: list[torch.Tensor | None] = [None] * rows
+
+    def _cached(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = getattr(self.cache, "layers", None)
+        layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise RuntimeError(
+                f"decision 'sequence' reads each row's cached keys from the cache's layers[{layer_idx}]"
+                f".keys/.values, which a {type(self.cache).__name__} does not have; use the default "
+                "dynamic cache or decision 'batch'"
+            )
+        return keys, values
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep row ``row``'s (1, heads, T, d) keys/values; return what its queries attend to."""
+        self.layer_idx = layer_idx
+        self._keys[self.row], self._values[self.row] = keys, values
+        if self.past == 0:
+            return keys, values
+        cached_k, cached_v = self._cached(layer_idx)
+        row = slice(self.row, self.row + 1)
+        return torch.cat([cached_k[row], keys], dim=-2), torch.cat([cached_v[row], values], dim=-2)
+
+    def flush(self, seq: int, shift: RowShift | None) -> None:
+        """Write every row's new keys/values into the model's cache (one ``update`` per layer)."""
+        if self.layer_idx is None:
+            return
+        if any(k is None for k in self._keys):
+            raise RuntimeError("decision 'sequence': a row stored no keys/values in this layer's cache")
+        keys, values = self._keys, self._values
+        if self.past == 0:  # rows of different lengths: pad in position layout, then back to columns
+
+            def padded(parts: list[torch.Tensor | None]) -> torch.Tensor:
+                stacked = torch.cat(
+                    [torch.nn.functional.pad(p, (0, 0, 0, seq - p.shape[-2])) for p in parts],  # type: ignore[union-attr]
+                    dim=0,
+                )
+                return stacked if shift is None else shift.to_columns(stacked, dim=2)
+
+            all_k, all_v = padded(keys), padded(values)
+        else:
+            all_k, all_v = torch.cat(keys, dim=0), torch.cat(values, dim=0)  # type: ignore[arg-type]
+        self.cache.update(all_k, all_v, self.layer_idx)
+        self.layer_idx = None
