@@ -535,6 +535,11 @@ def method_inconsistency(method: MethodConfig) -> str | None:
     """
     if method.pruning.ratio == 0:
         return None
+    if method.prefill == "dense" and method.decode == "dense":
+        return (
+            "prefill: 'dense' with decode: 'dense' prunes nothing (both phases run the unpruned layers); "
+            "use decode 'frozen' to run decode steps on the masks the dense prefill decided"
+        )
     st = method.strategies
     probe, fusion, metric = st.select_probe.name, st.fuse_history.name, st.score_channels.name
     has_probe = probe != "none"
@@ -601,6 +606,20 @@ class MethodConfig(StrictModel):
         "frozen",
         description="decode steps of generate(): frozen = reuse the masks decided at prefill on sliced "
         "weights gathered once; dense = run them unpruned (prefill-only pruning)",
+    )
+    decision: Literal["batch", "sequence"] = Field(
+        "batch",
+        description="who a decision forward decides for: batch = one set of masks for the whole batch "
+        "(the paper's); sequence = every row decides alone, from its own real tokens, as if the prompts "
+        "came one at a time (the history updated after each row), and its decode steps run on its own "
+        "kept weights (row by row; static methods decide for no batch and ignore it)",
+    )
+    prefill: Literal["pruned", "dense"] = Field(
+        "pruned",
+        description="what a decision forward computes: pruned = the method's probe, masks and sliced "
+        "inference (the paper's); dense = the unpruned layers (exact logits and key/value cache), whose "
+        "activations at every real token are the probe for scoring and history fusion; the masks decided "
+        "from them serve the decode steps only",
     )
 
     @model_validator(mode="before")
