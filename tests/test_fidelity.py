@@ -1,0 +1,254 @@
+"""Generation measures without future tokens (``ppframework/generation/fidelity.py``): multi-token decode
+steps, fidelity to dense checked by hand, padding, continuation perplexity, and the benchmark script."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppframework.adapters import get_adapter
+from ppframework.calibration import calibrate
+from ppframework.config import MethodConfig
+from ppframework.generation.fidelity import (
+    continuation_perplexity,
+    dense_continuations,
+    fidelity,
+    generation_positions,
+    left_pad,
+    teacher_forced_logits,
+)
+from ppframework.hookspecs import hookimpl
+from ppframework.pipeline import Pipeline
+from ppframework.testing.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["Hello there, how are", "A much longer prompt, to test left padding here", "Short"]
+PAD = 3
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_conditioned.py"
+
+
+def _prompt_ids(prompts: list[str] = PROMPTS) -> list[list[int]]:
+    tok = tiny_tokenizer()
+    return [list(tok(p)["input_ids"]) for p in prompts]
+
+
+def _pipeline(model: torch.nn.Module, preset: str = "pp", history=None, **fields) -> Pipeline:
+    pruning = {"skip_layers": [0], "ratio": 0.5, **fields.pop("pruning", {})}
+    method = MethodConfig.model_validate({"preset": preset, "pruning": pruning, **fields})
+    if method.needs_calibration and history is None:
+        ids = torch.randint(4, 90, (4, 128), generator=torch.Generator().manual_seed(1))
+        history = calibrate(model, get_adapter(model), [ids], progress=False)
+    return Pipeline(model, method, history=history.clone() if history is not None else None)
+
+
+def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int):
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+
+
+class ReplayMasks:
+    """Replaces every mask decision by a recorded one (an independent way to run a frozen decision)."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    @hookimpl(wrapper=True)
+    def apply_mask(self, ctx, scores, ratio):
+        yield
+        return self.masks[(ctx.layer, ctx.kind)]
+
+
+# --------------------------------------------------------------------------- multi-token decode steps
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "opt", "mistral-swa", "gemma3"])
+def test_multi_token_decode_step_of_the_dense_model_equals_a_plain_forward(family):
+    model = tiny_model(family).eval()
+    ids, mask = left_pad(_prompt_ids(), PAD)
+    new = _generate(model, ids, mask, 10).sequences[:, ids.shape[1] :]
+    forced = teacher_forced_logits(model, ids, mask, new)
+    whole = torch.cat([ids, new], dim=1)
+    whole_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    with torch.inference_mode():
+        plain = model(
+            input_ids=whole,
+            attention_mask=whole_mask,
+            position_ids=generation_positions(whole_mask),
+            use_cache=False,
+        ).logits
+    torch.testing.assert_close(forced, plain[:, ids.shape[1] - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "decode", "gqa"),
+    [
+        ("llama-gqa", "frozen", "query-only"),
+        ("llama-gqa", "frozen", "group"),
+        ("llama-gqa", "dense", "query-only"),
+        ("llama-gqa", "dense", "group"),
+        ("opt", "frozen", "query-only"),
+        ("opt", "dense", "query-only"),
+        ("mistral-swa", "frozen", "group"),
+        ("gemma3", "frozen", "query-only"),
+        ("gemma3", "dense", "group"),
+    ],
+)
+def test_multi_token_decode_step_equals_generating_token_by_token(family, decode, gqa):
+    """A pruned prefill, then the greedy tokens teacher-forced in one decode step (and in steps of 3,
+    and one at a time): the logits ``generate`` produced feeding them one by one, under ``frozen``
+    (the prefill's masks) and under ``dense`` (unpruned decode layers)."""
+    model = tiny_model(family).eval()
+    ids, mask = left_pad(_prompt_ids(), PAD)
+    history = _pipeline(model).history
+    with _pipeline(model, history=history, decode=decode, pruning={"gqa_policy": gqa}):
+        out = _generate(model, ids, mask, 10)
+    new = out.sequences[:, ids.shape[1] :]
+    stepwise = torch.stack(out.logits, dim=1)
+    for step_tokens in (None, 3, 1):
+        with _pipeline(model, history=history, decode=decode, pruning={"gqa_policy": gqa}) as pipe:
+            forced = teacher_forced_logits(model, ids, mask, new, step_tokens=step_tokens)
+        assert any(m.n_kept < m.total_units for m in pipe.last_masks.values())
+        torch.testing.assert_close(forced, stepwise, atol=1e-4, rtol=1e-4, msg=f"step_tokens={step_tokens}")
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def _kl_by_hand(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p = torch.softmax(p_logits.double(), dim=-1)
+    q = torch.softmax(q_logits.double(), dim=-1)
+    return float((p * (p.log() - q.log())).sum())
+
+
+def test_fidelity_of_one_prompt_by_hand():
+    """Dense greedy tokens, the method's decision on the prompt replayed over prompt + continuation in
+    one plain forward, then top-1 agreement and KL(dense || method) per token with plain torch."""
+    model = tiny_model("llama-gqa").eval()
+    prompt = _prompt_ids()[1]
+    n_new = 12
+    (continuation,) = dense_continuations(model, [prompt], n_new, pad_token_id=PAD, stop_at_eos=False)
+    assert len(continuation) == n_new
+    pipe = _pipeline(model)
+    result = fidelity(model, pipe, [prompt], [continuation], pad_token_id=PAD)
+    masks = dict(pipe.last_masks)
+    assert any(m.n_kept < m.total_units for m in masks.values())
+
+    whole = torch.tensor([prompt + continuation])
+    with torch.inference_mode():
+        dense_logits = model(input_ids=whole, use_cache=False).logits[0]
+        replay = _pipeline(model)
+        replay.plugin_manager.register(ReplayMasks(masks))
+        with replay:
+            method_logits = model(input_ids=whole, use_cache=False).logits[0]
+    start = len(prompt) - 1  # the prompt's last token predicts the first continuation token
+    agree, kl = [], []
+    for j, token in enumerate(continuation):
+        agree.append(int(method_logits[start + j].argmax()) == token)
+        kl.append(_kl_by_hand(dense_logits[start + j], method_logits[start + j]))
+        assert int(dense_logits[start + j].argmax()) == token
+    assert result.tokens == n_new and [p.tokens for p in result.prompts] == [n_new]
+    assert result.top1 == pytest.approx(sum(agree) / n_new)
+    assert result.kl == pytest.approx(sum(kl) / n_new, rel=1e-3, abs=1e-6)
+    assert result.prompts[0].kl == result.kl and result.dense_top1 == 1.0
+    assert 0 < result.kl and result.top1 < 1  # the method changes something at ratio 0.5
+
+
+def test_dense_against_dense_is_exact():
+    model = tiny_model("llama-gqa").eval()
+    prompts = _prompt_ids()
+    continuations = dense_continuations(model, prompts, 8, pad_token_id=PAD, stop_at_eos=False)
+    for pipeline in (None, _pipeline(model, "dense", pruning={"ratio": 0.0})):
+        for batch_size in (1, 3):
+            result = fidelity(
+                model, pipeline, prompts, continuations, pad_token_id=PAD, batch_size=batch_size
+            )
+            assert result.top1 == 1.0 and result.kl == 0.0 and result.tokens == 24
+
+
+def test_padding_is_not_scored_batch_equals_per_prompt():
+    """Prompts of different lengths (left padding) and continuations of different lengths (right
+    padding): per-prompt scores of one batch of 3 = those of three batches of 1. A static method,
+    so that the decision does not depend on the batch."""
+    model = tiny_model("llama-gqa").eval()
+    prompts = _prompt_ids()
+    continuations = dense_continuations(model, prompts, 9, pad_token_id=PAD, stop_at_eos=False)
+    continuations[2] = continuations[2][:4]  # as if the dense model had stopped there
+    history = _pipeline(model).history
+    results = {}
+    for batch_size in (1, 3):
+        pipe = _pipeline(model, "wanda-sp", history=history)
+        results[batch_size] = fidelity(
+            model, pipe, prompts, continuations, pad_token_id=PAD, batch_size=batch_size
+        )
+    one, batch = results[1], results[3]
+    assert [p.tokens for p in batch.prompts] == [p.tokens for p in one.prompts] == [9, 9, 4]
+    assert [p.agree for p in batch.prompts] == [p.agree for p in one.prompts]
+    for a, b in zip(one.prompts, batch.prompts, strict=True):
+        assert b.kl == pytest.approx(a.kl, rel=1e-3, abs=1e-6)
+    assert batch.top1 == pytest.approx(one.top1) and batch.kl == pytest.approx(one.kl, rel=1e-3)
+    assert 0 < one.kl
+
+
+def test_dense_continuations_stop_at_eos_or_not():
+    model = tiny_model("llama").eval()
+    prompts = _prompt_ids()
+    full = dense_continuations(model, prompts, 6, pad_token_id=PAD, stop_at_eos=False, batch_size=3)
+    assert [len(c) for c in full] == [6, 6, 6]
+    stopped = dense_continuations(model, prompts, 6, pad_token_id=PAD)
+    eos = model.generation_config.eos_token_id
+    for a, b in zip(full, stopped, strict=True):
+        assert a[: len(b)] == b
+        assert len(b) == 6 or b[-1] == eos
+    pipe = _pipeline(model)
+    with pipe, pytest.raises(RuntimeError, match="attached"):
+        dense_continuations(model, prompts, 2, pad_token_id=PAD)
+
+
+# --------------------------------------------------------------------------- continuation perplexity
+
+
+def test_continuation_perplexity_of_the_dense_model_by_hand():
+    model = tiny_model("llama-gqa").eval()
+    windows = torch.randint(4, 90, (8, 40), generator=torch.Generator().manual_seed(3))
+    prefix = 24
+    with torch.inference_mode():
+        logits = model(input_ids=windows, use_cache=False).logits.double()
+    nll = -torch.log_softmax(logits[:, prefix - 1 : -1], dim=-1).gather(-1, windows[:, prefix:, None])
+    expected = math.exp(float(nll.mean()))
+    for batch_size in (1, 8, 3):
+        result = continuation_perplexity(model, None, windows, prefix, batch_size=batch_size)
+        assert result.tokens == 8 * 16 and result.windows == 8
+        assert result.perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_continuation_perplexity_of_a_pruned_method_scores_under_the_prefix_decision():
+    """Batch 1 and 8 run; the decision is the prefix's: replaying its masks over the whole window in
+    one plain forward gives the same NLL."""
+    model = tiny_model("llama-gqa").eval()
+    windows = torch.randint(4, 90, (8, 40), generator=torch.Generator().manual_seed(3))
+    history = _pipeline(model).history
+    dense = continuation_perplexity(model, None, windows, 24).perplexity
+    for batch_size in (1, 8):
+        pipe = _pipeline(model, history=history)
+        result = continuation_perplexity(model, pipe, windows, 24, batch_size=batch_size)
+        assert math.isfinite(result.perplexity) and result.perplexity != dense
+    replay = _pipeline(model, history=history)
+    replay.plugin_manager.register(ReplayMasks(dict(pipe.last_masks)))
+    with replay, torch.inference_mode():
+        logits = model(input_ids=windows, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, 23:-1].reshape(-1, logits.shape[-1]), windows[:, 24:].reshape(-1))
+    assert result.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    with pytest.raises(Exception, match="prefix_len"):
+        continuation_perplexity(model, None, windows, 40)
