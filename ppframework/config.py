@@ -360,6 +360,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "history": _NO_HISTORY,
         "decode": "frozen",
     },
+    "pp-prompt": {
+        "description": "Probe Pruning for generation (ours, not the paper's): every prompt decides alone "
+        "(decision: sequence) from its own dense prefill (prefill: dense: the prompt's logits and key/value "
+        "cache are the dense model's, and every real token of the prompt is the probe), fused with the "
+        "calibration + EMA 0.99 history (importance-scaled), PPsp, skip layers 0-2; decode steps run on "
+        "the masks decided. Prunes decode steps only: perplexity windows run dense.",
+        "pruning": {"ratio": 0.4},
+        "strategies": _strategies(select_probe="full"),
+        "history": _CALIBRATION_EMA,
+        "decode": "frozen",
+        "decision": "sequence",
+        "prefill": "dense",
+    },
     "no-history": {
         "description": "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
         "pruning": {"ratio": 0.4},
@@ -755,6 +768,11 @@ class GenerationConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="prompts per generate call (input order, left padding)")
     timeout_s: float = Field(10.0, gt=0, description="time limit of each generated program (code tasks)")
     workers: int = Field(2, ge=1, description="programs run in parallel (code tasks)")
+    allow_code_execution: bool = Field(
+        False,
+        description="let code tasks (humaneval, mbpp) run the generated programs in ppframework's sandbox "
+        "(Linux namespaces; docs/evaluation.md, Running generated code)",
+    )
 
     @field_validator("tasks")
     @classmethod
