@@ -3,12 +3,17 @@ steps, fidelity to dense checked by hand, padding, continuation perplexity, and 
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from ppframework.adapters import get_adapter
 from ppframework.calibration import calibrate
@@ -252,3 +257,91 @@ def test_continuation_perplexity_of_a_pruned_method_scores_under_the_prefix_deci
     assert result.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-4)
     with pytest.raises(Exception, match="prefix_len"):
         continuation_perplexity(model, None, windows, 40)
+
+
+# --------------------------------------------------------------------------- the benchmark script
+
+
+def _humaneval_folder(root: Path) -> Path:
+    """A data folder holding three HumanEval-shaped items (the task reads only these fields)."""
+    folder = root / "generation" / "humaneval"
+    folder.mkdir(parents=True)
+    records = [
+        {
+            "task_id": f"HumanEval/{i}",
+            "prompt": f"def add_{i}(a, b):\n    '''Add {i} numbers.'''\n",
+            "entry_point": f"add_{i}",
+            "test": "def check(f):\n    assert f(1, 2) == 3\n",
+            "canonical_solution": "    return a + b\n",
+        }
+        for i in range(3)
+    ]
+    with gzip.open(folder / "HumanEval.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    return root
+
+
+def test_prompt_conditioned_benchmark_tiny_end_to_end(tmp_path, tiny_model_dir, tiny_text_file):
+    config = {
+        "model": {"name": str(tiny_model_dir("llama-gqa")), "device": "cpu"},
+        "data": {
+            "name": str(tiny_text_file),
+            "seq_len": 64,
+            "data_dir": str(_humaneval_folder(tmp_path / "data")),
+        },
+        "calibration": {
+            "dataset": str(tiny_text_file),
+            "n_samples": 8,
+            "batch_size": 4,
+            "cache_dir": str(tmp_path / "calibration-cache"),
+        },
+        "methods": [{"preset": "pp"}],
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        str(path),
+        "--methods", "dense", "pp", "wanda-sp",
+        "--ratios", "0.2", "0.4",
+        "--batch-sizes", "1", "2",
+        "--prompt-sets", "humaneval", "mbpp",
+        "--corpora", str(tiny_text_file),
+        "--prompts", "3",
+        "--new-tokens", "6",
+        "--windows", "4",
+        "--window-len", "48",
+        "--set", "calibration.n_samples=8",
+        "--method-set", "pruning.skip_layers=[0]",
+        "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["complete"] and "mbpp" in report["skipped"]  # no MBPP file in the folder
+    labels = [(row["method"], row["batch_size"]) for row in report["rows"]]
+    expected = [
+        (m, b) for m in ("dense 0%", "pp 20%", "pp 40%", "wanda-sp 20%", "wanda-sp 40%") for b in (1, 2)
+    ]
+    assert labels == expected
+    corpus = str(tiny_text_file)
+    for row in report["rows"]:
+        fid = row["fidelity"]["humaneval"]
+        assert fid["tokens"] > 0 and len(fid["per_prompt"]) == 3
+        ppl = row["continuation_perplexity"][corpus]
+        assert ppl["tokens"] == 4 * 24 and ppl["prefix_len"] == 24 and math.isfinite(ppl["perplexity"])
+        if row["method"] == "dense 0%":
+            assert fid["top1"] == 1.0 and fid["kl"] == 0.0
+        else:
+            assert fid["kl"] > 0
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == 1 + len(expected) and "humaneval top-1" in table
+
+    # A rerun with the same settings keeps every row and computes nothing new.
+    before = (out / "results.json").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
