@@ -20,6 +20,7 @@ from typing import Any
 from ppframework.config import GenerationConfig, GenerationTaskConfig, RunConfig
 from ppframework.errors import ConfigError
 from ppframework.generation.runner import generate_completions
+from ppframework.generation.sandbox import check_sandbox
 from ppframework.generation.tasks import GenerationItem, get_generation_task
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,39 @@ class GenerationTaskResult:
         return {k: v for k, v in self.__dict__.items() if k != "records"}
 
 
-def check_generation_data(cfg: RunConfig) -> None:
-    """Fail before the model loads when a configured task's data file is missing."""
+CODE_TASKS: frozenset[str] = frozenset({"humaneval", "mbpp"})
+"""Generation tasks scored by running the generated code (opt-in needed, see :func:`check_code_execution`)."""
+
+
+def check_code_execution(cfg: RunConfig) -> None:
+    """Refuse code tasks without the opt-in; with it, check that this machine can isolate programs.
+
+    Both checks run before the model loads: a code task (HumanEval, MBPP) needs
+    ``evaluation.generation.allow_code_execution: true`` and a working sandbox (Linux namespaces; the
+    error says how to enable them). XSum needs neither.
+    """
     gen = cfg.evaluation.generation
     if not gen.enabled:
         return
+    code = [(i, t.name) for i, t in enumerate(gen.tasks) if t.name in CODE_TASKS]
+    if not code:
+        return
+    if not gen.allow_code_execution:
+        i, name = code[0]
+        raise ConfigError(
+            f"evaluation.generation.tasks[{i}]: {name!r} scores by running the generated code (in "
+            "ppframework's sandbox); set evaluation.generation.allow_code_execution: true to allow it, or "
+            "remove the code tasks (see docs/evaluation.md, Running generated code)"
+        )
+    check_sandbox()
+
+
+def check_generation_data(cfg: RunConfig) -> None:
+    """Fail before the model loads when a code task lacks its opt-in or sandbox, or a data file is missing."""
+    gen = cfg.evaluation.generation
+    if not gen.enabled:
+        return
+    check_code_execution(cfg)
     for i, task_cfg in enumerate(gen.tasks):
         task = get_generation_task(task_cfg.name)
         try:
@@ -79,13 +108,18 @@ def load_generation_items(
     """Every configured task's items, with prompt lengths checked against the history and the model."""
     gen = cfg.evaluation.generation
     history_positions = cfg.calibration_seq_len
+    # A history extends past its positions unless a method says history.beyond: refuse.
+    refuses = any(m.needs_calibration and m.history.beyond == "refuse" for m in cfg.methods)
     items: dict[str, list[GenerationItem]] = {}
     for i, task_cfg in enumerate(gen.tasks):
         task = get_generation_task(task_cfg.name)
         new = _max_new_tokens(task_cfg)
-        limit = history_positions
+        # XSum documents are cut to the history's positions (every method sees the same prompt, and
+        # the cost stays bounded); code prompts are never cut and need only fit where a method refuses.
+        limit = history_positions if refuses or task_cfg.name == "xsum" else None
         if model_positions is not None:
-            limit = min(limit, model_positions - new)
+            limit = model_positions - new if limit is None else min(limit, model_positions - new)
+        limit = limit if limit is not None else 1 << 30
         if limit < 2:
             raise ConfigError(
                 f"evaluation.generation.tasks[{i}].max_new_tokens: {new} new tokens leave no room for a "
@@ -103,8 +137,8 @@ def load_generation_items(
             raise ConfigError(
                 f"evaluation.generation.tasks[{i}]: {len(too_long)} {task_cfg.name} prompt(s) are longer "
                 f"than {limit} tokens (e.g. {first.item_id}: {first.reference['prompt_tokens']}); the "
-                "limit is calibration.seq_len (the history's positions) and the model's positions minus "
-                "max_new_tokens: raise calibration.seq_len or lower the limit"
+                "limit is the model's positions minus max_new_tokens, and calibration.seq_len (the "
+                "history's positions) where a method sets history.beyond: refuse"
             )
         items[task_cfg.name] = loaded
     return items
