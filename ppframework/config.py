@@ -290,6 +290,12 @@ class HistoryConfig(StrictModel):
         "running-mean: exact mean over calibration samples and every batch seen",
     )
     momentum: float = Field(0.99, ge=0.0, le=1.0, description="EMA momentum m (update: ema)")
+    beyond: Literal["extend", "refuse"] = Field(
+        "extend",
+        description="an input longer than the history's positions (calibration.seq_len): extend = every "
+        "position past them starts from the mean of the calibrated positions 1 onwards (position 0, the "
+        "first token, is an outlier) and is updated like any other; refuse = an error before any layer runs",
+    )
 
 
 class StageConfig(StrictModel):

@@ -102,6 +102,37 @@ class HistoryStore:
         """The history of one block, or None if there is none."""
         return self.blocks.get((layer, kind))
 
+    def extend(self, positions: int) -> None:
+        """Grow every block's history to ``positions`` positions (``history.beyond: extend``).
+
+        A new position starts from the mean over the calibrated positions 1 onwards of ``sq_mean``
+        and ``mean`` (position 0, the first token, has outsized activations; a one-position history
+        repeats its only row), with the calibration's sample count as its running-mean weight; it is
+        then updated like any other position. Blocks already that long are left alone.
+        """
+
+        def grown(rows: torch.Tensor) -> torch.Tensor:
+            extra = positions - rows.shape[0]
+            source = rows[1:] if rows.shape[0] > 1 else rows
+            fill = source.float().mean(dim=0).to(rows.dtype)
+            return torch.cat([rows, fill.expand(extra, -1)], dim=0)
+
+        for hist in self.blocks.values():
+            length = hist.sq_mean.shape[0]
+            if length >= positions:
+                continue
+            hist.sq_mean = grown(hist.sq_mean)
+            if hist.mean is not None and hist.mean.shape[0] == length:
+                hist.mean = grown(hist.mean)
+            if hist.counts is not None:
+                prior = torch.full(
+                    (positions - length, hist.counts.shape[1]),
+                    float(max(hist.samples, 1)),
+                    dtype=hist.counts.dtype,
+                    device=hist.counts.device,
+                )
+                hist.counts = torch.cat([hist.counts, prior], dim=0)
+
     @property
     def max_positions(self) -> int:
         """Positions the history covers (0 when empty)."""

@@ -24,8 +24,8 @@ from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter
 from ppframework.positions import RowShift, row_shifts
-from ppframework.strategies.inference import squared_mean_per_position
 from ppframework.registry import StrategyRegistry, default_registry
+from ppframework.strategies.inference import squared_mean_per_position
 from ppframework.types import (
     AllocationContext,
     BlockContext,
@@ -498,10 +498,7 @@ class Pipeline:
                 "a forward without a cache needs one mask column per token"
             )
         if self.history is not None and self.history.max_positions and seq > self.history.max_positions:
-            raise ValueError(
-                f"sequence length {seq} exceeds the history's {self.history.max_positions} positions; "
-                "calibrate with calibration.seq_len >= the longest input (data.seq_len, prompts)"
-            )
+            self._extend_history(seq)
         self.adapter.check_supported(seq)
         real = mask.bool()
         has_padding = not bool(real.all())
@@ -528,6 +525,28 @@ class Pipeline:
         if self._allocate_per_batch:
             self.block_ratios = self._allocate(None, seq, self.batch_index)
         return args, kwargs
+
+    def _extend_history(self, seq: int) -> None:
+        """An input longer than the history: extend it (``history.beyond: extend``) or refuse."""
+        assert self.history is not None
+        known = self.history.max_positions
+        if self.method.history.beyond == "refuse":
+            raise ValueError(
+                f"sequence length {seq} exceeds the history's {known} positions; calibrate with "
+                "calibration.seq_len >= the longest input (data.seq_len, prompts), or set "
+                "history.beyond: extend"
+            )
+        logger.info(
+            "%s: input of %d tokens past the history's %d positions; positions %d-%d start from the mean "
+            "of the calibrated positions (history.beyond: extend)",
+            self.method.label,
+            seq,
+            known,
+            known,
+            seq - 1,
+        )
+        self.history.extend(seq)
+        self.history.place(lambda layer: execution_device(self.adapter.layers[layer]))
 
     def _decode_batch(
         self, cache: Any, past: int, batch: int, seq: int, mask: torch.Tensor | None, device: torch.device
@@ -950,7 +969,8 @@ class Pipeline:
                     length = lengths[b]
                     row_batch = self._decision_row_batch(length, z.device)
                     part = slice(b, b + 1), slice(0, length)
-                    self._decide_one(index, kind, runner, z[part], residual[part], normed[part], row_batch, cache)
+                    row = (z[part], residual[part], normed[part])
+                    self._decide_one(index, kind, runner, *row, row_batch, cache)
             finally:
                 self._row = None
             return
@@ -1004,7 +1024,8 @@ class Pipeline:
             if self.method.history.update == "running-mean":
                 history.running_mean_update(stats, batch.rows_per_position, None)
             else:
-                history.ema_update(stats, valid if batch.has_padding else None, None, self.method.history.momentum)
+                valid = valid if batch.has_padding else None
+                history.ema_update(stats, valid, None, self.method.history.momentum)
         self._remember(index, kind, mask, cache)
 
     def _remember(self, index: int, kind: BlockKind, mask: BlockMask, cache: Any) -> None:

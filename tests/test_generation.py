@@ -353,10 +353,37 @@ def test_decode_setting_is_validated_and_named_in_presets():
     assert MethodConfig.model_validate({"preset": "pp", "decode": "dense"}).decode == "dense"
 
 
-def test_a_prompt_longer_than_the_history_fails_before_any_layer_runs():
+def test_a_prompt_longer_than_the_history_fails_before_any_layer_runs_under_beyond_refuse():
     model = tiny_model("llama").eval()
-    method = MethodConfig.model_validate({"preset": "pp", "pruning": {"ratio": 0.5, "skip_layers": [0]}})
+    method = MethodConfig.model_validate(
+        {"preset": "pp", "pruning": {"ratio": 0.5, "skip_layers": [0]}, "history": {"beyond": "refuse"}}
+    )
     pipe = Pipeline(model, method, history=_history(model, seq=16))
     long = {"input_ids": torch.randint(4, 90, (1, 40)), "attention_mask": torch.ones(1, 40, dtype=torch.long)}
     with pipe, pytest.raises(ValueError, match="exceeds the history's 16 positions"):
         _generate(model, long, new=2)
+    assert pipe.history.max_positions == 16 and pipe.batch_index == -1
+
+
+@pytest.mark.parametrize("preset", ["pp", "pp-prompt"])
+def test_a_prompt_longer_than_the_history_extends_it_by_the_documented_rule(preset):
+    """history.beyond: extend (the default): positions past the calibrated ones start from the mean of
+    positions 1 onwards, then update like the rest; the first positions are the calibrated ones."""
+    model = tiny_model("llama").eval()
+    method = MethodConfig.model_validate({"preset": preset, "pruning": {"ratio": 0.5, "skip_layers": [0]}})
+    history = _history(model, seq=16)
+    before = {key: h.sq_mean.clone() for key, h in history.blocks.items()}
+    pipe = Pipeline(model, method, history=history)
+    long = {"input_ids": torch.randint(4, 90, (2, 40)), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    with pipe, torch.inference_mode():
+        out = _generate(model, long, new=3)
+    assert out.sequences.shape == (2, 43)
+    assert pipe.history.max_positions == 40
+    for key, hist in pipe.history.blocks.items():
+        assert hist.sq_mean.shape[0] == 40 and torch.isfinite(hist.sq_mean).all()
+        fill = before[key][1:].mean(dim=0).expand(24, -1)
+        if key[0] in pipe.pruned_layers:  # the prefill updated every position, the new ones included
+            rows = 2 if method.decision == "sequence" else 1  # one update per row under sequence
+            assert hist.updates == rows and not torch.equal(hist.sq_mean[16:], fill)
+        else:  # a skipped layer's history is extended by the rule and never updated
+            assert hist.updates == 0 and torch.equal(hist.sq_mean[16:], fill)

@@ -97,7 +97,10 @@ def test_ppf_generate_side_by_side(tmp_path, tiny_model_dir, tiny_text_file, cap
         (["--prompt", "   "], "--prompt: prompt 1 is empty"),
         ([], "--prompt: give at least one prompt"),
         (["--prompt", "x" * 300], "exceeds the model's 256 positions"),
-        (["--prompt", "x" * 150], "more than the history's 128 positions"),
+        (
+            ["--prompt", "x" * 150, "--set", "methods.0.history.beyond=refuse"],
+            "more than the history's 128 positions",
+        ),
         (["--prompt", "hi", "--set", "methods.0.decode=frozn"], "methods[0].decode"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     ],
@@ -177,7 +180,7 @@ def test_ppf_eval_generation_missing_data_fails_before_the_model_loads(
     assert "evaluation.generation.tasks[0]" in capsys.readouterr().err
 
 
-def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error(
+def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error_under_beyond_refuse(
     tmp_path, tiny_model_dir, tiny_text_file, capsys
 ):
     data = _generation_data(tmp_path / "data")
@@ -192,6 +195,8 @@ def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error(
     text["data"]["data_dir"] = str(data)
     text["calibration"]["seq_len"] = 20
     text["data"]["seq_len"] = 16
+    for method in text["methods"]:  # the default (extend) runs such prompts; refusing is asked for
+        method.setdefault("history", {})["beyond"] = "refuse"
     config.write_text(yaml.safe_dump(text))
     assert cli.main(["eval", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -277,3 +277,37 @@ def test_presets_for_generation():
     assert PRESETS["pp"].get("decision", "batch") == "batch" and MethodConfig(preset="pp").prefill == "pruned"
     assert griffin.pruning.targets == ["mlp"] and griffin.prefill == "dense"
     assert BlockKind.MLP.value == "mlp"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    length=st.integers(1, 6),
+    extra=st.integers(0, 5),
+    channels=st.integers(1, 4),
+    counts=st.booleans(),
+)
+def test_history_extend_fills_new_positions_with_the_mean_of_positions_one_onwards(
+    length, extra, channels, counts
+):
+    from ppframework.history import BlockHistory, HistoryStore
+
+    gen = torch.Generator().manual_seed(length * 31 + extra)
+    sq = torch.rand(length, channels, generator=gen)
+    mean = torch.randn(length, channels, generator=gen)
+    block = BlockHistory(sq.clone(), mean.clone(), samples=7)
+    if counts:
+        block.counts = torch.full((length, channels), 9.0)
+    store = HistoryStore({(0, BlockKind.MLP): block})
+    store.extend(length + extra)
+    assert store.max_positions == length + extra
+    source = slice(1, None) if length > 1 else slice(0, 1)
+    torch.testing.assert_close(block.sq_mean[:length], sq, rtol=0, atol=0)
+    torch.testing.assert_close(block.mean[:length], mean, rtol=0, atol=0)
+    for row in range(length, length + extra):
+        torch.testing.assert_close(block.sq_mean[row], sq[source].mean(dim=0))
+        torch.testing.assert_close(block.mean[row], mean[source].mean(dim=0))
+    if counts:
+        assert block.counts.shape == (length + extra, channels)
+        assert (block.counts[length:] == 7.0).all() and (block.counts[:length] == 9.0).all()
+    store.extend(1)  # never shrinks
+    assert store.max_positions == length + extra

@@ -80,7 +80,8 @@ def check_prompt_lengths(
     cfg: RunConfig, tokenizer: Any, prompts: list[str], max_new_tokens: int, model_positions: int | None
 ) -> None:
     """Every prompt fits the model's positions with the new tokens, and a pruning method's history."""
-    history = cfg.calibration_seq_len if any(m.needs_calibration for m in cfg.methods) else None
+    refuses = any(m.needs_calibration and m.history.beyond == "refuse" for m in cfg.methods)
+    history = cfg.calibration_seq_len if refuses else None
     for i, prompt in enumerate(prompts):
         n = len(tokenizer(prompt)["input_ids"])
         if model_positions is not None and n + max_new_tokens > model_positions:
@@ -91,7 +92,8 @@ def check_prompt_lengths(
         if history is not None and n > history:
             raise ConfigError(
                 f"--prompt: prompt {i + 1} has {n} tokens, more than the history's {history} positions "
-                "(the prefill decides per position); raise calibration.seq_len"
+                "(the prefill decides per position) and a method sets history.beyond: refuse; raise "
+                "calibration.seq_len or set history.beyond: extend"
             )
 
 
