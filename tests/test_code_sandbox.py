@@ -434,15 +434,33 @@ def test_isolation_holds_for_an_unprivileged_evaluator() -> None:
         os.chown(tmpdir, NOBODY, NOBODY)
         target = base / "escape.txt"
         marker = "27.18281"
-        escape = (
+        spawn = (  # fork_exec: no audit event; a new session; a write outside; a signal to the evaluator
             "import os\n"
             "from multiprocessing.util import spawnv_passfds\n"
             f"script = 'echo escaped > {target}; kill -TERM @EVALUATOR_PID@; '\n"
             f"script += 'setsid sleep {marker} & sleep 0.3'\n"
             "os.waitpid(spawnv_passfds(b'/bin/sh', [b'sh', b'-c', script.encode()], []), 0)\n"
-            "print(open('/proc/@EVALUATOR_PID@/environ').read())\n"
         )
-        rc, results, output = _evaluate_in_child([CONTROL, escape], tmpdir, python=python, as_user=NOBODY)
+        dir_fd = (
+            "import os\n"
+            "root = os.open('/', os.O_RDONLY)\n"
+            f"os.open({str(target)[1:]!r}, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=root)\n"
+        )
+        environ = (
+            "import sys\n"
+            "for pid in {__import__('os').getppid(), @EVALUATOR_PID@}:\n"
+            "    try:\n"
+            "        print(open(f'/proc/{pid}/environ').read(), file=sys.stderr)\n"
+            "    except OSError as exc:\n"
+            "        print(exc, file=sys.stderr)\n"
+            "raise SystemExit(3)\n"
+        )
+        kill = (
+            "import os, signal, time\nos._exit = lambda code: None\nos.kill(os.getppid(), signal.SIGTERM)\n"
+        )
+        kill += "time.sleep(0.3)\n"
+        sources = [CONTROL, spawn, dir_fd, environ, kill]
+        rc, results, output = _evaluate_in_child(sources, tmpdir, python=python, as_user=NOBODY)
         survivors = _survivors(marker)
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
@@ -450,8 +468,8 @@ def test_isolation_holds_for_an_unprivileged_evaluator() -> None:
             # The kernel refuses namespaces to unprivileged users here: the refusal must say how to fix it.
             assert "unprivileged_userns_clone" in output, output[-1500:]
             pytest.skip("unprivileged user namespaces are disabled here (refused with instructions)")
-        _assert_evaluator_intact(rc, results, output, tmpdir, 2)
-        assert results is not None and results[1][0] == "failed", results[1]
+        _assert_evaluator_intact(rc, results, output, tmpdir, 5)
+        assert results is not None and [r[0] for r in results[2:4]] == ["failed"] * 2, results
         assert not target.exists() and survivors == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
