@@ -133,6 +133,7 @@ def test_ppf_eval_generation_tasks(tmp_path, tiny_model_dir, tiny_text_file, cap
                 {"name": "xsum", "max_new_tokens": 8},
             ],
             "timeout_s": 5,
+            "allow_code_execution": True,
         },
     }
     config = _config(tmp_path, tiny_model_dir("llama-gqa"), tiny_text_file, evaluation=evaluation)
@@ -170,7 +171,10 @@ def test_ppf_eval_generation_tasks(tmp_path, tiny_model_dir, tiny_text_file, cap
 def test_ppf_eval_generation_missing_data_fails_before_the_model_loads(
     tmp_path, tiny_model_dir, tiny_text_file, capsys
 ):
-    evaluation = {"zeroshot": {"enabled": False}, "generation": {"enabled": True, "tasks": ["mbpp"]}}
+    evaluation = {
+        "zeroshot": {"enabled": False},
+        "generation": {"enabled": True, "tasks": ["mbpp"], "allow_code_execution": True},
+    }
     config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
     text = yaml.safe_load(config.read_text())
     text["data"]["data_dir"] = str(tmp_path / "empty")
@@ -188,7 +192,11 @@ def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error_under_beyond_r
         "perplexity": False,
         "zeroshot": {"enabled": False},
         "runtime": {"enabled": False},
-        "generation": {"enabled": True, "tasks": [{"name": "humaneval", "max_new_tokens": 8}]},
+        "generation": {
+            "enabled": True,
+            "tasks": [{"name": "humaneval", "max_new_tokens": 8}],
+            "allow_code_execution": True,
+        },
     }
     config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
     text = yaml.safe_load(config.read_text())
