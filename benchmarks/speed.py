@@ -593,6 +593,9 @@ def projection_params(
     return adapter.mlp_matrices * hidden * units
 
 
+_BYTE_PARTS = ("projections", "lm_head", "embedding_rows", "other")
+
+
 def decode_weight_bytes(
     model: nn.Module, masks: dict[tuple[int, BlockKind], BlockMask], batch: int
 ) -> dict[str, int]:
@@ -687,6 +690,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     for ratio in args.ratios:
         pp = method("pp", ratio, skip, round_to, decode=args.decode)
         pipes[f"pp {ratio:.0%}"] = Pipeline(model, pp, history=history.clone())
+        for dynamic in args.dynamic:  # e.g. pp-prompt: its own decision and prefill settings
+            dyn = method(dynamic, ratio, skip, round_to, decode=args.decode)
+            pipes[f"{dynamic} {ratio:.0%}"] = Pipeline(
+                model, dyn, history=history.clone() if dyn.needs_calibration else None
+            )
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to, decode=args.decode)
             hist = history if static_method.needs_calibration else None
@@ -697,6 +705,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     timer = _ForwardTimer(model, cuda=device.type == "cuda")
     records: dict[tuple[str, int], list[dict[str, float]]] = {}
     masks_seen: dict[tuple[str, int], dict[tuple[int, BlockKind], BlockMask]] = {}
+    row_masks_seen: dict[tuple[str, int], list[dict[tuple[int, BlockKind], BlockMask]]] = {}
 
     layers = get_adapter(model).layers
 
@@ -741,6 +750,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if pipe is not None:
                 masks_seen[(name, batch)] = dict(pipe.last_masks)
+                if pipe.last_row_masks:  # decision: sequence, every row on its own weights
+                    row_masks_seen[(name, batch)] = [dict(m) for m in pipe.last_row_masks]
 
         return call
 
@@ -786,6 +797,12 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
             frozen = pipe is not None and not pipe.is_dense and pipe.method.decode == "frozen"
             masks = masks_seen.get((name, batch), {}) if frozen else {}
             weights = decode_weight_bytes(model, masks, batch)
+            per_row = row_masks_seen.get((name, batch)) if frozen else None
+            if per_row:  # each row reads its own kept projections; the rest is read once per step
+                rows_bytes = [decode_weight_bytes(model, m, batch)["projections"] for m in per_row]
+                weights["projections"] = sum(rows_bytes)
+                weights["total"] = sum(v for k, v in weights.items() if k in _BYTE_PARTS)
+            rows_read = len(per_row) if per_row else 1
             ideal = dense_bytes["total"] / weights["total"]
             speedup = _ratio(reference["decode"], decode.median)
             rows.append(
@@ -797,7 +814,9 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                     "layer_ratio": 0.0 if pipe is None else pipe.layer_ratio,
                     "static": bool(pipe is not None and pipe.is_static),
                     "decode_policy": "dense model" if pipe is None else pipe.method.decode,
-                    "realised_ratio": 1.0 - weights["projections"] / weights["projections_dense"],
+                    "realised_ratio": 1.0
+                    - weights["projections"] / (rows_read * weights["projections_dense"]),
+                    "weight_sets_per_step": rows_read,
                     "kept_units": {
                         f"{index}.{kind.value}": mask.n_kept
                         for (index, kind), mask in sorted(
@@ -832,10 +851,12 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     by_key = {(row["variant"], row["batch"]): row for row in rows}
+    dynamic_names = ("pp", *args.dynamic)
     for row in rows:
-        if not row["variant"].startswith("pp "):
+        name, _, label = row["variant"].rpartition(" ")
+        if name not in dynamic_names:
             continue
-        batch, label = row["batch"], row["variant"].removeprefix("pp ")
+        batch = row["batch"]
         dense = by_key[("dense", batch)]
         dense_generate = dense["prefill"]["median_s"] + dense["decode"]["median_s"]
         overhead = {}
@@ -1105,9 +1126,10 @@ def format_generation_markdown(report: dict[str, Any]) -> str:
     if overhead_rows:
         lines += [
             "",
-            "The pipeline's per-generate overhead: pp's prefill (probe, scoring, fusion, masking, the one "
-            "gather of the sliced weights its decode steps reuse, history update) against the static "
-            "baseline's at the same ratio (decided once, sliced weights kept):",
+            "The pipeline's per-generate overhead: a dynamic method's prefill (probe, scoring, fusion, "
+            "masking, the one gather of the sliced weights its decode steps reuse, history update; under "
+            "prefill: dense the prompt runs dense and the gather moves to the first decode step) against "
+            "the static baseline's at the same ratio (decided once, sliced weights kept):",
             "",
             "| variant | batch | vs | pp prefill s | static prefill s | extra s | prefill ratio "
             "| share of dense prefill | share of dense generate |",
@@ -1115,7 +1137,7 @@ def format_generation_markdown(report: dict[str, Any]) -> str:
         ]
         rows = {(r["variant"], r["batch"]): r for r in report["rows"]}
         for row, static, o in overhead_rows:
-            other = rows[(f"{static} {row['variant'].removeprefix('pp ')}", row["batch"])]
+            other = rows[(f"{static} {row['variant'].rpartition(' ')[2]}", row["batch"])]
             lines.append(
                 f"| {row['variant']} | {row['batch']} | {static} | {row['prefill']['median_s']:.4f} "
                 f"| {other['prefill']['median_s']:.4f} | {o['seconds']:+.4f} | {o['prefill_ratio']:.3f} "
