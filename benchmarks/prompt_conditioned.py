@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"presets to run instead of the config's methods ({', '.join(PRESETS)})",
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="keep only the config's methods with these names (a method's name, else its preset)",
+    )
+    parser.add_argument(
         "--ratios", nargs="+", type=float, default=None, help="pruning ratios (default: each method's own)"
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="decision batch sizes")
@@ -114,8 +121,14 @@ def plan_config(args: argparse.Namespace) -> RunConfig:
         raw["methods"] = [{"preset": name} for name in args.methods]
     raw = apply_overrides(raw, args.set)
     methods: list[dict[str, Any]] = []
-    for method in raw.get("methods") or [{"preset": "pp"}]:
-        method = {"preset": method} if isinstance(method, str) else method
+    listed = [{"preset": m} if isinstance(m, str) else m for m in raw.get("methods") or [{"preset": "pp"}]]
+    if args.only:
+        names = [m.get("name") or m.get("preset") for m in listed]
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            raise ConfigError(f"--only: no method named {unknown}; the config has {sorted(set(names))}")
+        listed = [m for m, name in zip(listed, names, strict=True) if name in args.only]
+    for method in listed:
         method = apply_overrides(method, args.method_set, default_methods=False)
         dense = method.get("preset") == "dense"
         for ratio in [None] if args.ratios is None or dense else args.ratios:
@@ -255,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = plan_config(args)
     window_len = args.window_len or cfg.data.seq_len
     prefix_len = args.prefix_len or window_len // 2
-    if not 1 <= prefix_len < window_len or prefix_len > cfg.calibration_seq_len:
+    refuses = any(m.needs_calibration and m.history.beyond == "refuse" for m in cfg.methods)
+    if not 1 <= prefix_len < window_len or (refuses and prefix_len > cfg.calibration_seq_len):
         raise ConfigError(
-            f"--prefix-len {prefix_len}: must be below --window-len {window_len} and fit the history "
-            f"({cfg.calibration_seq_len} positions)"
+            f"--prefix-len {prefix_len}: must be below --window-len {window_len}"
+            + (f" and fit the history ({cfg.calibration_seq_len} positions)" if refuses else "")
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

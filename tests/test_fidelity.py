@@ -4,6 +4,7 @@ steps, fidelity to dense checked by hand, padding, continuation perplexity, and 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 import subprocess
@@ -18,6 +19,7 @@ import yaml
 from ppframework.adapters import get_adapter
 from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
+from ppframework.errors import ConfigError
 from ppframework.generation.fidelity import (
     continuation_perplexity,
     dense_continuations,
@@ -345,3 +347,23 @@ def test_prompt_conditioned_benchmark_tiny_end_to_end(tmp_path, tiny_model_dir, 
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
+
+
+def test_prompt_conditioned_only_keeps_the_named_methods_and_names_unknown_ones(tmp_path):
+    spec = importlib.util.spec_from_file_location("prompt_conditioned", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "run.yaml"
+    methods = [
+        {"preset": "dense"},
+        {"preset": "pp", "pruning": {"ratio": 0.2}},
+        {"preset": "pp", "name": "pp-seq", "decision": "sequence"},
+        {"preset": "wanda-sp"},
+    ]
+    config.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m"}, "methods": methods}))
+    args = module.parse_args([str(config), "--only", "pp-seq", "dense"])
+    cfg = module.plan_config(args)
+    assert [m.label for m in cfg.methods] == ["dense 0%", "pp-seq 40%"]
+    assert cfg.methods[1].decision == "sequence"
+    with pytest.raises(ConfigError, match=r"--only: no method named \['griffin'\]"):
+        module.plan_config(module.parse_args([str(config), "--only", "griffin"]))
