@@ -230,6 +230,8 @@ class Pipeline:
     #: pipeline to skip the checks (they cost up to two host-device syncs per block on CUDA).
     validate_outputs: bool = True
     _with_depth: int = 0  # nesting of `with pipe:` blocks
+    #: value checks left on the device (CUDA), read back with the next mask check or forward
+    _later_checks: list[validation.Pending | None]
 
     def __init__(
         self,
@@ -242,6 +244,7 @@ class Pipeline:
         field_prefix: str = "method",
     ) -> None:
         self.model = model
+        self._later_checks = []
         self.method = method
         self.adapter: ModelAdapter = get_adapter(model)
         registry = registry or default_registry()
@@ -460,7 +463,12 @@ class Pipeline:
         self._with_depth -= 1
         if self._with_depth <= 0:  # only the outermost `with` detaches
             self._with_depth = 0
-            self.detach()
+            try:
+                if exc[0] is None:
+                    self._read_later_checks()  # the last forward's, so no bad output goes unreported
+            finally:
+                self._later_checks = []
+                self.detach()
 
     def _backbone(self) -> nn.Module:
         layers = self.adapter.layers
@@ -470,7 +478,13 @@ class Pipeline:
         raise RuntimeError("could not find the module that owns the decoder layers")
 
     # -- per batch ------------------------------------------------------------------------------
+    def _read_later_checks(self) -> None:
+        """Read back the value checks still pending from the last forward (see :mod:`validation`)."""
+        pending, self._later_checks = self._later_checks, []
+        validation.read_pending(pending)
+
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        self._read_later_checks()
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
             ref = kwargs.get("inputs_embeds")
@@ -845,7 +859,9 @@ class Pipeline:
             mask = self._static_masks[(index, kind)]
             result = self._infer(ctx, runner, inputs, mask, slot)
             if check:
-                validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask)
+                self._later_checks.append(
+                    validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask, None)
+                )
             self._record(index, kind, mask, inputs.normed.shape, None)
             self._remember(index, kind, mask, cache)
             return result.output
@@ -858,19 +874,24 @@ class Pipeline:
             with stage("probe_forward"):
                 states, inputs.probe_reuse = self._probe_pass(runner, probe, inputs, batch)
         scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
+        pending = self._later_checks
         if check:
-            validation.check_scores(scores, picked["score_channels"], ctx, probe)
+            pending.append(validation.check_scores(scores, picked["score_channels"], ctx, probe, None))
         scores = hooks.fuse_history(ctx, scores, history)
-        pending = validation.check_fused(scores, picked["fuse_history"], ctx) if check else None
+        if check:
+            pending.append(validation.check_fused(scores, picked["fuse_history"], ctx))
         mask = hooks.apply_mask(ctx, scores, self.block_ratios[(index, kind)])
         if check:
+            self._later_checks = []  # read back with the mask's check (an earlier block's first)
             validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
         if cache is not None and self.method.decode == "frozen":
             runner.pin_weights()  # gathered once here, reused by every decode step of this generate
             self._pinned_for_decode = True
         result = self._infer(ctx, runner, inputs, mask, slot)
         if check:
-            validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask)
+            self._later_checks.append(
+                validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask, None)
+            )
         inputs.probe_reuse = None
         if collect and result.sq_mean is not None:
             with stage("history_update"):
@@ -1140,7 +1161,7 @@ class Pipeline:
         plan = self.allocation_context(seq_len, batch_index)
         ratios = self.hooks.allocate(plan, scores, self.method.pruning.ratio)
         if self.validate_outputs:
-            validation.check_allocation(ratios, self.strategies["allocate"], plan)
+            ratios = validation.check_allocation(ratios, self.strategies["allocate"], plan)
         return ratios
 
     def _history_positions(self) -> int:

@@ -6,12 +6,17 @@ stage, the strategy and what is wrong, instead of an ``AttributeError`` or an in
 inside torch (or, worse, a run that finishes with nonsense such as a negative realised ratio).
 
 The checks never change a result. Type, shape and dtype checks read tensor metadata only; value
-checks (indices sorted, unique and in range; the fused activation finite) are vectorised and read
-back as one boolean. On CUDA that read-back is a host-device synchronisation, so the pipeline pays
-at most two per dynamic block: one for the probe (its indices are used by the probe forward) and one
-for the mask, which also carries the fused activation's finiteness check (:func:`check_fused`
-returns it as a :class:`Pending` check instead of synchronising). Static methods are checked once,
-when they decide. ``Pipeline.validate_outputs = False`` turns the checks off.
+checks (indices sorted, unique and in range; the scores' weight term, the fused activation and
+``infer``'s output and statistics finite) are vectorised, one reduction each, and read back as one
+boolean. On CUDA that read-back is a host-device synchronisation, so the pipeline pays at most two
+per dynamic block: one for the probe (its indices are used by the probe forward) and one for the
+mask, which also carries the weight term's and the fused activation's finiteness checks and the
+previous block's ``infer`` check (:func:`check_scores`, :func:`check_fused` and
+:func:`check_output` return them as :class:`Pending` checks instead of synchronising; what is still
+pending when a forward ends is read back with the next forward's own). A non-finite value is
+blamed on the stage that returned it, not on a later stage it flows into. Static methods are checked
+once, when they decide (their ``infer`` per block, read back per forward).
+``Pipeline.validate_outputs = False`` turns the checks off.
 
 :mod:`ppframework.testing.conformance` runs the same functions, so a strategy that passes the
 conformance suite is never rejected by the pipeline.
@@ -19,6 +24,7 @@ conformance suite is never rejected by the pipeline.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -52,6 +58,7 @@ __all__ = [
     "check_output",
     "check_probe",
     "check_scores",
+    "read_pending",
 ]
 
 _SHOWN = 8  # values quoted in an error message
@@ -191,6 +198,35 @@ def _true(flag: torch.Tensor | bool) -> bool:
     return flag if isinstance(flag, bool) else bool(flag)
 
 
+def _finite_now(values: torch.Tensor) -> bool:
+    """Whether every value of ``values`` is finite, read back now (numpy on small CPU float arrays)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(values.detach().numpy()).all())
+    return bool(torch.isfinite(values).all())
+
+
+def _finite_flag(values: torch.Tensor) -> torch.Tensor:
+    """Every value of ``values`` finite, as a 0-d bool left on the device (one reduction, no sync).
+
+    A float32 sum is non-finite when some value is (NaN and infinities propagate) and otherwise
+    finite unless the values come within a factor of the element count of float32's limit (about
+    3e38; half-precision values cannot), and it reads the tensor once without an elementwise mask as
+    large as the tensor.
+    """
+    if not values.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    total = values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
+    return torch.isfinite(total)
+
+
+def _non_finite_at(values: torch.Tensor) -> list[Any]:
+    """Slow path, after a failed check: where ``values`` is not finite (flat index for 1-D, else tuples)."""
+    bad = (~torch.isfinite(values)).nonzero()
+    if values.dim() <= 1:
+        return bad.flatten().tolist()
+    return [tuple(row) for row in bad.tolist()]
+
+
 @dataclass
 class Pending:
     """A value check left on the device, to be read back with a later check (one sync, not two).
@@ -201,6 +237,49 @@ class Pending:
 
     ok: torch.Tensor
     raise_error: Callable[[], None]
+
+
+def _finite_check(
+    check: _Checker,
+    values: torch.Tensor,
+    problem: str,
+    rule: str,
+    where: str,
+    defer: bool,
+    large: bool = False,
+) -> Pending | None:
+    """``values`` finite: checked now (raising), or returned as a :class:`Pending` check with ``defer``.
+
+    ``large`` tensors (a block's output) are reduced with one float32 sum (:func:`_finite_flag`);
+    small ones (per channel) with ``isfinite(...).all()``.
+    """
+
+    def raise_error() -> None:
+        at = _short(_non_finite_at(values))
+        raise check.fail(f"{problem} with non-finite values at {where} {at}", rule)
+
+    if defer:
+        flag = _finite_flag(values) if large else torch.isfinite(values).all()
+        return Pending(flag, raise_error)
+    finite = bool(_finite_flag(values)) if large else _finite_now(values)
+    if not finite:
+        raise_error()
+    return None
+
+
+def read_pending(pending: Pending | Iterable[Pending | None] | None) -> None:
+    """Read back ``pending`` checks (one synchronisation for all) and raise the first failed one's error."""
+    items = [pending] if isinstance(pending, Pending) else [p for p in (pending or ()) if p is not None]
+    if not items:
+        return
+    ok: torch.Tensor | bool = True
+    for item in items:
+        ok = _both(item.ok, ok)
+    if _true(ok):
+        return
+    for item in items:
+        if not bool(item.ok):
+            item.raise_error()
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,13 +325,18 @@ def _check_common_scores(check: _Checker, scores: Any, channels: int) -> Channel
     return scores
 
 
-def check_scores(scores: Any, strategy: Any, ctx: BlockContext, probe: Probe | None = None) -> None:
+def check_scores(
+    scores: Any, strategy: Any, ctx: BlockContext, probe: Probe | None = None, defer: bool | None = False
+) -> Pending | None:
     """Check ``score_channels``'s answer for a block of ``ctx.geometry.channels`` channels.
 
-    A :class:`~ppframework.types.ChannelScores` with ``weight_term`` (C,); when ``evidence`` is
-    set it is (n_pos, C), ``positions`` (n_pos,) sorted, unique positions in ``[0, ctx.seq_len)``
-    and ``position_valid`` None or (n_pos,). Positions that are the probe's own (already checked)
-    ``token_index`` tensor are not read again.
+    A :class:`~ppframework.types.ChannelScores` with a finite ``weight_term`` (C,); when
+    ``evidence`` is set it is (n_pos, C), ``positions`` (n_pos,) sorted, unique positions in
+    ``[0, ctx.seq_len)`` and ``position_valid`` None or (n_pos,). Positions that are the probe's own
+    (already checked) ``token_index`` tensor are not read again.
+
+    The weight term's finiteness check reads its values: with ``defer`` (None: when it is not on the
+    CPU) it is returned as a :class:`Pending` check for :func:`check_mask` to read back with its own.
 
     Raises:
         StrategyOutputError: naming the stage, the strategy and the violation.
@@ -260,9 +344,14 @@ def check_scores(scores: Any, strategy: Any, ctx: BlockContext, probe: Probe | N
     check = _Checker("score_channels", strategy, ctx)
     channels = ctx.geometry.channels
     _check_common_scores(check, scores, channels)
+    weight = scores.weight_term
+    if defer is None:
+        defer = weight.device.type != "cpu"
+    rule = f"weight_term must be a finite tensor of shape (C,) = ({channels},)"
+    pending = _finite_check(check, weight, "a weight_term", rule, "channels", defer)
     evidence = scores.evidence
     if evidence is None:
-        return
+        return pending
     rule = f"evidence must have shape (n_pos, C) with C = {channels}"
     check.tensor(evidence, "evidence", (-1, channels), rule)
     n_pos = int(evidence.shape[0])
@@ -276,9 +365,10 @@ def check_scores(scores: Any, strategy: Any, ctx: BlockContext, probe: Probe | N
             scores.position_valid, "position_valid", (n_pos,), f"position_valid must be None or ({n_pos},)"
         )
     if probe is not None and positions is probe.token_index:
-        return  # checked with the probe
+        return pending  # checked with the probe
     if not _true(_index_ok(positions, seq)):
         check.index_values(positions, "positions", seq, rule)
+    return pending
 
 
 def check_fused(scores: Any, strategy: Any, ctx: BlockContext, defer: bool | None = None) -> Pending | None:
@@ -312,22 +402,9 @@ def check_fused(scores: Any, strategy: Any, ctx: BlockContext, defer: bool | Non
         return None
     rule = f"activation must be None or a finite tensor of shape (C,) = ({channels},)"
     check.tensor(activation, "activation", (channels,), rule)
-
-    def raise_error() -> None:
-        bad = (~torch.isfinite(activation)).nonzero().flatten().tolist()
-        raise check.fail(f"an activation with non-finite values at channels {_short(bad)}", rule)
-
     if defer is None:
         defer = activation.device.type != "cpu"
-    if defer:
-        return Pending(torch.isfinite(activation).all(), raise_error)
-    if activation.device.type == "cpu" and activation.dtype in (torch.float32, torch.float64):
-        finite = bool(np.isfinite(activation.detach().numpy()).all())  # faster on small arrays
-    else:
-        finite = bool(torch.isfinite(activation).all())
-    if not finite:
-        raise_error()
-    return None
+    return _finite_check(check, activation, "an activation", rule, "channels", defer)
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,12 +424,13 @@ def check_mask(
     a 1-D ``torch.long`` tensor of sorted, unique units in ``[0, units)``, at least one; for MLP
     blocks ``kept_kv_heads`` None; for attention ``kept_kv_heads`` None or sorted, unique key/value
     heads in ``[0, num_kv_heads)`` that include the key/value head of every kept query head;
-    ``output_bias`` None or (``hidden``,). ``pending`` checks (from :func:`check_fused`) are read
-    back together with this one: one synchronisation on CUDA.
+    ``output_bias`` None or (``hidden``,). ``pending`` checks (from :func:`check_scores`,
+    :func:`check_fused` and the previous block's :func:`check_output`) are read back together with
+    this one: one synchronisation on CUDA.
 
     Raises:
-        StrategyOutputError: naming the stage (``fuse_history`` for a failed pending check), the
-            strategy and the violation.
+        StrategyOutputError: naming the stage (the pending check's own for a failed one, the
+            earliest first), the strategy and the violation.
     """
     pendings = [pending] if isinstance(pending, Pending) else [p for p in (pending or ()) if p is not None]
     check = _Checker("apply_mask", strategy, ctx)
@@ -389,9 +467,7 @@ def check_mask(
         ok = _both(item.ok, ok)
     if _true(ok):
         return
-    for item in pendings:  # an earlier stage's failure first
-        if not bool(item.ok):
-            item.raise_error()
+    read_pending(pendings)  # an earlier stage's failure first
     check.index_values(kept, "kept_units", units, rule)
     if kv is not None:
         check.index_values(kv, "kept_kv_heads", geo.num_kv_heads or units, kv_rule)
@@ -412,13 +488,19 @@ def check_output(
     ctx: BlockContext,
     shape: tuple[int, ...] | torch.Size,
     mask: BlockMask | None = None,
-) -> None:
+    defer: bool | None = False,
+) -> Pending | None:
     """Check ``infer``'s answer for a block whose input has ``shape`` (B, T, D).
 
-    A :class:`~ppframework.types.BlockOutput` whose ``output`` has the block input's shape; with
-    ``ctx.collect_stats``, ``sq_mean`` (T, n) where n is ``kept_channels.numel()`` (or every
-    channel when ``kept_channels`` is None; with a ``mask``, ``n_kept * unit_width``),
-    ``kept_channels`` None or 1-D ``torch.long``, and ``position_valid`` None or (T,).
+    A :class:`~ppframework.types.BlockOutput` whose ``output`` has the block input's shape and is
+    finite; with ``ctx.collect_stats``, a finite ``sq_mean`` (T, n) where n is
+    ``kept_channels.numel()`` (or every channel when ``kept_channels`` is None; with a ``mask``,
+    ``n_kept * unit_width``), ``kept_channels`` None or 1-D ``torch.long``, and ``position_valid``
+    None or (T,).
+
+    The finiteness check (one reduction over the output, one over ``sq_mean``) reads values: with
+    ``defer`` (None: when the output is not on the CPU) it is returned as a :class:`Pending` check
+    for a later :func:`check_mask` (or :func:`read_pending`) to read back.
 
     Raises:
         StrategyOutputError: naming the stage, the strategy and the violation.
@@ -426,9 +508,13 @@ def check_output(
     check = _Checker("infer", strategy, ctx)
     check.instance(out, BlockOutput, "a ppframework.types.BlockOutput")
     shape = tuple(shape)
-    check.tensor(out.output, "output", shape, f"output must have the block input's shape {shape}")
+    rule = f"output must be a finite tensor of the block input's shape {shape}"
+    output = check.tensor(out.output, "output", shape, rule)
+    if defer is None:
+        defer = output.device.type != "cpu"
+    pending = _finite_check(check, output, "an output", rule, "(row, position, feature)", defer, large=True)
     if not ctx.collect_stats:
-        return
+        return pending
     geo = ctx.geometry
     seq = shape[1]
     channels = geo.channels
@@ -448,22 +534,53 @@ def check_output(
     )
     if out.sq_mean is None:
         raise check.fail("no sq_mean although ctx.collect_stats is set", rule)
-    check.tensor(out.sq_mean, "sq_mean", (seq, channels), rule)
+    sq_mean = check.tensor(out.sq_mean, "sq_mean", (seq, channels), rule)
     if out.position_valid is not None:
         check.tensor(out.position_valid, "position_valid", (seq,), f"position_valid must be None or ({seq},)")
+    stats = _finite_check(check, sq_mean, "a sq_mean", rule, "(position, channel)", defer, large=True)
+    if pending is None or stats is None:
+        return pending or stats
+    output_pending = pending
+    return Pending(output_pending.ok & stats.ok, lambda: read_pending([output_pending, stats]))
 
 
 # ------------------------------------------------------------------------------------------
 # allocate
 
 
-def check_allocation(ratios: Any, strategy: Any, plan: AllocationContext) -> None:
+_RATIO_TYPES = "a Python float or int, a numpy floating/integer scalar or a 0-d tensor"
+
+
+def _as_ratio(value: Any) -> float | None:
+    """``value`` as a Python float when it is a real number of an accepted type (:data:`_RATIO_TYPES`,
+    not a bool), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.dtype != torch.bool and not value.is_complex():
+            return float(value.item())
+    return None
+
+
+def _describe_ratio(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    shown = f" with shape {tuple(shape)}" if shape is not None and tuple(shape) != () else ""
+    return f"{type(value).__name__}{shown}"
+
+
+def check_allocation(ratios: Any, strategy: Any, plan: AllocationContext) -> dict[Any, float]:
     """``allocate`` returned a dict with exactly ``plan.blocks`` as keys and, for each, a finite
-    ratio in ``[0, 1)`` (a real number, not a bool)."""
+    ratio in ``[0, 1)``: a real number (:data:`_RATIO_TYPES`; not a bool).
+
+    Returns:
+        The ratios as Python floats (numpy scalars and 0-d tensors converted), in the same order.
+    """
     check = _Checker("allocate", strategy, None)
     rule = (
         "allocate must return {(layer, kind): ratio} for every pruned block (plan.blocks) and no other, "
-        "each ratio a finite number in [0, 1)"
+        f"each ratio a finite number in [0, 1): {_RATIO_TYPES}"
     )
     if not isinstance(ratios, dict):
         raise check.fail(_type_name(ratios), rule)
@@ -474,16 +591,16 @@ def check_allocation(ratios: Any, strategy: Any, plan: AllocationContext) -> Non
         raise check.fail(f"no ratio for the blocks {_short(missing)}", rule)
     if extra:
         raise check.fail(f"ratios for blocks that are not pruned {_short(extra)}", rule)
-    bad = [
-        (key, value)
-        for key, value in ratios.items()
-        if isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not np.isfinite(value)
-        or not 0 <= value < 1
-    ]
+    converted = {key: _as_ratio(value) for key, value in ratios.items()}
+    wrong = [(key, ratios[key]) for key, value in converted.items() if value is None]
+    if wrong:
+        key, value = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise check.fail(f"a ratio of type {_describe_ratio(value)} for the block {key}{more}", rule)
+    bad = [(key, value) for key, value in converted.items() if not (math.isfinite(value) and 0 <= value < 1)]
     if bad:
         raise check.fail(f"ratios outside [0, 1) {_short(bad)}", rule)
+    return converted  # type: ignore[return-value]  # no None left
 
 
 # ------------------------------------------------------------------------------------------

@@ -319,6 +319,8 @@ def test_allocation_output_check_names_the_problem():
     with pytest.raises(StrategyOutputError, match="no ratio for the blocks"):
         check_allocation({}, "x", plan)
     with pytest.raises(StrategyOutputError, match=r"outside \[0, 1\)"):
+        check_allocation(dict.fromkeys(plan.blocks, 1.0), "x", plan)
+    with pytest.raises(StrategyOutputError, match="a ratio of type bool"):
         check_allocation(dict.fromkeys(plan.blocks, True), "x", plan)
     with pytest.raises(StrategyOutputError, match="not pruned"):
         check_allocation({**dict.fromkeys(plan.blocks, 0.1), (5, MLP): 0.1}, "x", plan)

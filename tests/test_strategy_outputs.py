@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,12 +33,14 @@ from ppframework.strategies.probe import ResidualProbe
 from ppframework.strategies.scoring import PPspScore
 from ppframework.testing import make_context
 from ppframework.testing.tiny import tiny_model
-from ppframework.types import BlockContext, BlockKind, BlockMask, ChannelScores, Probe
+from ppframework.types import BlockContext, BlockKind, BlockMask, BlockOutput, ChannelScores, Probe
 from ppframework.validation import (
     StrategyOutputError,
     check_fused,
     check_mask,
+    check_output,
     check_probe,
+    check_scores,
 )
 
 STRATEGY = "bad-output"
@@ -69,6 +72,18 @@ def _nan_at_0(activation: torch.Tensor) -> torch.Tensor:
     activation = activation.clone()
     activation[0] = float("nan")
     return activation
+
+
+def _inf_at_0(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    values[0] = float("inf")
+    return values
+
+
+def _nan_output(out: Any) -> Any:
+    output = out.output.clone()
+    output[0, 3, 5] = float("nan")
+    return dataclasses.replace(out, output=output)
 
 
 def _extra_column(probe: Probe) -> torch.Tensor:
@@ -159,6 +174,18 @@ BAD_OUTPUTS: list[tuple[str, str, Factory, str]] = [
         "score_channels",
         lambda s, c: dataclasses.replace(s, positions=torch.zeros_like(s.positions)),
         "positions with repeated values [0, 0",
+    ),
+    (
+        "scores-weight-term-nan",
+        "score_channels",
+        lambda s, c: dataclasses.replace(s, weight_term=_nan_at_0(s.weight_term)),
+        "weight_term with non-finite values at channels [0]",
+    ),
+    (
+        "scores-weight-term-inf",
+        "score_channels",
+        lambda s, c: dataclasses.replace(s, weight_term=_inf_at_0(s.weight_term)),
+        "weight_term with non-finite values at channels [0]",
     ),
     # fuse_history
     (
@@ -267,6 +294,14 @@ BAD_OUTPUTS: list[tuple[str, str, Factory, str]] = [
         "sq_mean with shape",
     ),
     ("infer-sq-mean-missing", "infer", lambda o, c: dataclasses.replace(o, sq_mean=None), "no sq_mean"),
+    # a NaN from infer is infer's, not the next block's fuse_history's
+    ("infer-output-nan", "infer", lambda o, c: _nan_output(o), "an output with non-finite values"),
+    (
+        "infer-sq-mean-inf",
+        "infer",
+        lambda o, c: dataclasses.replace(o, sq_mean=_inf_at_0(o.sq_mean)),
+        "a sq_mean with non-finite values",
+    ),
 ]
 
 
@@ -553,3 +588,75 @@ def test_history_of_another_depth_is_refused_at_attach(model, input_ids):
 
 def test_matching_history_is_accepted(model, calibration):
     Pipeline(model, pp_method(), history=calibration.clone()).attach().detach()
+
+
+# -------------------------------------------------------------------------------- allocate answers
+
+
+def _allocation(convert: Callable[[float], Any]) -> type:
+    """A uniform allocation named ``bad-output`` whose ratios are ``convert(layer ratio)``."""
+    from ppframework.strategies.allocation import UniformAllocation
+
+    class ConvertedAllocation(UniformAllocation):
+        name = STRATEGY
+
+        @hookimpl
+        def allocate(self, plan, scores, target):
+            return dict.fromkeys(plan.blocks, convert(plan.layer_ratio))
+
+    return ConvertedAllocation
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [np.float32, np.float64, lambda r: torch.tensor(r), lambda r: torch.tensor(r, dtype=torch.float64)],
+    ids=["numpy-float32", "numpy-float64", "0-d-tensor", "0-d-tensor-float64"],
+)
+def test_allocate_may_answer_numpy_and_0d_tensor_floats(model, calibration, input_ids, convert):
+    registry = registry_with(_allocation(convert))
+    pipe = Pipeline(model, pp_method(allocate=STRATEGY), history=calibration.clone(), registry=registry)
+    with pipe, torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    assert all(type(r) is float for r in pipe.block_ratios.values())
+    assert all(abs(r - pipe.layer_ratio) < 1e-6 for r in pipe.block_ratios.values())
+
+
+@pytest.mark.parametrize(
+    ("convert", "fragment"),
+    [
+        (str, "a ratio of type str"),
+        (lambda r: torch.tensor([r]), "a ratio of type Tensor with shape (1,)"),
+        (lambda r: np.array([r]), "a ratio of type ndarray with shape (1,)"),
+        (lambda r: True, "a ratio of type bool"),
+        (lambda r: np.float32(1.5), "ratios outside [0, 1)"),
+    ],
+    ids=["str", "1-element-tensor", "1-element-array", "bool", "numpy-out-of-range"],
+)
+def test_allocate_of_another_type_is_told_the_expected_type(model, calibration, convert, fragment):
+    registry = registry_with(_allocation(convert))
+    with pytest.raises(StrategyOutputError) as raised:
+        Pipeline(model, pp_method(allocate=STRATEGY), history=calibration.clone(), registry=registry).attach()
+    message = str(raised.value)
+    assert message.startswith(f"allocate strategy {STRATEGY!r} returned "), message
+    assert fragment in message, message
+    assert "a Python float or int, a numpy floating/integer scalar or a 0-d tensor" in message, message
+
+
+def test_score_and_infer_checks_are_deferred_to_the_mask_check_and_name_their_stage():
+    ctx = make_context("mlp")
+    channels = ctx.geometry.channels
+    mask = BlockMask(kept_units=torch.arange(channels), total_units=channels)
+    scores = ChannelScores(weight_term=_nan_at_0(torch.ones(channels)), combine=lambda a, w: w)
+    pending = check_scores(scores, "my-score", ctx, defer=True)
+    assert pending is not None and not bool(pending.ok)
+    with pytest.raises(StrategyOutputError, match="strategy 'my-score' returned a weight_term"):
+        check_mask(mask, "my-mask", ctx, pending=pending)
+    with pytest.raises(StrategyOutputError, match="weight_term with non-finite values at channels"):
+        check_scores(scores, "my-score", ctx)  # not deferred: raised at once
+    output = torch.zeros(2, 4, 8)
+    output[1, 2, 3] = float("-inf")
+    pending = check_output(BlockOutput(output), "my-infer", ctx, (2, 4, 8), defer=True)
+    assert pending is not None and not bool(pending.ok)
+    with pytest.raises(StrategyOutputError, match="infer strategy 'my-infer' returned an output"):
+        check_mask(mask, "my-mask", ctx, pending=pending)
+    assert check_output(BlockOutput(torch.zeros(2, 4, 8)), "my-infer", ctx, (2, 4, 8)) is None
