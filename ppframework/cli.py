@@ -99,6 +99,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         "points": [{"variant": p.variant, "grid": p.grid, "label": p.method.label} for p in plan.points],
     }
     store = PointStore.in_out_dir(cfg.out_dir) if cfg.out_dir else None
+    if store is not None:
+        store.check_folder()
     with _out_lock(cfg.out_dir):
         print(f"ablation: {len(plan.points)} method(s) + dense; {plan.description}".rstrip("; "))
         if args.launcher == "ray":

@@ -196,3 +196,36 @@ def hold_out_dir(out_dir: str | Path, field: str = "--out") -> Iterator[Path]:
             except OSError:
                 pass
         handle.close()  # releases the flock; the lock file stays, harmlessly
+
+
+RESULTS_STEM = "results"
+PARTIAL_STEM = "results.partial"
+"""Where a partial report goes while ``results.json`` holds a complete one (see :func:`results_stem`)."""
+
+
+def holds_complete_results(out_dir: str | Path) -> bool:
+    """Whether ``out_dir/results.json`` is a finished run's (readable, ``complete`` true)."""
+    path = Path(out_dir) / f"{RESULTS_STEM}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("complete") is True
+
+
+def results_stem(out_dir: str | Path, complete: bool) -> str:
+    """The name (without extension) a report is written under: ``results``, or ``results.partial``
+    for a partial report while ``results.json`` holds complete ones, so an interrupted or failing
+    re-run never replaces finished results with fewer."""
+    if not complete and holds_complete_results(out_dir):
+        return PARTIAL_STEM
+    return RESULTS_STEM
+
+
+def remove_partial_results(out_dir: str | Path) -> None:
+    """Remove ``results.partial.*`` (once a complete report is written)."""
+    for path in Path(out_dir).glob(f"{PARTIAL_STEM}.*"):
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning("could not remove the partial results %s: %s", path, exc)

@@ -236,6 +236,69 @@ def test_a_failed_point_is_shown_and_tried_again(
     assert code == 0 and calls == ["wanda-sp 20%"] and "FAILED" not in stdout
 
 
+# (id, the field damaged, damage(stored row) -> damaged row)
+DAMAGED_RECORDS: list[tuple[str, str, Any]] = [
+    ("perplexity-string", "perplexity", lambda row: {**row, "perplexity": "12.5"}),
+    ("time-ratio-list", "time_ratio", lambda row: {**row, "time_ratio": [0.5]}),
+    ("static-string", "static", lambda row: {**row, "static": "yes"}),
+    ("batch-seconds-strings", "batch_seconds", lambda row: {**row, "batch_seconds": ["fast"]}),
+    ("method-missing", "method", lambda row: {k: v for k, v in row.items() if k != "method"}),
+    ("unknown-field", "colour", lambda row: {**row, "colour": "blue"}),
+]
+ONE_RATIO = ("--set", "grid={pruning.ratio: [0.4]}")
+
+
+@pytest.mark.parametrize(
+    ("field", "damage"), [c[1:] for c in DAMAGED_RECORDS], ids=[c[0] for c in DAMAGED_RECORDS]
+)
+def test_a_damaged_point_record_is_run_again_and_named(
+    sweep_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    field: str,
+    damage: Any,
+) -> None:
+    out = tmp_path / "out"
+    assert _ablate(sweep_file, out, capsys, *ONE_RATIO)[0] == 0
+    first = _results(out)
+    key = PointKeys.of(load_ablation(sweep_file, [ONE_RATIO[1]]).run).methods[0]  # pp 40%
+    path = PointStore.in_out_dir(out).path(key)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "row": damage(record["row"])}))
+    calls = _count_evaluations(monkeypatch)
+    with caplog.at_level("WARNING"):
+        code, stdout, err = _ablate(sweep_file, out, capsys, *ONE_RATIO)
+    assert code == 0, err
+    assert calls == ["pp 40%"]  # the damaged point, and only it, runs again
+    warning = next(r.getMessage() for r in caplog.records if str(path) in r.getMessage())
+    assert f"row.{field}" in warning and "running the point again" in warning, warning
+    second = _results(out)
+    assert second["complete"] is True and _quality(second) == _quality(first)
+    assert _results(out)["sweep"]["resumed"] == ["dense", "random-probe 40%", "wanda-sp 40%"]
+    assert json.loads(path.read_text())["row"]["method"] == "pp 40%"  # stored again, whole
+
+
+def test_a_complete_results_file_is_never_replaced_by_a_partial_one(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert _ablate(sweep_file, out, capsys, *ONE_RATIO)[0] == 0
+    complete = _results(out)
+    real = _fail_at(monkeypatch, "random-probe 40%", KeyboardInterrupt())
+    code, _, err = _ablate(sweep_file, out, capsys, *ONE_RATIO, "--rerun")
+    assert code == 130
+    assert _results(out) == complete  # the finished results stay
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert partial["complete"] is False and [r["method"] for r in partial["rows"]] == ["dense", "pp 40%"]
+    assert (out / "results.partial.md").is_file() and (out / "results.partial.csv").is_file()
+    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", real)
+    assert _ablate(sweep_file, out, capsys, *ONE_RATIO)[0] == 0
+    assert _results(out)["complete"] is True and len(_results(out)["rows"]) == 4
+    assert not list(out.glob("results.partial.*"))  # a complete report replaces the partial one
+
+
 def test_rerun_without_out_and_address_without_ray_are_refused(
     sweep_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ppframework.config import RunConfig
+from ppframework.errors import ConfigError
 from ppframework.outputs import strict_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,18 @@ class PointStore:
     def in_out_dir(cls, out_dir: str | Path) -> PointStore:
         """The store of an output folder (``<out_dir>/points``)."""
         return cls(Path(out_dir) / POINTS_FOLDER)
+
+    def check_folder(self) -> None:
+        """Refuse a store path that exists but is not a folder (before any work, naming the fix).
+
+        Raises:
+            ConfigError: the path is a file (or anything else but a folder).
+        """
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(
+                f"{self.folder}: is a file, not a folder; ppf ablate keeps every finished point in this "
+                "folder. Move or remove the file, or use another --out"
+            )
 
     def path(self, key: str) -> Path:
         """Where the record of ``key`` lives."""
