@@ -49,7 +49,13 @@ from ppframework.metrics.perplexity import evaluate_perplexity
 from ppframework.metrics.runtime import DecoderTimer
 from ppframework.metrics.timing import timed
 from ppframework.models import load_model, load_model_kwargs
-from ppframework.outputs import atomic_path, atomic_write_text, write_json
+from ppframework.outputs import (
+    atomic_path,
+    atomic_write_text,
+    remove_partial_results,
+    results_stem,
+    write_json,
+)
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
 from ppframework.runner import (
@@ -117,9 +123,10 @@ class EvalRow:
     method: str
     target_ratio: float
     layer_ratio: float = 0.0
-    realised_ratio: float = 0.0
+    #: None when nothing that records decisions ran (perplexity and generation off); dense: 0.
+    realised_ratio: float | None = None
     #: the removed weights as a fraction of every parameter of the model (embeddings included).
-    realised_ratio_model: float = 0.0
+    realised_ratio_model: float | None = None
     static: bool = False
     perplexity: float | None = None
     accuracy: dict[str, dict[str, float | None]] = field(default_factory=dict)
@@ -131,16 +138,18 @@ class EvalRow:
     lm_eval_mean_acc: float | None = None
     #: the forwards the harness ran (rows and width of each, a digest of every row length).
     lm_eval_batches: dict[str, Any] = field(default_factory=dict)
-    time_ratio: float = 1.0
+    #: None when not measured (``evaluation.runtime.enabled: false``): shown as ``-``, ``null`` in
+    #: results.json, no plot point; dense's is 1 when the runtime was measured.
+    time_ratio: float | None = None
     #: interquartile range of the per-pair time ratios (method / dense of one interleaved pair).
-    time_ratio_spread: float = 0.0
+    time_ratio_spread: float | None = None
     #: first and third quartile of the per-pair time ratios (the error bar of the runtime axis).
     time_ratio_q25: float | None = None
     time_ratio_q75: float | None = None
     #: True when the spread is at least the runtime reduction it reports (metrics/noise.py): the
     #: time ratio, PRR and PRR ratios of this row are then flagged, not presented as a finding.
     runtime_unresolved: bool = False
-    decoder_time_ratio: float = 1.0
+    decoder_time_ratio: float | None = None
     median_forward_s: float | None = None
     tokens_per_s: float | None = None
     flops: dict[str, float] = field(default_factory=dict)
@@ -152,9 +161,12 @@ class EvalRow:
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def ideal_time_ratio(self) -> float:
-        """FLOPs-implied ratio of the whole forward (pruned + probe + LM head over dense)."""
-        return float(self.flops.get("ideal_ratio_whole", 1.0))
+    def ideal_time_ratio(self) -> float | None:
+        """FLOPs-implied ratio of the whole forward (pruned + probe + LM head over dense); 1 for dense,
+        None when the FLOPs were not counted (perplexity off)."""
+        if "ideal_ratio_whole" in self.flops:
+            return float(self.flops["ideal_ratio_whole"])
+        return 1.0 if self.method == "dense" else None
 
 
 @dataclass
@@ -398,6 +410,10 @@ def _evaluate(
         dense = index < 0
         label = "dense" if dense else cfg.methods[index].label
         row = EvalRow(method=label, target_ratio=0.0 if dense else cfg.methods[index].pruning.ratio)
+        if dense:
+            row.realised_ratio = row.realised_ratio_model = 0.0
+            if ev.runtime.enabled:  # the reference the methods' ratios are taken against
+                row.time_ratio, row.time_ratio_spread, row.decoder_time_ratio = 1.0, 0.0, 1.0
         logger.info("evaluating %s", label)
         pipe = None if dense else make_pipe(index)
         if pipe is not None:
@@ -446,6 +462,7 @@ def _evaluate(
             if gen_pipe is not None:
                 if not ev.perplexity:  # the realised ratio of the prefills' decisions
                     row.realised_ratio = gen_pipe.realised_ratio()
+                    row.realised_ratio_model = gen_pipe.realised_ratio_model()
                 gen_pipe.release()
         if ev.runtime.enabled and not dense:
             timing_pipe = make_pipe(index)
@@ -520,6 +537,8 @@ def add_efficiency(rows: list[EvalRow], baselines: list[str]) -> None:
     dense = rows[0]
     accuracy = accuracy_source(rows)
     for row in rows[1:]:
+        if row.time_ratio is None:  # runtime not measured: no PRR
+            continue
         if row.perplexity is not None and dense.perplexity is not None:
             row.prr = prr(row.perplexity, dense.perplexity, row.time_ratio, 1.0)
         if accuracy is not None and getattr(row, accuracy) is not None:
@@ -562,7 +581,7 @@ def _ratios(
         base = by_label.get(name)
         if row is not None and (row.runtime_unresolved or (base is not None and base.runtime_unresolved)):
             cells.append(f"vs {name}: {_NOISE_MARK} noise")
-        elif row is not None and row.time_ratio >= 1.0:
+        elif row is not None and row.time_ratio is not None and row.time_ratio >= 1.0:
             cells.append(f"vs {name}: not faster")
         else:
             cells.append(f"vs {name}: {_fmt(value, '.2f')}")
@@ -578,13 +597,16 @@ def _prr_cell(row: EvalRow, value: float | None) -> str:
         return "-"
     if row.runtime_unresolved:
         return f"{_NOISE_MARK} noise"
-    if row.time_ratio >= 1.0:
+    if row.time_ratio is not None and row.time_ratio >= 1.0:
         return "not faster"
     return _fmt(value)
 
 
 def _time_cell(row: EvalRow) -> str:
-    cell = f"{row.time_ratio:.3f} ({row.time_ratio_spread:.3f})"
+    """``ratio (IQR)``, flagged when unresolved; ``-`` when the runtime was not measured."""
+    if row.time_ratio is None:
+        return "-"
+    cell = f"{row.time_ratio:.3f} ({_fmt(row.time_ratio_spread)})"
     return cell + f" {_NOISE_MARK}" if row.runtime_unresolved else cell
 
 
@@ -654,11 +676,12 @@ def format_eval_table(report: EvalReport) -> str:
         name = row.method + (" (static)" if row.static else "")
         probe = _fmt(row.flops.get("probe_share"), ".2%") if row.flops else "-"
         lines.append(
-            f"| {name} | {row.target_ratio:.2f} | {row.realised_ratio:.3f} / {row.realised_ratio_model:.3f} "
+            f"| {name} | {row.target_ratio:.2f} "
+            f"| {_fmt(row.realised_ratio)} / {_fmt(row.realised_ratio_model)} "
             f"| {_fmt(row.perplexity)} "
             f"| {_fmt(row.mean_acc, '.4f')} | {_fmt(row.mean_acc_norm, '.4f')} "
-            f"| {_time_cell(row)} | {row.decoder_time_ratio:.3f} "
-            f"| {row.ideal_time_ratio:.3f} | {probe} | {_fmt(row.tokens_per_s, '.1f')} "
+            f"| {_time_cell(row)} | {_fmt(row.decoder_time_ratio)} "
+            f"| {_fmt(row.ideal_time_ratio)} | {probe} | {_fmt(row.tokens_per_s, '.1f')} "
             f"| {format_bytes(row.peak_memory_bytes)} | {_prr_cell(row, row.prr)} "
             f"| {_ratios(row.prr_ratios, row, by_label)} "
             f"| {_ratios(row.accuracy_prr_ratios, row, by_label)} |"
@@ -858,7 +881,8 @@ EVAL_CSV_COLUMNS: tuple[str, ...] = (
 def _csv_row(row: EvalRow) -> dict[str, Any]:
     out = {k: v for k, v in asdict(row).items() if k in EVAL_CSV_COLUMNS}
     out["ideal_time_ratio"] = row.ideal_time_ratio
-    out["probe_flops_share"] = row.flops.get("probe_share", 0.0) if row.flops else 0.0
+    unmeasured = 0.0 if row.method == "dense" else None  # dense probes nothing; a method: not counted
+    out["probe_flops_share"] = row.flops.get("probe_share") if row.flops else unmeasured
     for task, values in row.accuracy.items():
         out[f"acc_{task}"] = values["acc"]
         if values.get("acc_norm") is not None:
@@ -883,20 +907,24 @@ def write_eval_report(
     into ``out_dir``, each file atomically (a temporary file in the folder, then ``os.replace``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(out, report.complete)  # a partial report never replaces complete results
     if plots and report.settings["evaluation"]["plot"]:
         report.plots = write_plots(report, out, plot)
-    path = write_json(out / "results.json", report.to_json())
+    path = write_json(out / f"{stem}.json", report.to_json())
     rows = [_csv_row(r) for r in report.rows]
     columns = list(EVAL_CSV_COLUMNS) + sorted({k for r in rows for k in r} - set(EVAL_CSV_COLUMNS))
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    atomic_write_text(out / "results.md", format_eval_table(report) + "\n")
+    atomic_write_text(out / f"{stem}.csv", buffer.getvalue())
+    atomic_write_text(out / f"{stem}.md", format_eval_table(report) + "\n")
     if report.generations:
         lines = [json.dumps(record, ensure_ascii=False) for record in report.generations]
-        atomic_write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
+        name = "generations.jsonl" if stem == "results" else f"{stem}.generations.jsonl"
+        atomic_write_text(out / name, "\n".join(lines) + "\n")
+    if report.complete:
+        remove_partial_results(out)
     return path
 
 
@@ -928,13 +956,14 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
     def family(row: EvalRow) -> str:
         return row.method.rsplit(" ", 1)[0] if row.method != "dense" else "dense"
 
-    if all(r.perplexity is not None for r in report.rows):
-        points = [_runtime_point(r, family(r), r.perplexity) for r in report.rows]
+    timed = [r for r in report.rows if r.time_ratio is not None]  # an unmeasured runtime has no point
+    if len(timed) > 1 and all(r.perplexity is not None for r in timed):
+        points = [_runtime_point(r, family(r), r.perplexity) for r in timed]
         path = draw(points, "perplexity_vs_runtime.png", "perplexity", "perplexity vs runtime", log_y=True)
         written.append(str(path))
     accuracy = accuracy_source(report.rows)
-    if accuracy is not None and all(getattr(r, accuracy) is not None for r in report.rows):
-        points = [_runtime_point(r, family(r), getattr(r, accuracy)) for r in report.rows]
+    if accuracy is not None and len(timed) > 1 and all(getattr(r, accuracy) is not None for r in timed):
+        points = [_runtime_point(r, family(r), getattr(r, accuracy)) for r in timed]
         ylabel = "mean zero-shot accuracy" + (" (lm-eval)" if accuracy == "lm_eval_mean_acc" else "")
         path = draw(points, "accuracy_vs_runtime.png", ylabel, "accuracy vs runtime")
         written.append(str(path))

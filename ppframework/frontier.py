@@ -162,7 +162,7 @@ def analyse_frontier(rows: Sequence[EvalRow], frontier: FrontierConfig) -> Front
         points = []
         for ratio in frontier.ratios:
             row = by_label.get(method_label(name, ratio))
-            if row is None or row.perplexity is None:
+            if row is None or row.perplexity is None or row.time_ratio is None:  # not measured
                 continue
             static[name] = static.get(name, False) or row.static
             points.append(
@@ -258,7 +258,7 @@ def format_frontier(report: FrontierReport) -> list[str]:
         ref = report.reference.get(name, {})
         if ref.get("unresolved"):
             prr_cell = ratio_cell = "\u26a0 noise"
-        elif ref and ref["time_ratio"] >= 1.0:
+        elif ref and ref["time_ratio"] is not None and ref["time_ratio"] >= 1.0:
             prr_cell = ratio_cell = "not faster"
         else:
             prr_cell, ratio_cell = (

@@ -15,7 +15,7 @@ import math
 import platform
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ from ppframework.history import HistoryStore
 from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult, evaluate_perplexity
 from ppframework.models import load_model, load_model_kwargs
-from ppframework.outputs import atomic_write_text, hold_out_dir, write_json
+from ppframework.outputs import (
+    atomic_write_text,
+    hold_out_dir,
+    remove_partial_results,
+    results_stem,
+    write_json,
+)
 from ppframework.pipeline import Pipeline
 from ppframework.preflight import preflight
 from ppframework.sweep.points import PointKeys, PointStore, sweep_summary
@@ -63,6 +69,13 @@ class MethodResult:
     """The largest ratio ``allocate`` gave a pruned block."""
     realised_ratio_model: float = 0.0
     """The removed weights as a fraction of the whole model's parameters (embeddings included)."""
+
+    @property
+    def time_below_ideal(self) -> bool:
+        """The single sequential timing came out below the FLOPs-ideal ratio: not physically a
+        speed-up the pruning can give, so it is noise (flagged ``(!)`` in the table)."""
+        t, ideal = self.time_ratio, self.ideal_time_ratio
+        return not self.error and math.isfinite(t) and math.isfinite(ideal) and t < ideal
 
     @classmethod
     def failed(cls, label: str, ratio: float, error: str) -> MethodResult:
@@ -97,7 +110,7 @@ class RunReport:
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (non-finite numbers are written as ``null`` by :func:`write_report`)."""
         return {
-            "rows": [asdict(r) for r in self.rows],
+            "rows": [{**asdict(r), "time_below_ideal": r.time_below_ideal} for r in self.rows],
             "settings": self.settings,
             "calibration": self.calibration,
             "environment": self.environment,
@@ -210,6 +223,8 @@ def run(
     """
     progress = cfg.progress if progress is None else progress
     start = time.perf_counter()
+    if store is not None:
+        store.check_folder()
     checked = preflight(cfg, method_fields=method_fields)
     with hold_out_dir(cfg.out_dir) if cfg.out_dir else nullcontext():
         session = RunSession(cfg, progress=progress, text=checked.text, ids=checked.eval_ids)
@@ -414,15 +429,19 @@ def save_dense(
 def load_dense(
     store: PointStore, key: str
 ) -> tuple[MethodResult, dict[str, Any], dict[str, Any]] | None:
-    """The stored dense row, resolved settings and environment, or None."""
+    """The stored dense row, resolved settings and environment, or None (damaged records: logged)."""
     record = store.load(key)
     if record is None:
         return None
     try:
-        return _row_from_json(record["row"]), dict(record["resolved"]), dict(record["environment"])
-    except (KeyError, TypeError) as exc:
-        logger.warning("stored dense point %s is incomplete (%s); running it again", key, exc)
+        row = _row_from_json(record["row"])
+        for name in ("resolved", "environment"):
+            if not isinstance(record.get(name), dict):
+                raise DamagedRecord(name, f"expected a mapping, got {_shown(record.get(name))}")
+    except DamagedRecord as exc:
+        logger.warning("stored point %s is damaged (%s); running the point again", store.path(key), exc)
         return None
+    return row, dict(record["resolved"]), dict(record["environment"])
 
 
 def save_method(
@@ -440,15 +459,74 @@ def load_method(store: PointStore, key: str) -> tuple[MethodResult, dict[str, An
         return None
     try:
         row = _row_from_json(record["row"])
-    except (KeyError, TypeError) as exc:
-        logger.warning("stored point %s is incomplete (%s); running it again", key, exc)
+        calibration = record.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise DamagedRecord("calibration", f"expected a mapping or null, got {_shown(calibration)}")
+    except DamagedRecord as exc:
+        logger.warning("stored point %s is damaged (%s); running the point again", store.path(key), exc)
         return None
-    return row, record.get("calibration")
+    return row, calibration
 
 
-def _row_from_json(data: dict[str, Any]) -> MethodResult:
-    """A :class:`MethodResult` read back from JSON (``null`` numbers become NaN again)."""
-    values = {k: (float("nan") if v is None and k not in ("error",) else v) for k, v in data.items()}
+class DamagedRecord(ValueError):
+    """A stored point's field does not hold what :class:`MethodResult` needs there."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        self.field = field_name
+        super().__init__(f"{field_name}: {problem}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_ROW_CHECKS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "float": (lambda v: v is None or _is_number(v), "a number or null"),
+    "list[float]": (
+        lambda v: isinstance(v, list) and all(x is None or _is_number(x) for x in v),
+        "a list of numbers",
+    ),
+}
+"""What a stored row's field may hold, by the field's annotation in :class:`MethodResult`."""
+
+
+def _row_from_json(data: Any) -> MethodResult:
+    """A :class:`MethodResult` read back from JSON (``null`` numbers become NaN again), checked field
+    by field.
+
+    Raises:
+        DamagedRecord: naming the first field (``row.<name>``) that is missing, unknown or of the
+            wrong type.
+    """
+    if not isinstance(data, dict):
+        raise DamagedRecord("row", f"expected a mapping, got {_shown(data)}")
+    known = {f.name: f for f in fields(MethodResult)}
+    for name in data:
+        if name not in known:
+            raise DamagedRecord(f"row.{name}", "not a field of a result row")
+    values: dict[str, Any] = {}
+    for name, spec in known.items():
+        if name not in data:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                raise DamagedRecord(f"row.{name}", "missing")
+            continue
+        value = data[name]
+        accepts, expected = _ROW_CHECKS[str(spec.type)]
+        if not accepts(value):
+            raise DamagedRecord(f"row.{name}", f"expected {expected}, got {_shown(value)}")
+        if spec.type == "float":
+            value = float("nan") if value is None else float(value)
+        elif spec.type == "list[float]":
+            value = [float("nan") if x is None else float(x) for x in value]
+        values[name] = value
     return MethodResult(**values)
 
 
@@ -526,7 +604,8 @@ def format_table(report: RunReport) -> str:
         f"calibration {c['dataset']} x {c['n_samples']} windows; seed {s['seed']}",
         "",
         "| method | target ratio | per-layer ratio | realised ratio (decoder / model) | perplexity "
-        "| Δ ppl vs dense | forward s (median) | time ratio | FLOPs-ideal ratio | probe FLOPs share |",
+        "| Δ ppl vs dense | forward s (median) | time ratio (1 sequential pass) | FLOPs-ideal ratio "
+        "| probe FLOPs share |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report.rows:
@@ -539,10 +618,18 @@ def format_table(report: RunReport) -> str:
             f"| {row.realised_ratio:.3f} / {row.realised_ratio_model:.3f} | {row.perplexity:.3f} "
             f"| {row.delta_perplexity:+.3f} "
             f"| {row.median_forward_s:.3f} "
-            f"| {row.time_ratio:.3f} | {row.ideal_time_ratio:.3f} | {row.probe_flops_share:.2%} |"
+            f"| {row.time_ratio:.3f}{' (!)' if row.time_below_ideal else ''} | {row.ideal_time_ratio:.3f} "
+            f"| {row.probe_flops_share:.2%} |"
         )
     for row in report.failures:
         lines += ["", f"FAILED {row.method}: {row.error}"]
+    lines += [
+        "",
+        "time ratio (1 sequential pass): every method was timed once, one after another, with no spread; "
+        "not a speed-up measurement (`ppf eval` times interleaved dense/method pairs with their IQR).",
+    ]
+    if any(row.time_below_ideal for row in report.rows):
+        lines.append("(!) below the FLOPs ideal: noise, not a result.")
     if not report.complete:
         lines += ["", "(partial results: the run has not finished)"]
     if s.get("note"):
@@ -605,10 +692,18 @@ def write_csv(report: RunReport, path: str | Path) -> Path:
 
 def write_report(report: RunReport, out_dir: str | Path) -> Path:
     """Write ``results.json`` (strict JSON: NaN/inf as null), ``results.csv`` and ``results.md`` into
-    ``out_dir``, each atomically; return the JSON path."""
+    ``out_dir``, each atomically; return the JSON path.
+
+    A partial report never replaces complete results: while ``results.json`` holds a finished run it
+    goes to ``results.partial.*`` beside them instead (:func:`ppframework.outputs.results_stem`), and
+    a complete report removes those.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = write_json(out / "results.json", report.to_json())
-    write_csv(report, out / "results.csv")
-    atomic_write_text(out / "results.md", format_table(report) + "\n")
+    stem = results_stem(out, report.complete)
+    path = write_json(out / f"{stem}.json", report.to_json())
+    write_csv(report, out / f"{stem}.csv")
+    atomic_write_text(out / f"{stem}.md", format_table(report) + "\n")
+    if report.complete:
+        remove_partial_results(out)
     return path

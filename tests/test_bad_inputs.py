@@ -155,6 +155,13 @@ def _out_is_file(env: Env) -> list[str]:
     return ["--out", str(env.file("results-file", "x"))]
 
 
+def _points_is_file(env: Env) -> list[str]:
+    out = env.tmp / "sweep-out"
+    out.mkdir()
+    (out / "points").write_text("not a folder")
+    return ["--out", str(out)]
+
+
 def _out_under_file(env: Env) -> list[str]:
     return ["--out", str(env.file("plain-file", "x") / "sub")]
 
@@ -242,6 +249,12 @@ CASES: list[Case] = [
     Case("eval-out-is-file", "eval", _out_is_file, "is an existing file, not a folder"),
     Case("ablate-out-is-file", "ablate", _out_is_file, "is an existing file, not a folder"),
     Case("run-out-under-file", "run", _out_under_file, "is a file, not a folder"),
+    Case(
+        "ablate-points-is-file",
+        "ablate",
+        _points_is_file,
+        "sweep-out/points: is a file, not a folder; ppf ablate keeps every finished point in this folder",
+    ),
     # --- late checks moved before the model load (part 5)
     Case(
         "ratio-inflates-to-1",
@@ -705,3 +718,62 @@ def test_read_only_out_dir_fails_before_the_model_loads(
     finally:
         out.chmod(0o755)
     assert code == 2 and "is not writable" in err
+
+
+# -------------------------------------------------------------------------------- unmeasured figures
+
+
+def _table_row(table: str, method: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith((f"| {method} |", f"| {method} (")))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_eval_without_runtime_shows_no_time_figures(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """``evaluation.runtime.enabled: false``: no time ratio, IQR, PRR or plot point is made up."""
+    out = env.tmp / "eval-out"
+    env.run["evaluation"] = {"zeroshot": {"enabled": False}, "runtime": {"enabled": False}, "plot": True}
+    code, stdout, err = invoke(env, "eval", ["--out", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for row in rows:
+        assert row["time_ratio"] is None and row["time_ratio_spread"] is None, row
+        assert row["decoder_time_ratio"] is None and row["prr"] is None, row
+    header = _table_row(stdout, "method")
+    cells = _table_row(stdout, "pp 40%")
+    for column in ("time ratio (IQR)", "decoder time ratio", "PRR"):
+        assert cells[header.index(column)] == "-", (column, cells)
+    assert "not faster" not in stdout and "1.000 (0.000)" not in stdout
+    assert not (out / "perplexity_vs_runtime.png").exists()
+    # what was measured stays: perplexity, realised ratios, FLOPs
+    assert rows[1]["perplexity"] is not None and rows[1]["realised_ratio_model"] > 0
+    assert rows[1]["ideal_time_ratio"] < 1
+    # nothing measured at all: no realised ratio, no FLOPs-ideal ratio (not 0.000 and 1.000)
+    blank = ppframework.evaluate.EvalRow("pp 40%", 0.4)
+    assert blank.realised_ratio is None and blank.realised_ratio_model is None
+    assert blank.ideal_time_ratio is None and blank.time_ratio is None
+
+
+def test_run_table_flags_a_time_ratio_below_the_flops_ideal(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = env.tmp / "run-out"
+    code, stdout, err = invoke(env, "run", ["--out", str(out)], capsys)
+    assert code == 0, err
+    assert "time ratio (1 sequential pass)" in stdout and "timed once, one after another" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert all(isinstance(row.get("time_below_ideal"), bool) for row in data["rows"])
+    rows = [
+        ppframework.runner._row_from_json({k: v for k, v in row.items() if k != "time_below_ideal"})
+        for row in data["rows"]
+    ]
+    rows[1].time_ratio = rows[1].ideal_time_ratio - 0.15  # faster than its FLOPs allow
+    rows[2].time_ratio = 1.0
+    settings, calibration, environment = data["settings"], data["calibration"], data["environment"]
+    report = ppframework.runner.RunReport(rows, settings, calibration, environment, 0.0)
+    table = ppframework.runner.format_table(report)
+    header, cells = _table_row(table, "method"), _table_row(table, rows[1].method)
+    assert cells[header.index("time ratio (1 sequential pass)")] == f"{rows[1].time_ratio:.3f} (!)"
+    assert "(!) below the FLOPs ideal: noise, not a result" in table
+    assert "(!)" not in _table_row(table, rows[2].method)[header.index("time ratio (1 sequential pass)")]
+    flags = [row["time_below_ideal"] for row in report.to_json()["rows"]]
+    assert flags == [False, True, False]
