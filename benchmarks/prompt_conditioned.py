@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--corpora", nargs="*", default=["wikitext2", "c4"], help="corpora for perplexity")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per prompt set (first N)")
+    parser.add_argument(
+        "--prompt-offset",
+        type=int,
+        default=0,
+        help="skip this many items of each prompt set first (e.g. choose settings on items 16-31, "
+        "report on 0-15)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="dense continuation tokens per prompt")
     parser.add_argument("--windows", type=int, default=16, help="windows per corpus")
     parser.add_argument(
@@ -164,6 +171,7 @@ def settings(args: argparse.Namespace, cfg: RunConfig, window_len: int, prefix_l
         "window_policy": cfg.data.window_policy,
         "window_bos": cfg.data.window_bos,
         "step_tokens": args.step_tokens,
+        **({"prompt_offset": args.prompt_offset} if args.prompt_offset else {}),
     }
 
 
@@ -171,15 +179,21 @@ def settings(args: argparse.Namespace, cfg: RunConfig, window_len: int, prefix_l
 
 
 def prompt_set(
-    name: str, cfg: RunConfig, tokenizer: Any, limit: int, new_tokens: int, positions: int | None
+    name: str,
+    cfg: RunConfig,
+    tokenizer: Any,
+    limit: int,
+    new_tokens: int,
+    positions: int | None,
+    offset: int = 0,
 ) -> list[list[int]]:
-    """The first ``limit`` prompts of a generation task as token ids, cut (XSum) or left out (code) to
-    fit the history's positions, and the model's ``positions`` with the new tokens."""
+    """``limit`` prompts of a generation task from item ``offset`` on, as token ids, cut (XSum) or left
+    out (code) to fit the history's positions, and the model's ``positions`` with the new tokens."""
     fits = (
         cfg.calibration_seq_len if positions is None else min(cfg.calibration_seq_len, positions - new_tokens)
     )
     task = get_generation_task(name)
-    items = task.load(cfg.data.data_dir, limit, tokenizer, fits if name == "xsum" else None)
+    items = task.load(cfg.data.data_dir, offset + limit, tokenizer, fits if name == "xsum" else None)[offset:]
     prompts = []
     for item in items:
         ids = list(tokenizer(item.prompt)["input_ids"])
@@ -293,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts: dict[str, list[list[int]]] = {}
     for name in args.prompt_sets:
         try:
-            prompts[name] = prompt_set(name, cfg, tokenizer, args.prompts, args.new_tokens, positions)
+            prompts[name] = prompt_set(
+                name, cfg, tokenizer, args.prompts, args.new_tokens, positions, args.prompt_offset
+            )
         except ConfigError as exc:
             logger.warning("prompt set %s skipped: %s", name, exc)
             skipped[name] = str(exc)
