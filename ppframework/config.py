@@ -854,6 +854,50 @@ class FrontierConfig(StrictModel):
         return out
 
 
+class FidelityConfig(StrictModel):
+    """Quality measures without future tokens in ``ppf eval`` (docs/evaluation.md, "Measures without
+    future tokens"): fidelity to dense on prompt sets, continuation perplexity on corpora."""
+
+    enabled: bool = False
+    prompt_sets: list[Literal["xsum", "humaneval", "mbpp"]] = Field(
+        default_factory=lambda: ["xsum", "humaneval", "mbpp"],
+        description="prompt sets for fidelity to dense (built as the generation tasks build their prompts)",
+    )
+    prompts: int = Field(16, ge=1, description="prompts per prompt set (the first N that fit)")
+    new_tokens: int = Field(32, ge=1, description="dense greedy continuation tokens per prompt")
+    corpora: list[str] | None = Field(
+        None,
+        description="corpora for continuation perplexity (wikitext2, c4 or a local text file); None = "
+        "data.name",
+    )
+    windows: int = Field(16, ge=1, description="windows of data.seq_len tokens per corpus")
+    prefix_len: int | None = Field(
+        None, ge=1, description="tokens of each window the method decides on (default data.seq_len // 2)"
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="prompts or windows per decision (default data.batch_size, at most windows)",
+    )
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _prompt_sets(cls, value: list[str]) -> list[str]:
+        duplicates = sorted({n for n in value if value.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"prompt set(s) {duplicates} listed twice")
+        return value
+
+    @field_validator("corpora")
+    @classmethod
+    def _corpora(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            duplicates = sorted({n for n in value if value.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"corpus/corpora {duplicates} listed twice")
+        return value
+
+
 class EvaluationConfig(StrictModel):
     """What ``ppf eval`` measures besides perplexity, and the efficiency comparison."""
 
@@ -863,6 +907,7 @@ class EvaluationConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     frontier: FrontierConfig = Field(default_factory=FrontierConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     baselines: list[str] | None = Field(
         None,
         description="method labels (e.g. 'flap 40%') to compare PRR against; None = every static method",
@@ -933,6 +978,22 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"calibration.seq_len ({seq}) must be >= data.seq_len ({self.data.seq_len}): the history "
                 "is indexed by absolute position"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fidelity(self) -> RunConfig:
+        """The fidelity prefix must leave tokens to score; an explicit batch must fit the windows."""
+        fid, seq = self.evaluation.fidelity, self.data.seq_len
+        if fid.prefix_len is not None and fid.prefix_len >= seq:
+            raise ValueError(
+                f"evaluation.fidelity.prefix_len: {fid.prefix_len} must be below the window's "
+                f"data.seq_len ({seq}), so that some tokens are left to score"
+            )
+        if fid.batch_size is not None and fid.batch_size > fid.windows:
+            raise ValueError(
+                f"evaluation.fidelity.batch_size: {fid.batch_size} exceeds evaluation.fidelity.windows "
+                f"({fid.windows}); continuation perplexity decides on whole batches of windows"
             )
         return self
 
