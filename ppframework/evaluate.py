@@ -3,7 +3,9 @@
 For dense and every configured method, on one loaded model: WikiText-2 perplexity (with the
 warm-up batch), zero-shot accuracy on the seven tasks, interleaved dense/method runtime (whole
 forward and decoder layers alone), analytic FLOPs from the shapes each batch used, peak memory,
-and the efficiency metric PRR with its ratio against every baseline of the run. Each measurement
+and the efficiency metric PRR with its ratio against every baseline of the run; optionally generation
+tasks and the measures without future tokens (``evaluation.fidelity``: fidelity to dense, continuation
+perplexity; :mod:`ppframework.generation.fidelity_eval`). Each measurement
 starts the method from a fresh copy of the calibration history, so results do not depend on the
 order in which they are taken.
 """
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,15 @@ from ppframework.generation.evaluation import (
     check_generation_data,
     load_generation_items,
     run_generation_tasks,
+)
+from ppframework.generation.fidelity_eval import (
+    FidelityPlan,
+    add_dense_references,
+    check_fidelity,
+    load_fidelity_texts,
+    mean_top1,
+    measure_fidelity,
+    plan_fidelity,
 )
 from ppframework.harness import LmEvalPlan, plan_lm_eval, run_lm_eval
 from ppframework.history import HistoryStore
@@ -159,6 +171,9 @@ class EvalRow:
     prr_ratios: dict[str, float] = field(default_factory=dict)
     accuracy_prr_ratios: dict[str, float] = field(default_factory=dict)
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``evaluation.fidelity``: top-1 and KL per prompt set, continuation perplexity per corpus and the
+    #: mean top-1 (:func:`ppframework.generation.fidelity_eval.measure_fidelity`); None when not measured.
+    fidelity: dict[str, Any] | None = None
 
     @property
     def ideal_time_ratio(self) -> float | None:
@@ -333,19 +348,26 @@ def evaluate(cfg: RunConfig, *, progress: bool | None = None) -> EvalReport:
     start = time.perf_counter()
     check_tasks(cfg)
     check_generation_data(cfg)
+    check_fidelity(cfg)
     zs = cfg.evaluation.zeroshot
     longest_request = request_max_length(cfg, zs.max_length, None) if zs.enabled else None
     lm_plan: LmEvalPlan | None = plan_lm_eval(cfg) if cfg.evaluation.lm_eval.enabled else None
     try:
         checked = preflight(cfg, zeroshot_length=longest_request)
-        return _evaluate(cfg, progress, start, checked, lm_plan)
+        fid_texts = load_fidelity_texts(cfg, checked.text)
+        return _evaluate(cfg, progress, start, checked, lm_plan, fid_texts)
     finally:
         if lm_plan is not None:
             lm_plan.close()
 
 
 def _evaluate(
-    cfg: RunConfig, progress: bool, start: float, checked: Any, lm_plan: LmEvalPlan | None
+    cfg: RunConfig,
+    progress: bool,
+    start: float,
+    checked: Any,
+    lm_plan: LmEvalPlan | None,
+    fid_texts: dict[str, str] | None = None,
 ) -> EvalReport:
     """:func:`evaluate` after the checks: load the model and measure every method."""
     zs = cfg.evaluation.zeroshot
@@ -360,6 +382,9 @@ def _evaluate(
     )
     batches = eval_batches(cfg, tokenizer, text, checked.eval_ids)
     positions = getattr(model.config, "max_position_embeddings", None)
+    fid_plan: FidelityPlan | None = (
+        plan_fidelity(cfg, tokenizer, positions, fid_texts or {}) if ev.fidelity.enabled else None
+    )
     zs_max_length = request_max_length(cfg, zs.max_length, positions)
     le_max_length = request_max_length(cfg, ev.lm_eval.max_length or zs.max_length, positions)
     lm_eval_info: dict[str, Any] = {}
@@ -368,6 +393,7 @@ def _evaluate(
         settings = resolved_settings(cfg, model, batches)
         settings["resolved"]["zeroshot_max_length"] = zs_max_length if zs.enabled else None
         settings["resolved"]["lm_eval"] = lm_eval_info or None
+        settings["resolved"]["fidelity"] = fid_plan.describe() if fid_plan is not None else None
         return settings
     warmup = cfg.data.warmup_batches
     device = input_device(model)
@@ -464,6 +490,16 @@ def _evaluate(
                     row.realised_ratio = gen_pipe.realised_ratio()
                     row.realised_ratio_model = gen_pipe.realised_ratio_model()
                 gen_pipe.release()
+        if fid_plan is not None:
+            if dense:
+                add_dense_references(model, fid_plan, progress)
+            row.fidelity = measure_fidelity(
+                model,
+                fid_plan,
+                (lambda: None) if dense else partial(make_pipe, index),
+                label=label,
+                progress=progress,
+            )
         if ev.runtime.enabled and not dense:
             timing_pipe = make_pipe(index)
             timing = time_against_dense(
@@ -707,6 +743,7 @@ def format_eval_table(report: EvalReport) -> str:
         lines += format_frontier(report.frontier)
     lines += lm_eval_table(report)
     lines += generation_table(report)
+    lines += fidelity_table(report)
     lines += [
         "",
         "realised = fraction of the decoder's prunable projection weights removed / the same weights as a "
@@ -853,6 +890,50 @@ def generation_table(report: EvalReport) -> list[str]:
     return lines
 
 
+def fidelity_table(report: EvalReport) -> list[str]:
+    """Markdown lines of the measures without future tokens (none when they did not run): top-1 and KL
+    per prompt set, their mean top-1, continuation perplexity per corpus."""
+    measured = [r.fidelity for r in report.rows if r.fidelity is not None]
+    if not measured:
+        return []
+    sets = list(dict.fromkeys(name for f in measured for name in f["prompt_sets"]))
+    corpora = list(dict.fromkeys(name for f in measured for name in f["continuation_perplexity"]))
+    header = (
+        [f"{name} top-1 / KL" for name in sets]
+        + (["mean top-1"] if sets else [])
+        + [f"{name} cont. ppl" for name in corpora]
+    )
+    lines = ["", "| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for row in report.rows:
+        fid = row.fidelity or {}
+        cells = []
+        for name in sets:
+            scores = (fid.get("prompt_sets") or {}).get(name)
+            cells.append(
+                "-" if scores is None else f"{_fmt(scores['top1'], '.4f')} / {_fmt(scores['kl'], '.5f')}"
+            )
+        if sets:
+            cells.append(_fmt(mean_top1(fid), ".4f"))
+        for name in corpora:
+            ppl = (fid.get("continuation_perplexity") or {}).get(name)
+            cells.append("-" if ppl is None else _fmt(ppl["perplexity"], ".3f"))
+        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+    plan = report.settings.get("resolved", {}).get("fidelity") or {}
+    prompts = ", ".join(f"{n} {k}" for n, k in (plan.get("prompts") or {}).items()) or "none"
+    batch, new_tokens = plan.get("batch_size", "?"), plan.get("new_tokens", "?")
+    lines += [
+        "",
+        "measures without future tokens (docs/evaluation.md): the method decides on the prompt alone (a "
+        f"batch of {batch} left-padded prompts per decision; prompts: {prompts}) and the dense model's "
+        f"greedy continuation (up to {new_tokens} tokens, to the first EOS) is teacher-forced under that "
+        "decision; top-1 = share of tokens where the method's argmax is the dense token, KL = mean "
+        "KL(dense || method) per token in nats; mean top-1 averages the prompt sets. "
+        f"cont. ppl: windows of {plan.get('window_len', '?')} tokens, {plan.get('window_batch', '?')} per "
+        f"decision made on the first {plan.get('prefix_len', '?')}, perplexity of the rest.",
+    ]
+    return lines
+
+
 EVAL_CSV_COLUMNS: tuple[str, ...] = (
     "method",
     "target_ratio",
@@ -897,6 +978,13 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
             out[f"gen_{task}_{metric}"] = value
         for key in ("decode_tokens_per_s", "decode_tps_ratio", "prefill_s", "n_items"):
             out[f"gen_{task}_{key}"] = g[key]
+    if row.fidelity is not None:
+        out["fid_mean_top1"] = mean_top1(row.fidelity)
+        for name, scores in row.fidelity["prompt_sets"].items():
+            out[f"fid_{name}_top1"] = None if scores is None else scores["top1"]
+            out[f"fid_{name}_kl"] = None if scores is None else scores["kl"]
+        for name, ppl in row.fidelity["continuation_perplexity"].items():
+            out[f"cont_ppl_{name}"] = None if ppl is None else ppl["perplexity"]
     return out
 
 
@@ -985,4 +1073,14 @@ def write_plots(report: EvalReport, out: Path, plot: Callable[..., Path] | None 
         if len(points) == len(report.rows):
             path = draw(points, f"{task}_vs_decode_runtime.png", f"{task} {metric}", f"{task} vs decode time")
             written.append(str(path))
+    # The generation frontier: a row without a measured time (or without fidelity) has no point.
+    faithful = [r for r in timed if mean_top1(r.fidelity) is not None]
+    if len(faithful) > 1 and faithful[0].method == "dense":
+        from ppframework.plotting import plot_fidelity_vs_runtime
+
+        points = [_runtime_point(r, family(r), mean_top1(r.fidelity)) for r in faithful]
+        target = out / "fidelity_vs_runtime.png"
+        with atomic_path(target) as tmp:
+            plot_fidelity_vs_runtime(points, tmp)
+        written.append(str(target))
     return written

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 DENSE_NAMES = frozenset({"dense", "none", "unpruned"})
 
@@ -54,8 +54,9 @@ def _point(row: Any) -> QualitySpeedPoint:
         ) from err
 
 
-def _x_error(points: list[QualitySpeedPoint]) -> list[list[float]] | None:
-    """Asymmetric x error bars (runtime reduction axis) from the time-ratio quartiles, or None."""
+def _x_error(points: list[QualitySpeedPoint], reduction: bool = True) -> list[list[float]] | None:
+    """Asymmetric x error bars from the time-ratio quartiles, or None: on the runtime reduction axis
+    (``reduction``) or on the time-ratio axis."""
     if not any(p.time_q25 is not None and p.time_q75 is not None for p in points):
         return None
     low, high = [], []
@@ -64,9 +65,10 @@ def _x_error(points: list[QualitySpeedPoint]) -> list[list[float]] | None:
             low.append(0.0)
             high.append(0.0)
             continue
-        # x = 1 - time_ratio: a slower quartile (q75) lies to the left.
-        low.append(max(0.0, p.time_q75 - p.time_ratio))
-        high.append(max(0.0, p.time_ratio - p.time_q25))
+        slower, faster = max(0.0, p.time_q75 - p.time_ratio), max(0.0, p.time_ratio - p.time_q25)
+        # x = 1 - time_ratio: a slower quartile (q75) lies to the left; x = time_ratio: to the right.
+        low.append(slower if reduction else faster)
+        high.append(faster if reduction else slower)
     return [low, high]
 
 
@@ -81,6 +83,7 @@ def plot_quality_vs_speed(
     title: str | None = None,
     *,
     log_y: bool = False,
+    x_axis: Literal["reduction", "time_ratio"] = "reduction",
 ) -> Path:
     """Write a PNG of quality against runtime reduction and return its path.
 
@@ -98,6 +101,8 @@ def plot_quality_vs_speed(
         metric_label: y-axis label (e.g. ``"WikiText-2 perplexity"`` or ``"mean accuracy"``).
         title: figure title.
         log_y: logarithmic y axis (useful for perplexities spanning decades).
+        x_axis: ``"reduction"`` (``1 - time_ratio``, dense at 0) or ``"time_ratio"`` (time relative to
+            dense, dense at 1).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -120,22 +125,26 @@ def plot_quality_vs_speed(
     fig = Figure(figsize=(7.0, 4.8), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    reduction = x_axis == "reduction"
+
+    def x_of(p: QualitySpeedPoint) -> float:
+        return 1.0 - p.time_ratio if reduction else p.time_ratio
 
     dense = [p for p in points if _is_dense(p)]
     for p in dense[:1]:
         ax.axhline(p.value, color="0.4", linestyle="--", linewidth=1.0, label=f"dense ({p.value:.4g})")
-        ax.scatter([1.0 - p.time_ratio], [p.value], marker="*", s=140, color="black", zorder=3)
+        ax.scatter([x_of(p)], [p.value], marker="*", s=140, color="black", zorder=3)
 
     methods = list(dict.fromkeys(p.method for p in points if not _is_dense(p)))
     for index, method in enumerate(methods):
         mine = sorted((p for p in points if p.method == method), key=lambda p: p.ratio)
-        xs = [1.0 - p.time_ratio for p in mine]
+        xs = [x_of(p) for p in mine]
         ys = [p.value for p in mine]
         marker = _MARKERS[index % len(_MARKERS)]
         (line,) = ax.plot(
             xs, ys, marker=marker, linestyle="-", linewidth=1.0, markersize=7, label=method, zorder=2
         )
-        xerr = _x_error(mine)
+        xerr = _x_error(mine, reduction)
         if xerr is not None:
             ax.errorbar(xs, ys, xerr=xerr, fmt="none", ecolor=line.get_color(), elinewidth=0.8, capsize=3)
         for p, x, y in zip(mine, xs, ys, strict=True):
@@ -162,7 +171,7 @@ def plot_quality_vs_speed(
             label="hollow: runtime spread >= speed-up (noise)",
         )
 
-    ax.set_xlabel("runtime reduction (1 - time / dense time)")
+    ax.set_xlabel("runtime reduction (1 - time / dense time)" if reduction else "time / dense time")
     ax.set_ylabel(metric_label)
     if log_y:
         ax.set_yscale("log")
@@ -176,3 +185,20 @@ def plot_quality_vs_speed(
     fig.tight_layout()
     fig.savefig(out, format="png")
     return out
+
+
+def plot_fidelity_vs_runtime(rows: Iterable[Any], path: str | Path, title: str | None = None) -> Path:
+    """Write the generation frontier: mean top-1 agreement with dense against time relative to dense.
+
+    Rows as for :func:`plot_quality_vs_speed` (``value`` = the mean top-1 agreement over the prompt
+    sets, ``time_ratio`` = the measured time / dense time): one curve per method family joined in order
+    of pruning ratio, dense as a star at its own point (time 1, agreement 1) with a dashed reference
+    line; time-ratio quartiles as x error bars, unresolved timings hollow.
+    """
+    return plot_quality_vs_speed(
+        rows,
+        path,
+        "mean top-1 agreement with dense",
+        title or "fidelity to dense vs runtime",
+        x_axis="time_ratio",
+    )
