@@ -4,6 +4,7 @@ every pruned block through the five per-block stage hooks."""
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -690,13 +691,19 @@ class Pipeline:
     def _track_rows(state: DecodeState, cache: Any, rows: int) -> None:
         """Give ``state`` one child per row, and keep them in step when beam search reorders the cache."""
         state.rows = [DecodeState(state.cache, state.policy) for _ in range(rows)]
-        reorder = getattr(cache, "reorder_cache", None)
+        own = cache.__dict__.get("reorder_cache")  # an instance's own wrapper, if it has one
+        reorder = own if own is not None else getattr(type(cache), "reorder_cache", None)
         if reorder is None:
             return
+        # Weak references only: a cycle cache -> wrapper -> cache (or -> state -> pinned weights) would
+        # keep every row's sliced weights alive until the garbage collector happens to run.
+        cache_ref, state_ref = weakref.ref(cache), weakref.ref(state)
 
         def reorder_rows(beam_idx: torch.Tensor) -> Any:
-            result = reorder(beam_idx)
-            state.rows[:] = [state.rows[i] for i in beam_idx.tolist()]
+            result = reorder(beam_idx) if own is not None else reorder(cache_ref(), beam_idx)
+            current = state_ref()
+            if current is not None:
+                current.rows[:] = [current.rows[i] for i in beam_idx.tolist()]
             return result
 
         cache.reorder_cache = reorder_rows  # this cache object only; it dies with the generation
