@@ -974,10 +974,12 @@ class RunConfig(StrictModel):
                 "data.max_batches or lower data.warmup_batches"
             )
         seq = self.calibration.seq_len
-        if seq is not None and seq < self.data.seq_len:
+        refusing = [m.label for m in self.methods if m.needs_calibration and m.history.beyond == "refuse"]
+        if seq is not None and seq < self.data.seq_len and refusing:
             raise ValueError(
-                f"calibration.seq_len ({seq}) must be >= data.seq_len ({self.data.seq_len}): the history "
-                "is indexed by absolute position"
+                f"calibration.seq_len ({seq}) must be >= data.seq_len ({self.data.seq_len}) for "
+                f"{', '.join(refusing)} (history.beyond: refuse): the history is indexed by absolute "
+                "position; raise calibration.seq_len or set history.beyond: extend"
             )
         return self
 

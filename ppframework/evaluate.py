@@ -232,7 +232,7 @@ def check_tasks(cfg: RunConfig) -> None:
                 get_task(name)
             except ConfigError as exc:
                 raise ConfigError(f"evaluation.zeroshot.tasks[{i}]: {exc}") from None
-    if any(m.needs_calibration for m in cfg.methods):
+    if any(m.needs_calibration and m.history.beyond == "refuse" for m in cfg.methods):
         lengths = {
             "evaluation.zeroshot.max_length": zs.max_length if zs.enabled else None,
             "evaluation.lm_eval.max_length": cfg.evaluation.lm_eval.max_length
@@ -242,8 +242,8 @@ def check_tasks(cfg: RunConfig) -> None:
             if value is not None and value > cfg.calibration_seq_len:
                 raise ConfigError(
                     f"{name}: {value} tokens exceed calibration.seq_len ({cfg.calibration_seq_len}), the "
-                    "positions of the calibrated history; pruned methods cannot run longer inputs. Lower it "
-                    "or raise calibration.seq_len"
+                    "positions of the calibrated history, and a method sets history.beyond: refuse. Lower "
+                    "it, raise calibration.seq_len or set history.beyond: extend"
                 )
     labels = [m.label for m in cfg.methods]
     for name in cfg.evaluation.baselines or []:

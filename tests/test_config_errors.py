@@ -153,8 +153,12 @@ def test_duplicate_method_labels(base: dict[str, Any], no_model_load: None) -> N
 
 
 def test_calibration_seq_len_below_data_seq_len(base: dict[str, Any], no_model_load: None) -> None:
-    message = failure(with_changes(base, "calibration.seq_len=16"))
+    refuse = "methods.0.history.beyond=refuse"
+    message = failure(with_changes(base, "calibration.seq_len=16", refuse))
     assert "calibration.seq_len (16)" in message and "data.seq_len (32)" in message
+    assert "history.beyond" in message
+    # the default (history.beyond: extend) extends the history past its positions instead
+    assert load_config(with_changes(base, "calibration.seq_len=16")).calibration_seq_len == 16
     # equal and longer are fine
     assert load_config(with_changes(base, "calibration.seq_len=32")).calibration_seq_len == 32
     assert load_config(with_changes(base, "calibration.seq_len=64")).calibration_seq_len == 64
