@@ -63,6 +63,14 @@ if step generation; then
         --repeats 3 --out "$GEN_RESULTS_DIR" > "$GEN_RESULTS_DIR/stdout.txt"
     echo "== table ($GEN_RESULTS_DIR/speed.md)"
     cat "$GEN_RESULTS_DIR/speed.md"
+    # pp-prompt (decision: sequence, prefill: dense) at batch 1 only: at batch B it pins B sets of sliced
+    # weights (8 x ~8 GB on this model at batch 8), more than an 80 GB card holds beside the model.
+    echo "== generation: pp-prompt beside pp, 7B-shaped fp16, batch 1, 40%"
+    mkdir -p "$GEN_RESULTS_DIR-pp-prompt"
+    timeout 240 "$PYTHON" benchmarks/speed.py --generation --workload 7b --device cuda --dtype float16 \
+        --gen-batches 1 --prompt-len 128 --new-tokens 128 --ratios 0.4 --dynamic pp-prompt --static wanda-sp \
+        --repeats 3 --out "$GEN_RESULTS_DIR-pp-prompt" > "$GEN_RESULTS_DIR-pp-prompt/stdout.txt"
+    cat "$GEN_RESULTS_DIR-pp-prompt/speed.md"
 fi
 
 if step devicemap; then
