@@ -246,3 +246,56 @@ def test_ppf_eval_keeps_finished_methods_when_a_later_one_crashes(
     assert report["rows"][1]["generation"]["xsum"]["n_items"] == 3
     assert "partial results" in (out / "results.md").read_text()
     assert len((out / "generations.jsonl").read_text().splitlines()) == 6
+
+
+def _truncate_humaneval(root: Path) -> str:
+    path = root / "generation" / "humaneval" / "HumanEval.jsonl.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return "HumanEval.jsonl.gz is damaged or cut short"
+
+
+def _bad_mbpp_line(root: Path) -> str:
+    path = root / "generation" / "mbpp" / "test.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = '{"task_id": 12, "text": "Add 1."'  # cut off mid-record
+    path.write_text("\n".join(lines) + "\n")
+    return "test.jsonl: line 2 is not valid JSON"
+
+
+def _xsum_without_document(root: Path) -> str:
+    path = root / "generation" / "xsum" / "test.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"id": "2", "summary": "A river rose."})
+    path.write_text("\n".join(lines) + "\n")
+    return "test.jsonl: line 3 (item '2') has no 'document'"
+
+
+@pytest.mark.parametrize(
+    ("task", "damage"),
+    [("humaneval", _truncate_humaneval), ("mbpp", _bad_mbpp_line), ("xsum", _xsum_without_document)],
+)
+def test_ppf_eval_damaged_generation_data_fails_before_the_model_loads(
+    tmp_path, tiny_model_dir, tiny_text_file, capsys, monkeypatch, task, damage
+):
+    import ppframework.evaluate
+
+    data = _generation_data(tmp_path / "data")
+    expected = damage(data)
+    evaluation = {
+        "zeroshot": {"enabled": False},
+        "generation": {"enabled": True, "tasks": [task], "allow_code_execution": True},
+    }
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
+    text = yaml.safe_load(config.read_text())
+    text["data"]["data_dir"] = str(data)
+    config.write_text(yaml.safe_dump(text))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the damaged data was reported")
+
+    monkeypatch.setattr(ppframework.evaluate, "load_model", no_model)
+    assert cli.main(["eval", str(config), "--no-progress", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.generation.tasks[0]" in err and expected in err, err
+    assert "Traceback" not in err

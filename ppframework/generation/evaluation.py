@@ -75,7 +75,8 @@ def check_code_execution(cfg: RunConfig) -> None:
 
 
 def check_generation_data(cfg: RunConfig) -> None:
-    """Fail before the model loads when a code task lacks its opt-in or sandbox, or a data file is missing."""
+    """Fail before the model loads when a code task lacks its opt-in or sandbox, or a data file is
+    missing or damaged (every record is read and checked: JSON, required fields and their types)."""
     gen = cfg.evaluation.generation
     if not gen.enabled:
         return
@@ -91,6 +92,10 @@ def check_generation_data(cfg: RunConfig) -> None:
                 f"evaluation.generation.tasks[{i}]: {task_cfg.name} needs {path}, which does not exist; "
                 "set data.data_dir (or PPF_DATA_DIR) to the folder holding generation/"
             )
+        try:  # every record, so a damaged file fails here and not after the model loads
+            task.read_records(cfg.data.data_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"evaluation.generation.tasks[{i}]: {exc}") from None
 
 
 def _max_new_tokens(task_cfg: GenerationTaskConfig) -> int:

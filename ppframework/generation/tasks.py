@@ -52,6 +52,7 @@ import gzip
 import json
 import logging
 import math
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,10 +133,44 @@ def _count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every record of a JSON-lines file (gzipped when it ends in ``.gz``) with its line number.
+
+    Raises :class:`ConfigError` naming the file (and the line) when it cannot be read, is damaged
+    or cut short, or a line is not a JSON object.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        return [json.loads(line) for line in f if line.strip()]
+    records: list[tuple[int, dict[str, Any]]] = []
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(
+                        f"{path}: line {lineno} is not valid JSON ({exc.msg}); the file is damaged: "
+                        "replace it with an intact copy"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise ConfigError(
+                        f"{path}: line {lineno} holds a {type(record).__name__}, not a JSON object; "
+                        "replace the file with an intact copy"
+                    )
+                records.append((lineno, record))
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise ConfigError(
+            f"{path} is damaged or cut short (reading stopped after line {lineno}: {exc}); replace it "
+            "with an intact copy"
+        ) from None
+    return records
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
 
 
 class GenerationTask(ABC):
@@ -148,6 +183,11 @@ class GenerationTask(ABC):
     relative_path: ClassVar[str]
     #: Stop strings count only after the first non-whitespace text (a summary may start on a new line).
     stop_after_text: ClassVar[bool] = False
+
+    #: Fields every record needs, with their type (checked by :meth:`read_records`).
+    required: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    #: The record field that names an item in error messages.
+    id_field: ClassVar[str] = "task_id"
 
     @property
     def stop_strings(self) -> list[str]:
@@ -170,6 +210,37 @@ class GenerationTask(ABC):
             )
         return path
 
+    def read_records(self, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+        """Read and check every record of the task's file (cheap: no tokenizer, no model).
+
+        Raises :class:`ConfigError` naming the file, the line (and item) and the fix when the file
+        is damaged, a line is not JSON, or a record lacks a field or holds one of the wrong type.
+        """
+        path = self.data_file(data_dir)
+        records = _read_jsonl(path)
+        for lineno, record in records:
+            item = record.get(self.id_field)
+            where = f"{path}: line {lineno}" + (f" (item {item!r})" if item is not None else "")
+            for key, kind in self.required.items():
+                if key not in record:
+                    raise ConfigError(
+                        f"{where} has no {key!r}; every {self.name} record needs "
+                        f"{', '.join(self.required)}: replace the file with an intact copy"
+                    )
+                if not isinstance(record[key], kind) or isinstance(record[key], bool):
+                    raise ConfigError(
+                        f"{where}: {key!r} is a {type(record[key]).__name__}, not the expected "
+                        f"{_kind_name(kind)}; replace the file with an intact copy"
+                    )
+            self._check_record(record, where)
+        if not records:
+            raise ConfigError(f"{path} holds no records; replace it with an intact copy")
+        return [record for _, record in records]
+
+    def _check_record(self, record: dict[str, Any], where: str) -> None:
+        """Task-specific checks beyond :attr:`required` (none by default)."""
+        return None
+
     def load(
         self,
         data_dir: str | Path | None = None,
@@ -186,7 +257,7 @@ class GenerationTask(ABC):
             raise ConfigError(f"{self.name}: limit must be a positive number of items (got {limit}).")
         if max_prompt_tokens is not None and tokenizer is None:
             raise ConfigError(f"{self.name}: max_prompt_tokens needs a tokenizer to count tokens.")
-        records = _read_jsonl(self.data_file(data_dir))
+        records = self.read_records(data_dir)
         items = [self._item(r, tokenizer, max_prompt_tokens) for r in records[:limit]]
         logger.debug("loaded %d %s items", len(items), self.name)
         return items
@@ -254,6 +325,7 @@ class HumanEvalTask(_CodeTask):
     max_new_tokens = 256
     stop = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
     relative_path = "generation/humaneval/HumanEval.jsonl.gz"
+    required = {"task_id": str, "prompt": str, "entry_point": str, "test": str, "canonical_solution": str}
 
     def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
         ref: dict[str, Any] = {k: record[k] for k in ("task_id", "entry_point", "test", "canonical_solution")}
@@ -282,6 +354,16 @@ class MBPPTask(_CodeTask):
     max_new_tokens = 256
     stop = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
     relative_path = "generation/mbpp/test.jsonl"
+    required = {"task_id": (int, str), "text": str, "code": str, "test_list": list}
+
+    def _check_record(self, record: dict[str, Any], where: str) -> None:
+        """``test_list`` must hold at least one test (the prompt shows the first), all strings."""
+        tests = record["test_list"]
+        if not tests or not all(isinstance(t, str) for t in tests):
+            raise ConfigError(
+                f"{where}: 'test_list' must be a non-empty list of strings; replace the file with an "
+                "intact copy"
+            )
 
     def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
         tests = [_lf(t) for t in record["test_list"]]
@@ -313,6 +395,8 @@ class XSumTask(GenerationTask):
     max_new_tokens = 64
     stop = ("\n",)
     relative_path = "generation/xsum/test.jsonl"
+    required = {"id": (int, str), "document": str, "summary": str}
+    id_field = "id"
     stop_after_text = True  # after "Summary:" the model often starts with a newline
 
     def _item(self, record: dict[str, Any], tokenizer: Any, max_prompt_tokens: int | None) -> GenerationItem:
