@@ -65,11 +65,24 @@ class PreflightResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _int(config: dict[str, Any], *keys: str) -> int | None:
+def _int(config: dict[str, Any], source: Path, *keys: str) -> int | None:
+    """The first of ``keys`` set in ``config`` (None when none is, or all are null).
+
+    Raises :class:`ConfigError` naming ``source`` and the field when the value is not a positive
+    whole number (a float such as ``2048.0`` counts as one).
+    """
     for key in keys:
         value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        if value is None:
+            continue
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(
+                f"{source}: {key} must be a positive whole number, got {value!r}; fix the model's "
+                "config.json (or use an intact copy of the model)"
+            )
+        return value
     return None
 
 
@@ -96,8 +109,8 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
     return ModelFacts(
         config_file=files.config_file,
         model_type=model_type,
-        num_layers=_int(merged, "num_hidden_layers", "n_layer", "num_layers"),
-        max_positions=_int(merged, "max_position_embeddings", "n_positions"),
+        num_layers=_int(merged, files.config_file, "num_hidden_layers", "n_layer", "num_layers"),
+        max_positions=_int(merged, files.config_file, "max_position_embeddings", "n_positions"),
         directory=files.directory,
     )
 

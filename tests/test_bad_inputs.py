@@ -196,6 +196,19 @@ def _model_config(content: str) -> Callable[[Env], list[str]]:
     return mutate
 
 
+def _model_config_field(key: str, value: Any) -> Callable[[Env], list[str]]:
+    """Set one field of the (copied) tiny model's config.json."""
+
+    def mutate(env: Env) -> list[str]:
+        path = env.model_copy() / "config.json"
+        config = json.loads(path.read_text())
+        config[key] = value
+        path.write_text(json.dumps(config))
+        return []
+
+    return mutate
+
+
 def _truncated_weights(env: Env) -> list[str]:
     weights = env.model_copy() / "model.safetensors"
     data = weights.read_bytes()
@@ -342,6 +355,18 @@ CASES: list[Case] = [
     Case("model-config-not-json", "run", _model_config("{not json"), "config.json is not valid JSON"),
     Case("model-config-not-mapping", "run", _model_config("[1, 2]"), "must hold a JSON object"),
     Case("truncated-weights", "run", _truncated_weights, "model.safetensors is damaged"),
+    Case(
+        "model-config-positions-not-int",
+        "run",
+        _model_config_field("max_position_embeddings", "2048x"),
+        "config.json: max_position_embeddings must be a positive whole number, got '2048x'",
+    ),
+    Case(
+        "model-config-layers-float",
+        "eval",
+        _model_config_field("num_hidden_layers", 4.5),
+        "config.json: num_hidden_layers must be a positive whole number, got 4.5",
+    ),
     # --- malformed --set values (part 6)
     Case("set-unclosed-list", "run", _args("--set", "note=[unclosed"), "is not valid YAML"),
     Case(
@@ -370,6 +395,24 @@ CASES: list[Case] = [
         _args("--set", "methods.0.pruning.ratio=.inf"),
         "must be a finite number in [0, 1), got inf",
     ),
+    # --- unclear or silent inputs (Reliability III, item 7)
+    Case(
+        "ablate-set-grid-ratio-out-of-range",
+        "ablate",
+        _args("--set", "grid.pruning.ratio=[0.2,1.5]"),
+        "{'pruning.ratio': 1.5}.pruning.ratio: must be a finite number in [0, 1), got 1.5",
+    ),
+    Case("eval-limit-zero", "eval", _args("--limit", "0"), "--limit: must be a whole number >= 1, got 0"),
+    Case(
+        "ratio-boolean",
+        "run",
+        _set("methods.0.pruning.ratio", False),
+        "methods[0].pruning.ratio: must be a number in [0, 1), not a boolean (False)",
+    ),
+    Case("run-out-empty", "run", _args("--out", ""), "--out: is empty"),
+    Case("eval-out-empty", "eval", _args("--out", ""), "--out: is empty"),
+    Case("ablate-out-empty", "ablate", _args("--out", ""), "--out: is empty"),
+    Case("generate-out-empty", "generate", _args("--out", "", "--prompt", "Hello"), "--out: is empty"),
 ]
 
 
