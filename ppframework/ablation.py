@@ -38,6 +38,7 @@ from ppframework.config import (
     MethodConfig,
     RunConfig,
     StrictModel,
+    _parse_override,
     apply_overrides,
     merge_method,
     parse_run_config,
@@ -199,6 +200,25 @@ def expand(ablation: AblationFile) -> list[tuple[str, dict[str, Any], dict[str, 
     return out
 
 
+def _apply_grid_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply the ``--set grid.KEY=[...]`` overrides, whose KEY is itself dotted (``pruning.ratio``), to
+    a copy of ``raw``; return it and the other overrides (for :func:`apply_overrides`)."""
+    rest: list[str] = []
+    grid_values: dict[str, Any] = {}
+    for text in overrides:
+        path, value = _parse_override(text)
+        if path[0] == "grid" and len(path) > 1:
+            grid_values[".".join(path[1:])] = value
+        else:
+            rest.append(text)
+    if not grid_values:
+        return raw, rest
+    data = copy.deepcopy(raw)
+    grid = data.get("grid")
+    data["grid"] = {**(grid if isinstance(grid, dict) else {}), **grid_values}
+    return data, rest
+
+
 def load_ablation(
     source: str | Path | dict[str, Any],
     overrides: list[str] | None = None,
@@ -206,6 +226,7 @@ def load_ablation(
 ) -> AblationPlan:
     """Read, expand and fully validate an ablation file (strategies included) without touching models."""
     raw = source if isinstance(source, dict) else read_config_file(source)
+    raw, overrides = _apply_grid_overrides(raw, overrides or [])
     raw = apply_overrides(raw, overrides, default_methods=False) if overrides else raw
     try:
         ablation = AblationFile.model_validate(raw)

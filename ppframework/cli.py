@@ -23,6 +23,19 @@ def _out_lock(out_dir: str | None) -> AbstractContextManager[Any]:
     return hold_out_dir(out_dir, "--out")
 
 
+def _check_common_args(args: argparse.Namespace) -> None:
+    """Refuse values of ``--out`` and ``--limit`` that would otherwise be dropped or blamed on a config
+    field: an empty ``--out`` (no results would be written) and a ``--limit`` below 1."""
+    out = getattr(args, "out", None)
+    if out is not None and not out.strip():
+        raise ConfigError("--out: is empty, so no results would be written; give a folder or drop --out")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise ConfigError(
+            f"--limit: must be a whole number >= 1, got {limit}; drop --limit to use every item"
+        )
+
+
 def _write_results(write: Callable[[], Path], out_dir: str) -> Path | None:
     """Write the results (already printed); on failure say so and return None."""
     try:
@@ -347,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.threads is not None:
             _set_threads(args.threads)
+        _check_common_args(args)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

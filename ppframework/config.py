@@ -241,6 +241,8 @@ class PruningConfig(StrictModel):
     @field_validator("ratio", mode="before")
     @classmethod
     def _ratio(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read false as 0.0 and true as 1.0
+            raise ValueError(f"must be a number in [0, 1), not a boolean ({value})")
         number = value
         if isinstance(value, str):
             try:

@@ -162,6 +162,12 @@ def _points_is_file(env: Env) -> list[str]:
     return ["--out", str(out)]
 
 
+def _results_json_is_folder(env: Env) -> list[str]:
+    out = env.tmp / "eval-out"
+    (out / "results.json").mkdir(parents=True)
+    return ["--out", str(out)]
+
+
 def _out_under_file(env: Env) -> list[str]:
     return ["--out", str(env.file("plain-file", "x") / "sub")]
 
@@ -262,6 +268,29 @@ CASES: list[Case] = [
     Case("eval-out-is-file", "eval", _out_is_file, "is an existing file, not a folder"),
     Case("ablate-out-is-file", "ablate", _out_is_file, "is an existing file, not a folder"),
     Case("run-out-under-file", "run", _out_under_file, "is a file, not a folder"),
+    Case(
+        "eval-results-json-is-folder",
+        "eval",
+        _results_json_is_folder,
+        "eval-out/results.json is a folder, so the results cannot be written there",
+    ),
+    Case(
+        "frontier-baseline-misspelt",
+        "eval",
+        _both(
+            _set(
+                "evaluation.frontier",
+                {
+                    "methods": [{"preset": p, "pruning": {"skip_layers": [0]}} for p in ("pp", "flap")],
+                    "ratios": [0.2],
+                    "reference_ratio": 0.2,
+                    "baseline": "flpa",
+                },
+            ),
+            _set("methods", []),
+        ),
+        "evaluation.frontier.baseline: 'flpa' is not one of the frontier's methods (pp, flap)",
+    ),
     Case(
         "ablate-points-is-file",
         "ablate",
@@ -400,7 +429,7 @@ CASES: list[Case] = [
         "ablate-set-grid-ratio-out-of-range",
         "ablate",
         _args("--set", "grid.pruning.ratio=[0.2,1.5]"),
-        "{'pruning.ratio': 1.5}.pruning.ratio: must be a finite number in [0, 1), got 1.5",
+        "at {'pruning.ratio': 1.5}: pruning.ratio: must be a finite number in [0, 1), got 1.5",
     ),
     Case("eval-limit-zero", "eval", _args("--limit", "0"), "--limit: must be a whole number >= 1, got 0"),
     Case(
