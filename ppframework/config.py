@@ -831,6 +831,12 @@ class FrontierConfig(StrictModel):
             raise ValueError(
                 f"reference_ratio: {self.reference_ratio} is not one of ratios {self.ratios}; add it there"
             )
+        names = list(dict.fromkeys(self.method_name(e) for e in self.methods))
+        if self.methods and self.baseline is not None and self.baseline not in names:
+            raise ValueError(
+                f"baseline: {self.baseline!r} is not one of the frontier's methods ({', '.join(names)}); "
+                "give one of them (its name, no ratio) or drop baseline to pick the best static method"
+            )
         return self
 
     @property

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,15 +99,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_out_dir(out_dir: str | Path, field: str = "--out") -> Path:
+RESULT_FILES: tuple[str, ...] = (
+    "results.json",
+    "results.csv",
+    "results.md",
+    "generations.jsonl",
+    "results.partial.json",
+    "results.partial.csv",
+    "results.partial.md",
+    "results.partial.generations.jsonl",
+)
+"""The report files a command writes into ``--out`` (each must be a file or absent, never a folder)."""
+
+
+def check_out_dir(out_dir: str | Path, field: str = "--out", files: Sequence[str] = RESULT_FILES) -> Path:
     """Check that ``out_dir`` is (or can become) a writable folder; return it.
 
     Nothing is created. Raises :class:`ConfigError` naming ``field`` and the folder when it is an
-    existing file, lies under a file, or is not writable.
+    existing file, lies under a file, or is not writable, or when one of ``files`` (the report files
+    written at the end of a run) exists in it as a folder.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{field}: {str(out)!r} is an existing file, not a folder; choose a folder")
+    for name in files:
+        if (out / name).is_dir():
+            raise ConfigError(
+                f"{field}: {out / name} is a folder, so the results cannot be written there; move or "
+                "remove it, or choose another output folder"
+            )
     probe = out
     while not probe.exists():
         parent = probe.parent
@@ -129,7 +149,7 @@ def check_out_dir(out_dir: str | Path, field: str = "--out") -> Path:
 def folder_problem(folder: str | Path) -> str | None:
     """Why files cannot be written into ``folder`` (created if needed), or None when they can."""
     try:
-        check_out_dir(folder, "folder")
+        check_out_dir(folder, "folder", files=())
     except ConfigError as exc:
         return str(exc).removeprefix("folder: ")
     return None
