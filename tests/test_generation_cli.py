@@ -103,6 +103,8 @@ def test_ppf_generate_side_by_side(tmp_path, tiny_model_dir, tiny_text_file, cap
         ),
         (["--prompt", "hi", "--set", "methods.0.decode=frozn"], "methods[0].decode"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        # a non-UTF-8 argv byte arrives as a lone surrogate (os.fsdecode's surrogateescape)
+        (["--prompt", "ok", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "--prompt: prompt 2"),
     ],
 )
 def test_ppf_generate_bad_input_fails_early_naming_the_field(
@@ -115,7 +117,8 @@ def test_ppf_generate_bad_input_fails_early_naming_the_field(
 
     monkeypatch.setattr(ppframework.generation.compare, "load_model", no_model)
     assert cli.main(["generate", str(config), "--no-progress", *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_ppf_eval_generation_tasks(tmp_path, tiny_model_dir, tiny_text_file, capsys):

@@ -66,10 +66,18 @@ class GenerateReport:
 
 
 def check_prompts(prompts: list[str], max_new_tokens: int) -> None:
-    """The command-line checks that need no model: at least one prompt, none empty, a token budget."""
+    """The command-line checks that need no model: at least one prompt, each UTF-8 text and not
+    empty, a token budget."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt (repeat --prompt for a batch)")
     for i, prompt in enumerate(prompts):
+        try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(
+                f"--prompt: prompt {i + 1} is not valid UTF-8 text (undecodable byte at character "
+                f"{exc.start + 1}); pass the prompt in UTF-8 (check the terminal's or script's encoding)"
+            ) from None
         if not prompt.strip():
             raise ConfigError(f"--prompt: prompt {i + 1} is empty; give some text to continue")
     if max_new_tokens < 1:
