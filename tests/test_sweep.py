@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,60 @@ def test_launcher_ray_without_ray_says_how_to_install(
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     assert cli.main(["ablate", str(sweep_file), "--launcher", "ray"]) == 2
     assert "pip install 'ppframework[ray]'" in capsys.readouterr().err
+
+
+def test_an_address_nothing_answers_at_is_refused_quickly(sweep_file: Path) -> None:
+    """``--address 127.0.0.1:1`` is an error naming --address, not an endless wait (run in a child
+    process with a timeout, so a regression fails instead of hanging the suite)."""
+    pytest.importorskip("ray")
+    command = [sys.executable, "-m", "ppframework.cli", "ablate", str(sweep_file), "--no-progress"]
+    command += ["--launcher", "ray", "--address", "127.0.0.1:1"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("ppf ablate --address 127.0.0.1:1 still waits after 20 s")
+    assert done.returncode == 2, done.stderr
+    assert "error: --address: could not connect to the cluster at '127.0.0.1:1'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (
+            {"memory_gb": 1000},
+            "resources.memory_gb: each worker asks for 1000 GiB of memory, but the largest "
+            "node of the cluster has 16",
+        ),
+        (
+            {"cpus": 64},
+            "resources.cpus: each worker asks for 64 CPU(s), but the largest node of the cluster has 8",
+        ),
+        (
+            {"gpus": 2},
+            "resources.gpus: each worker asks for 2 GPU(s), but the largest node of the cluster has 1",
+        ),
+        ({"cpus": 8, "gpus": 1}, "no single node of the cluster has all of"),
+    ],
+)
+def test_resources_no_node_can_give_are_refused(request_: dict[str, Any], expected: str) -> None:
+    from ppframework.sweep.ray_launcher import check_resources_fit
+
+    gib = 2.0**30
+
+    class FakeRay:
+        @staticmethod
+        def nodes() -> list[dict[str, Any]]:
+            return [
+                {"Alive": True, "Resources": {"CPU": 8.0, "memory": 16 * gib}},
+                {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0, "memory": 4 * gib}},
+                {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 2000 * gib}},
+            ]
+
+    with pytest.raises(ConfigError, match="Ray would wait") as info:
+        check_resources_fit(FakeRay(), WorkerResources(**request_))
+    assert expected in str(info.value)
+    check_resources_fit(FakeRay(), WorkerResources(cpus=2, gpus=1, memory_gb=4))  # fits the second node
 
 
 # ------------------------------------------------------------------------------------------ Ray

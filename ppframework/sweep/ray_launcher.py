@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -57,6 +58,10 @@ RAY_ERROR_CHARS = 600
 """How much of a Ray error (which carries the remote traceback) a failed row keeps."""
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "PPF_CACHE_DIR", "PPF_DATA_DIR", "PPF_LOAD_PLUGINS")
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long ``--address HOST:PORT`` may take to accept a connection before the sweep is refused (Ray's
+own connect retries for minutes without a word)."""
 
 
 def import_ray() -> Any:
@@ -104,6 +109,65 @@ class PointWorker:
     def pid(self) -> int:
         """The worker's process id."""
         return os.getpid()
+
+
+def check_address(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse ``--address`` when nothing accepts a TCP connection at its host and port within
+    ``timeout_s`` seconds.
+
+    ``auto``, ``local`` and None (found or started by Ray itself) are not checked; ``ray://HOST:PORT``
+    and ``HOST:PORT`` are.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(
+            f"--address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT (e.g. 10.0.0.5:6379)"
+        )
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise ConfigError(
+            f"--address: could not connect to the cluster at {address!r} within {timeout_s:g} s ({reason}); "
+            "check the address and that the cluster is running (`ray start --head` prints it)"
+        ) from None
+
+
+def check_resources_fit(ray: Any, resources: WorkerResources) -> None:
+    """Refuse ``resources`` that no node of the cluster can give one worker (Ray would wait forever).
+
+    Compares each worker's request (CPUs, GPUs, memory) with every live node's total resources
+    (``ray.nodes()``; the cluster's totals when that is not available) and raises a
+    :class:`ConfigError` naming the field, the request and the largest node's amount.
+    """
+    wanted = {"CPU": resources.cpus, "GPU": resources.gpus}
+    if resources.memory_gb:
+        wanted["memory"] = resources.memory_gb * 2**30
+    nodes_of = getattr(ray, "nodes", None)
+    nodes = [n.get("Resources", {}) for n in nodes_of() if n.get("Alive", True)] if nodes_of else []
+    if not nodes:
+        nodes = [ray.cluster_resources()]
+    if any(all(node.get(k, 0.0) >= v for k, v in wanted.items() if v) for node in nodes):
+        return
+    fields = {"CPU": ("resources.cpus", 1.0, "CPU(s)"), "GPU": ("resources.gpus", 1.0, "GPU(s)")}
+    fields["memory"] = ("resources.memory_gb", 2.0**30, "GiB of memory")
+    problems = []
+    for key, value in wanted.items():
+        largest = max(node.get(key, 0.0) for node in nodes)
+        if value and largest < value:
+            name, scale, unit = fields[key]
+            problems.append(
+                f"{name}: each worker asks for {value / scale:g} {unit}, but the largest node of the cluster "
+                f"has {largest / scale:.3g} {unit}"
+            )
+    if not problems:  # every amount exists somewhere, but never all on one node
+        problems.append(f"resources: no single node of the cluster has all of {wanted} for one worker")
+    raise ConfigError("; ".join(problems) + " (Ray would wait for such a node forever); lower the request")
 
 
 def worker_count(ray: Any, resources: WorkerResources, pending: int) -> int:
@@ -168,6 +232,7 @@ def run_ray(
     started_here = False
     with hold_out_dir(cfg.out_dir) if cfg.out_dir else nullcontext():
         if not ray.is_initialized():
+            check_address(address)
             try:
                 ray.init(address=address, log_to_driver=True, include_dashboard=False)
             except Exception as exc:
@@ -178,6 +243,7 @@ def run_ray(
                 raise ConfigError(f"{message}: {describe_error(exc, RAY_ERROR_CHARS)}") from None
             started_here = True
         try:
+            check_resources_fit(ray, resources)
             return _sweep(
                 ray, cfg, resources, address, store, rerun, progress, start, extra_settings or {}, worker_cls
             )
