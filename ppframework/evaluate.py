@@ -37,6 +37,7 @@ from ppframework.errors import ConfigError
 from ppframework.formatting import format_number as _fmt
 from ppframework.frontier import FrontierReport, analyse_frontier, format_frontier
 from ppframework.generation.evaluation import (
+    CompletionLog,
     GenerationTaskResult,
     add_decode_ratios,
     check_generation_data,
@@ -380,6 +381,13 @@ def _evaluate(
         if ev.generation.enabled
         else {}
     )
+    # Each completion goes to the partial report's generations file as it is made, so an interrupted
+    # run keeps them; the reports written later replace the file with the scored records.
+    gen_log = (
+        CompletionLog(Path(cfg.out_dir) / generations_file(results_stem(cfg.out_dir, complete=False)))
+        if cfg.out_dir and ev.generation.enabled
+        else None
+    )
     batches = eval_batches(cfg, tokenizer, text, checked.eval_ids)
     positions = getattr(model.config, "max_position_embeddings", None)
     fid_plan: FidelityPlan | None = (
@@ -483,7 +491,9 @@ def _evaluate(
             gen_pipe = None if dense else make_pipe(index)
             with gen_pipe if gen_pipe is not None else nullcontext():
                 gen_results.append(
-                    run_generation_tasks(model, tokenizer, gen_items, cfg, label=label, progress=progress)
+                    run_generation_tasks(
+                        model, tokenizer, gen_items, cfg, label=label, progress=progress, log=gen_log
+                    )
                 )
             if gen_pipe is not None:
                 if not ev.perplexity:  # the realised ratio of the prefills' decisions
@@ -988,6 +998,11 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
     return out
 
 
+def generations_file(stem: str) -> str:
+    """The name of the completions file beside ``<stem>.json``."""
+    return "generations.jsonl" if stem == "results" else f"{stem}.generations.jsonl"
+
+
 def write_eval_report(
     report: EvalReport, out_dir: str | Path, plot: Callable[..., Path] | None = None, plots: bool = True
 ) -> Path:
@@ -1009,8 +1024,7 @@ def write_eval_report(
     atomic_write_text(out / f"{stem}.md", format_eval_table(report) + "\n")
     if report.generations:
         lines = [json.dumps(record, ensure_ascii=False) for record in report.generations]
-        name = "generations.jsonl" if stem == "results" else f"{stem}.generations.jsonl"
-        atomic_write_text(out / name, "\n".join(lines) + "\n")
+        atomic_write_text(out / generations_file(stem), "\n".join(lines) + "\n")
     if report.complete:
         remove_partial_results(out)
     return path

@@ -302,3 +302,41 @@ def test_ppf_eval_damaged_generation_data_fails_before_the_model_loads(
     err = capsys.readouterr().err
     assert "evaluation.generation.tasks[0]" in err and expected in err, err
     assert "Traceback" not in err
+
+
+def test_ppf_eval_interrupted_generation_keeps_the_finished_completions(
+    tmp_path, tiny_model_dir, tiny_text_file, capsys, monkeypatch
+):
+    import ppframework.evaluate
+
+    data = _generation_data(tmp_path / "data")
+    evaluation = {
+        "perplexity": False,
+        "zeroshot": {"enabled": False},
+        "runtime": {"enabled": False},
+        "generation": {"enabled": True, "batch_size": 1, "tasks": [{"name": "xsum", "max_new_tokens": 4}]},
+    }
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
+    text = yaml.safe_load(config.read_text())
+    text["data"]["data_dir"] = str(data)
+    config.write_text(yaml.safe_dump(text))
+    real = ppframework.evaluate.run_generation_tasks
+
+    def interrupt_after_the_first_batch(model, *args, **kwargs):
+        generate, calls = model.generate, []
+
+        def once(*a, **k):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return generate(*a, **k)
+
+        monkeypatch.setattr(model, "generate", once)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ppframework.evaluate, "run_generation_tasks", interrupt_after_the_first_batch)
+    out = tmp_path / "out"
+    assert cli.main(["eval", str(config), "--out", str(out), "--no-progress"]) == 130
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["task"], r["item_id"]) for r in records] == [("dense", "xsum", "0")]
+    assert isinstance(records[0]["completion"], str)

@@ -13,8 +13,10 @@ an error naming the task, the item and the limit.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ppframework.config import GenerationConfig, GenerationTaskConfig, RunConfig
@@ -45,6 +47,37 @@ class GenerationTaskResult:
     def summary(self) -> dict[str, Any]:
         """Everything but the per-item records (for results.json)."""
         return {k: v for k, v in self.__dict__.items() if k != "records"}
+
+
+class CompletionLog:
+    """Appends each completion to a JSON-lines file as soon as its batch finishes.
+
+    An interrupted or crashing ``ppf eval`` then keeps every completion already made (unscored: the
+    method, task, item and text). The file is emptied when the log is created; the report written
+    later (partial or complete) replaces it with the scored records. A write that fails is logged
+    once and the run goes on.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._failed = False
+        self._append([], mode="w")
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records``, one JSON object per line, and flush them to the file."""
+        self._append(records, mode="a")
+
+    def _append(self, records: list[dict[str, Any]], mode: str) -> None:
+        if self._failed:
+            return
+        try:
+            # Opened per batch: a report written in between replaces the file (os.replace), and the
+            # next batch must append to the new one.
+            with open(self.path, mode, encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        except OSError as exc:
+            self._failed = True
+            logger.warning("could not write completions to %s as they finish: %s", self.path, exc)
 
 
 CODE_TASKS: frozenset[str] = frozenset({"humaneval", "mbpp"})
@@ -157,14 +190,30 @@ def run_generation_tasks(
     *,
     label: str,
     progress: bool = False,
+    log: CompletionLog | None = None,
 ) -> dict[str, GenerationTaskResult]:
-    """Generate and score every task's items with the model as it is now (a pipeline may be attached)."""
+    """Generate and score every task's items with the model as it is now (a pipeline may be attached).
+
+    With a ``log``, each batch's completions are appended to it as soon as they are made.
+    """
     gen = cfg.evaluation.generation
     results: dict[str, GenerationTaskResult] = {}
     for task_cfg in gen.tasks:
         task = get_generation_task(task_cfg.name)
         task_items = items[task_cfg.name]
         new = _max_new_tokens(task_cfg)
+
+        def keep(
+            start: int, texts: list[str], name: str = task_cfg.name, its: list[GenerationItem] = task_items
+        ) -> None:
+            if log is not None:
+                log.add(
+                    [
+                        {"method": label, "task": name, "item_id": its[start + j].item_id, "completion": t}
+                        for j, t in enumerate(texts)
+                    ]
+                )
+
         run = generate_completions(
             model,
             tokenizer,
@@ -175,6 +224,7 @@ def run_generation_tasks(
             progress=progress,
             desc=f"{task_cfg.name} {label}",
             stop_after_text=task.stop_after_text,
+            on_batch=keep if log is not None else None,
         )
         score = task.score(task_items, run.completions, workers=gen.workers, timeout_s=gen.timeout_s)
         records = [

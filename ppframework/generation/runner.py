@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,8 +155,12 @@ def generate_completions(
     progress: bool = False,
     desc: str = "generate",
     stop_after_text: bool = False,
+    on_batch: Callable[[int, list[str]], None] | None = None,
 ) -> GenerationRun:
     """Greedily complete ``prompts`` in chunks of ``batch_size`` (input order) and time each phase.
+
+    ``on_batch(start, completions)``, when given, is called as each chunk finishes with the index of
+    its first prompt and its completions (so a caller can keep them should a later chunk fail).
 
     Raises:
         ConfigError: a bad batch size or token budget, an empty prompt, or a prompt whose token length
@@ -228,6 +232,8 @@ def generate_completions(
                 run.new_tokens.append(n)
                 text = _decode_new(tokenizer, ids, row[:n])
                 run.completions.append(cut_at_stop(text.lstrip() if stop_after_text else text, stop))
+            if on_batch is not None:
+                on_batch(start, run.completions[start:])
     finally:
         timer.remove()
     logger.debug(
