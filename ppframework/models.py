@@ -749,8 +749,18 @@ def _placement(
 
 def _check_map_covers(model: torch.nn.Module, device_map: dict[str, int | str]) -> None:
     """A mapping must place every parameter and buffer: transformers would silently put the rest on the
-    CPU, without the hooks that move activations between devices."""
+    CPU, without the hooks that move activations between devices. An entry that names no module,
+    parameter or buffer of the model (a typo) is refused too: transformers would ignore it."""
     keys = list(device_map)
+    known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    known |= {n for n, _ in model.named_buffers()}
+    for key in keys:
+        if key not in known:
+            top = sorted({n.split(".")[0] for n in known if n})
+            raise ModelError(
+                f"model.device_map[{key!r}]: the model has no module, parameter or buffer of that name; "
+                f"its top-level modules are {', '.join(top)} (use dotted names such as model.layers.0)"
+            )
     if "" in keys:
         return
     missing: list[str] = []

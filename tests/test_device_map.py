@@ -111,6 +111,11 @@ def test_load_model_refuses_bad_placements(tiny_model_dir: Any, tmp_path: Path) 
     without_rotary = {k: v for k, v in SPLIT_MAP.items() if k != "model.rotary_emb"}
     with pytest.raises(ModelError, match=r"does not place model.rotary_emb;"):  # it has buffers only
         load_model(path, device_map=without_rotary, offload_folder=str(tmp_path))
+    # an entry for a module the model does not have (a typo) is named, not ignored
+    with pytest.raises(ModelError, match=r"model.device_map\['model.layers.9'\]: the model has no module"):
+        load_model(path, device_map={**SPLIT_MAP, "model.layers.9": "cpu"}, offload_folder=str(tmp_path))
+    with pytest.raises(ModelError, match=r"model.device_map\['lm_haed'\]: the model has no module"):
+        load_model(path, device_map={"model": "cpu", "lm_haed": "cpu"})
 
 
 def test_disk_offload_of_safetensors_needs_no_offload_folder(tiny_model_dir: Any) -> None:
