@@ -136,14 +136,44 @@ def _yaml_string(text: str) -> str:
     return json.dumps(text)[1:-1]
 
 
+def _offline_task_paths(task: str, root: Path) -> list[Path]:
+    """The files under the data folder ``root`` that the offline config of ``task`` reads."""
+    template = (TEMPLATE_DIR / f"{task}.yaml").read_text(encoding="utf-8")
+    return [root / _DATA_FOLDERS[mark] / rel for mark, rel in _PLACEHOLDER_PATH.findall(template)]
+
+
 def offline_task_files(task: str, data_dir: str | Path | None) -> list[Path] | None:
     """The local files the offline config of ``task`` reads, or None when a file is missing."""
     root = resolve_data_dir(data_dir)
     if root is None or task not in _ALL_OFFLINE:
         return None
-    template = (TEMPLATE_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-    files = [root / _DATA_FOLDERS[mark] / rel for mark, rel in _PLACEHOLDER_PATH.findall(template)]
+    files = _offline_task_paths(task, root)
     return files if files and all(f.is_file() for f in files) else None
+
+
+def _check_generation_files(cfg: RunConfig) -> None:
+    """A generation task (:data:`OFFLINE_GENERATION_TASKS`) with ``local_data`` needs its local file.
+
+    The stock harness task of the same name is a different task (another prompt, hub data, and for
+    XSum the ``unitxt`` package), so a missing file is an error naming it, not a silent switch.
+    """
+    le = cfg.evaluation.lm_eval
+    if not le.local_data:
+        return
+    root = resolve_data_dir(cfg.data.data_dir)
+    for i, name in enumerate(le.tasks):
+        if name not in OFFLINE_GENERATION_TASKS or offline_task_files(name, cfg.data.data_dir) is not None:
+            continue
+        if root is None:
+            where = "no data folder is set (data.data_dir or PPF_DATA_DIR)"
+        else:
+            missing = [str(f) for f in _offline_task_paths(name, root) if not f.is_file()]
+            where = f"{', '.join(missing)} does not exist"
+        raise ConfigError(
+            f"evaluation.lm_eval.tasks[{i}]: {name!r} reads <data_dir>/generation/ and {where}; put the "
+            "file there or point data.data_dir / PPF_DATA_DIR at a folder holding it (set "
+            "evaluation.lm_eval.local_data: false for the harness's own task of that name)"
+        )
 
 
 def write_offline_tasks(
@@ -240,6 +270,7 @@ def plan_lm_eval(cfg: RunConfig) -> LmEvalPlan:
                 "ppframework's sandbox); set evaluation.lm_eval.allow_code_execution: true to allow it, or "
                 "drop the task"
             )
+    _check_generation_files(cfg)
     version = require_lm_eval()
     if le.include_path is not None and not Path(le.include_path).expanduser().is_dir():
         raise ConfigError(f"evaluation.lm_eval.include_path: {le.include_path!r} is not a folder")

@@ -226,3 +226,14 @@ def test_lm_eval_table_shows_generation_metrics() -> None:
     )
     assert "| dense | 0.6000 | 0.5000 (4) | 0.3000 / 0.1000 / 0.2500 | 0.6000 | 3 |" in text
     assert "| pp 40% | 0.6000 | 0.2500 (4) |" in text and "sandbox" in text
+
+
+def test_missing_local_generation_file_is_an_error_not_the_hub_task(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "generation" / "xsum").mkdir(parents=True)  # the folder, but no test.jsonl
+    cfg = _run_config(tmp_path, data, allow_code=False)
+    cfg.evaluation.lm_eval.tasks = ["xsum"]
+    with pytest.raises(
+        ConfigError, match=r"evaluation.lm_eval.tasks\[0\]: 'xsum' reads .*generation/xsum/test\.jsonl"
+    ):
+        harness.plan_lm_eval(cfg)
