@@ -831,6 +831,14 @@ class FrontierConfig(StrictModel):
             raise ValueError(
                 f"reference_ratio: {self.reference_ratio} is not one of ratios {self.ratios}; add it there"
             )
+        for index, entry in enumerate(self.methods):
+            pruning = entry.get("pruning") if isinstance(entry, dict) else None
+            if isinstance(pruning, dict) and "ratio" in pruning:
+                raise ValueError(
+                    f"methods[{index}].pruning.ratio: {pruning['ratio']} would be replaced by each of "
+                    f"evaluation.frontier.ratios {self.ratios}; drop it (the frontier runs every method "
+                    "at every one of ratios)"
+                )
         names = list(dict.fromkeys(self.method_name(e) for e in self.methods))
         if self.methods and self.baseline is not None and self.baseline not in names:
             raise ValueError(

@@ -442,6 +442,23 @@ CASES: list[Case] = [
     Case("eval-out-empty", "eval", _args("--out", ""), "--out: is empty"),
     Case("ablate-out-empty", "ablate", _args("--out", ""), "--out: is empty"),
     Case("generate-out-empty", "generate", _args("--out", "", "--prompt", "Hello"), "--out: is empty"),
+    Case(
+        "frontier-method-with-own-ratio",
+        "eval",
+        _both(
+            _set(
+                "evaluation.frontier",
+                {
+                    "methods": ["pp", {"preset": "flap", "pruning": {"ratio": 0.3, "skip_layers": [0]}}],
+                    "ratios": [0.2],
+                    "reference_ratio": 0.2,
+                },
+            ),
+            _set("methods", []),
+        ),
+        "evaluation.frontier.methods[1].pruning.ratio: 0.3 would be replaced by each of "
+        "evaluation.frontier.ratios [0.2]",
+    ),
 ]
 
 
