@@ -11,8 +11,9 @@ files, and raises :class:`~ppframework.errors.ConfigError` naming the field:
 * the model's ``config.json`` is a JSON mapping of a supported family, and its ``.safetensors``
   files are complete;
 * for every method (named ``methods[i]``, or ``variants.<name> at {grid point}`` in an ablation):
-  ``pruning.skip_layers`` within the layer count, not every layer skipped, and the per-layer ratio
-  after inflation below 1;
+  ``pruning.skip_layers`` within the layer count, not every layer skipped, the per-layer ratio
+  after inflation below 1, and ``pruning.round_to`` not rounding the kept MLP width up to the whole
+  width (``intermediate_size``), which would leave every MLP unpruned;
 * ``data.seq_len`` and the calibration window fit the model's ``max_position_embeddings``;
 * with the tokenizer (read without the weights): the text gives enough windows for one scored batch
   after the warm-up, and some calibration document is longer than a calibration window.
@@ -49,6 +50,7 @@ class ModelFacts:
     model_type: str | None = None
     num_layers: int | None = None
     max_positions: int | None = None
+    mlp_units: int | None = None
     directory: Path | None = None
     note: str = ""
     conversion_dir: Path | None = None
@@ -111,13 +113,21 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
         model_type=model_type,
         num_layers=_int(merged, files.config_file, "num_hidden_layers", "n_layer", "num_layers"),
         max_positions=_int(merged, files.config_file, "max_position_embeddings", "n_positions"),
+        mlp_units=_int(merged, files.config_file, "intermediate_size", "ffn_dim"),
         directory=files.directory,
     )
 
 
-def check_methods(cfg: RunConfig, num_layers: int, method_fields: Sequence[str] | None = None) -> None:
-    """Skip layers against ``num_layers`` and per-layer ratios after inflation, for every method."""
+def check_methods(
+    cfg: RunConfig,
+    num_layers: int,
+    method_fields: Sequence[str] | None = None,
+    mlp_units: int | None = None,
+) -> None:
+    """Skip layers against ``num_layers``, per-layer ratios after inflation and (when ``mlp_units``,
+    the MLP width, is known) ``pruning.round_to`` against that width, for every method."""
     from ppframework.pipeline import inflated_ratio
+    from ppframework.strategies.masking import pruned_count, rounded_keep
 
     for index, method in enumerate(cfg.methods):
         where = method_fields[index] if method_fields else f"methods[{index}]"
@@ -142,6 +152,17 @@ def check_methods(cfg: RunConfig, num_layers: int, method_fields: Sequence[str] 
                 f"{where}.pruning.ratio: {pruning.ratio} inflates to a per-layer ratio of {layer_ratio} >= 1 "
                 f"with {skipped} of {num_layers} layers skipped; lower the ratio, skip fewer layers "
                 "(pruning.skip_layers) or set pruning.inflate_ratio false"
+            )
+        if mlp_units is None or "mlp" not in pruning.targets or pruning.round_to <= 1:
+            continue
+        uniform = method.strategies.allocate.name == "uniform"
+        would_prune = pruned_count(mlp_units, layer_ratio) > 0
+        rounded_away = rounded_keep(mlp_units, layer_ratio, pruning.round_to) >= mlp_units
+        if pruning.round_to >= mlp_units or (uniform and would_prune and rounded_away):
+            raise ConfigError(
+                f"{where}.pruning.round_to: {pruning.round_to} rounds the kept MLP width of every layer "
+                f"up to all {mlp_units} units (per-layer ratio {layer_ratio}), so no MLP would be pruned; "
+                "lower pruning.round_to"
             )
 
 
@@ -267,7 +288,7 @@ def preflight(
     facts = model_facts(cfg)
     skipped: list[str] = []
     if facts.num_layers is not None:
-        check_methods(cfg, facts.num_layers, method_fields)
+        check_methods(cfg, facts.num_layers, method_fields, facts.mlp_units)
     else:
         skipped.append("skip layers and per-layer ratios against the layer count")
     _check_positions(cfg, facts, zeroshot_length)

@@ -443,6 +443,12 @@ CASES: list[Case] = [
     Case("ablate-out-empty", "ablate", _args("--out", ""), "--out: is empty"),
     Case("generate-out-empty", "generate", _args("--out", "", "--prompt", "Hello"), "--out: is empty"),
     Case(
+        "round-to-beyond-mlp-width",
+        "run",
+        _set("methods.0.pruning.round_to", 256),
+        "methods[0].pruning.round_to: 256 rounds the kept MLP width of every layer up to all 128 units",
+    ),
+    Case(
         "frontier-method-with-own-ratio",
         "eval",
         _both(
