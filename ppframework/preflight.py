@@ -88,6 +88,16 @@ def _int(config: dict[str, Any], source: Path, *keys: str) -> int | None:
     return None
 
 
+def _mlp_width(config: dict[str, Any]) -> int | None:
+    """The MLP width every layer shares (``intermediate_size`` or OPT's ``ffn_dim``), or None when it
+    is absent or not one positive whole number (e.g. a per-layer list); only advisory checks use it."""
+    for key in ("intermediate_size", "ffn_dim"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def model_facts(cfg: RunConfig) -> ModelFacts:
     """Read ``cfg.model``'s ``config.json`` (and check its weight file headers) without loading weights."""
     from ppframework.adapters import supported_model_types
@@ -113,7 +123,7 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
         model_type=model_type,
         num_layers=_int(merged, files.config_file, "num_hidden_layers", "n_layer", "num_layers"),
         max_positions=_int(merged, files.config_file, "max_position_embeddings", "n_positions"),
-        mlp_units=_int(merged, files.config_file, "intermediate_size", "ffn_dim"),
+        mlp_units=_mlp_width(merged),
         directory=files.directory,
     )
 
