@@ -217,6 +217,25 @@ class PruningRecord:
     events: list[BlockEvent] = field(default_factory=list)
 
 
+def _refuse_after_detach(cache: Any, label: str) -> None:
+    """Make every further ``update`` of ``cache`` (filled under a pipeline that is being detached)
+    raise a clear error: the model's own layers would continue it under a different decision (with
+    ``gqa_policy: group``, with other key/value heads: a shape error deep in attention)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"this key/value cache was filled under the pipeline of {label!r}, which was detached "
+            "(pipe.detach()) while a generation was continuing it; the model's own layers cannot "
+            "continue a cache filled under the pipeline's decision: detach after generate() returns "
+            "(or leave `with pipe:` then), or start a new generation from an empty cache"
+        )
+
+    try:
+        cache.update = refuse  # an instance attribute: attention calls cache.update(...) per layer
+    except AttributeError:  # a cache type that refuses new attributes: nothing to mark
+        logger.debug("could not mark the cache of %s as detached", label)
+
+
 class Pipeline:
     """Online dynamic structured pruning of one model with one method.
 
@@ -392,7 +411,11 @@ class Pipeline:
         return self
 
     def detach(self) -> None:
-        """Restore the model's original forwards."""
+        """Restore the model's original forwards.
+
+        The key/value cache of the last prefill (if a generation still holds it) is marked so that
+        continuing it without the pipeline raises a clear error instead of mixing decisions.
+        """
         if not self._attached:
             return
         if self._handle is not None:
@@ -414,6 +437,10 @@ class Pipeline:
             else:
                 layer.forward = previous
         self._batch = None
+        state = self._decode
+        cache = state.cache() if state is not None else None
+        if cache is not None:
+            _refuse_after_detach(cache, self.method.label)
         self._end_decode()
         self._attached = False
 

@@ -270,6 +270,29 @@ def test_detaching_after_or_during_generation_restores_the_model(when):
     assert torch.equal(_generate(model, enc, new=8).sequences, reference.sequences)
 
 
+class DetachAfter(StoppingCriteria):
+    """Detaches ``pipe`` after ``steps`` calls and lets the generation go on."""
+
+    def __init__(self, pipe: Pipeline, steps: int) -> None:
+        self.pipe, self.steps = pipe, steps
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps -= 1
+        if self.steps == 0:
+            self.pipe.detach()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("gqa", ["query-only", "group"])
+def test_detaching_while_generate_continues_the_cache_is_a_clear_error(gqa):
+    model = tiny_model("llama-gqa").eval()
+    enc = _encode()
+    pipe = _pipeline(model, "pp", ratio=0.5, gqa_policy=gqa)
+    with pipe, pytest.raises(RuntimeError, match=r"detached \(pipe.detach\(\)\) while a generation"):
+        _generate(model, enc, new=8, stopping_criteria=StoppingCriteriaList([DetachAfter(pipe, 2)]))
+    assert torch.equal(_generate(model, enc, new=8).sequences, _generate(model, enc, new=8).sequences)
+
+
 @pytest.mark.parametrize("family", ["llama-gqa", "opt", "mistral-swa", "phi3", "gemma3"])
 @pytest.mark.parametrize("gqa", ["query-only", "group"])
 def test_dense_decode_prunes_the_prefill_only(family, gqa):
