@@ -399,14 +399,17 @@ def test_request_max_length_defaults_to_model_context(
     assert request_max_length(RunConfig.model_validate({"methods": []}), None, None) is None  # no limit
 
 
-def test_max_length_beyond_calibrated_positions_fails_early() -> None:
+def test_max_length_beyond_calibrated_positions_fails_early_under_beyond_refuse() -> None:
     from ppframework.config import RunConfig
     from ppframework.evaluate import check_tasks
 
     evaluation = {"zeroshot": {"max_length": 1024}}
-    cfg = RunConfig.model_validate({"data": {"seq_len": 128}, "evaluation": evaluation})
+    refuse = [{"preset": "pp", "history": {"beyond": "refuse"}}]
+    cfg = RunConfig.model_validate({"data": {"seq_len": 128}, "evaluation": evaluation, "methods": refuse})
     with pytest.raises(ConfigError, match=r"evaluation\.zeroshot\.max_length: 1024 tokens exceed"):
         check_tasks(cfg)
+    # the default (history.beyond: extend) runs longer requests on an extended history
+    check_tasks(RunConfig.model_validate({"data": {"seq_len": 128}, "evaluation": evaluation}))
     check_tasks(RunConfig.model_validate({"methods": [], "evaluation": {"zeroshot": {"max_length": 1024}}}))
 
 
