@@ -343,34 +343,11 @@ def test_paired_overhead_pairs_rounds_and_only_rows_with_the_same_kept_shapes() 
 def test_generation_benchmark_times_dynamic_presets_with_per_row_weight_bytes(tmp_path: Path) -> None:
     """``--dynamic pp-prompt`` (decision: sequence): timed beside pp; at batch 1 the same kept-bytes
     ideal as pp's, at batch 2 each row's kept projections are read (two weight sets per step)."""
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--generation",
-        "--workload",
-        "tiny",
-        "--ratios",
-        "0.4",
-        "--dynamic",
-        "pp-prompt",
-        "--static",
-        "none",
-        "--gen-batches",
-        "1",
-        "2",
-        "--prompt-len",
-        "16",
-        "--new-tokens",
-        "3",
-        "--warmup-new-tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
+    options = (
+        "--generation --workload tiny --ratios 0.4 --dynamic pp-prompt --static none --gen-batches 1 2 "
+        "--prompt-len 16 --new-tokens 3 --warmup-new-tokens 2 --repeats 1 --threads 1"
+    )
+    command = [sys.executable, str(SCRIPT), *options.split(), "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {(r["variant"], r["batch"]): r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
