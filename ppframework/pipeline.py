@@ -783,20 +783,20 @@ class Pipeline:
                     row_batch = self._decision_row_batch(length, hidden.device)
                     row_rotary = _row_rotary(rotary, b, length)
                 for key, runner in runners.items():  # the row's own pinned weights (none before its prefill)
-                    runner._pinned = None if row_state is None else row_state.pins.get(key)
-                    if decoding and frozen and runner._pinned is None:
+                    runner.pinned = None if row_state is None else row_state.pins.get(key)
+                    if decoding and frozen and runner.pinned is None:
                         runner.pin_weights()  # a dense prefill gathered nothing: the first step does
                 row_out = self._blocks_forward(index, layer, row_hidden, row_batch, row_rotary, row_cache)
                 out[b : b + 1, : row_out.shape[1]] = row_out
                 if row_state is not None and frozen:
                     for key, runner in runners.items():
-                        if runner._pinned is not None:
-                            row_state.pins[key] = runner._pinned
+                        if runner.pinned is not None:
+                            row_state.pins[key] = runner.pinned
         finally:
             self._row = None
             self._record_weight = 1.0
             for runner in runners.values():
-                runner._pinned = None
+                runner.pinned = None
         if row_cache is not None:
             row_cache.flush(seq, batch.shift)
         return out

@@ -92,6 +92,16 @@ class BlockRunner(ABC):
         self._pinned = None
 
     @property
+    def pinned(self) -> dict[Any, Any] | None:
+        """The pinned sliced weights (None: not pinned). Setting it swaps in another set, e.g. one row's
+        own under ``decision: sequence``; the pipeline keeps each set with the decision it belongs to."""
+        return self._pinned
+
+    @pinned.setter
+    def pinned(self, pins: dict[Any, Any] | None) -> None:
+        self._pinned = pins
+
+    @property
     def is_pinned(self) -> bool:
         """Whether sliced weights are pinned (gathered once and kept)."""
         return self._pinned is not None
