@@ -33,12 +33,6 @@ DecodePolicy = Literal["frozen", "dense"]
 #: The decode policies a method can name (``MethodConfig.decode``).
 DECODE_POLICIES: tuple[str, ...] = ("frozen", "dense")
 
-#: Who a decision forward decides for (``MethodConfig.decision``).
-DECISION_SCOPES: tuple[str, ...] = ("batch", "sequence")
-
-#: What a decision forward computes (``MethodConfig.prefill``).
-PREFILL_MODES: tuple[str, ...] = ("pruned", "dense")
-
 
 @dataclass
 class DecodeState:

@@ -874,19 +874,7 @@ class Pipeline:
             mask = batch.decode.masks[(index, kind)]
             ctx = self._context(index, kind, runner, inputs.normed.shape[1], None, False, False)
             return self._infer(ctx, runner, inputs, mask, slot).output
-        history = self.history.get(index, kind) if self.history is not None else None
-        collect = history is not None and self.updates_history and not self._untracked
-        ctx = self._context(
-            index,
-            kind,
-            runner,
-            inputs.normed.shape[1],
-            batch.position_valid,
-            collect,
-            batch.has_padding,
-            batch.probe_flops_scale,
-            batch.rows_per_position,
-        )
+        ctx, history = self._decision_context(index, kind, runner, inputs.normed.shape[1], batch)
         hooks = self.hooks
         check, picked = self.validate_outputs, self.strategies
         if self.is_static:
@@ -907,17 +895,7 @@ class Pipeline:
         if probe is not None:
             with stage("probe_forward"):
                 states, inputs.probe_reuse = self._probe_pass(runner, probe, inputs, batch)
-        scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
-        pending = self._later_checks
-        if check:
-            pending.append(validation.check_scores(scores, picked["score_channels"], ctx, probe, None))
-        scores = hooks.fuse_history(ctx, scores, history)
-        if check:
-            pending.append(validation.check_fused(scores, picked["fuse_history"], ctx))
-        mask = hooks.apply_mask(ctx, scores, self.block_ratios[(index, kind)])
-        if check:
-            self._later_checks = []  # read back with the mask's check (an earlier block's first)
-            validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
+        mask = self._choose_mask(ctx, runner, probe, states, history)
         if cache is not None and self.method.decode == "frozen":
             runner.pin_weights()  # gathered once here, reused by every decode step of this generate
             self._pinned_for_decode = True
@@ -927,17 +905,10 @@ class Pipeline:
                 validation.check_output(result, picked["infer"], ctx, inputs.residual.shape, mask, None)
             )
         inputs.probe_reuse = None
-        if collect and result.sq_mean is not None:
+        if ctx.collect_stats and result.sq_mean is not None:
             with stage("history_update"):
-                if self.method.history.update == "running-mean":
-                    history.running_mean_update(result.sq_mean, batch.rows_per_position, result.kept_channels)
-                else:
-                    history.ema_update(
-                        result.sq_mean,
-                        result.position_valid if batch.has_padding else None,
-                        result.kept_channels,
-                        self.method.history.momentum,
-                    )
+                valid = result.position_valid if batch.has_padding else None
+                self._update_history(history, result.sq_mean, valid, batch, result.kept_channels)
         self._record(index, kind, mask, inputs.normed.shape, probe)
         self._remember(index, kind, mask, cache)
         return result.output
@@ -1046,42 +1017,77 @@ class Pipeline:
         cache: Any,
     ) -> None:
         """Probe, score, fuse, mask and update the history for one decision on dense activations."""
+        ctx, history = self._decision_context(index, kind, runner, z.shape[1], batch)
+        probe = self.hooks.select_probe(ctx, residual, normed, batch.attention_mask)
+        if self.validate_outputs:
+            validation.check_probe(probe, self.strategies["select_probe"], ctx, *normed.shape[:2])
+        states = None
+        if probe is not None:
+            states = z.index_select(0, probe.batch_index).index_select(1, probe.token_index)
+        mask = self._choose_mask(ctx, runner, probe, states, history)
+        if ctx.collect_stats:
+            stats, valid = squared_mean_per_position(z, batch.attention_mask, batch.has_padding)
+            self._update_history(history, stats, valid if batch.has_padding else None, batch, None)
+        self._remember(index, kind, mask, cache)
+
+    def _decision_context(
+        self, index: int, kind: BlockKind, runner: BlockRunner, seq_len: int, batch: _Batch
+    ) -> tuple[BlockContext, Any]:
+        """The context of a decision on block ``(index, kind)`` for ``batch``, and the block's history
+        (None without one); the context collects statistics when the history is updated."""
         history = self.history.get(index, kind) if self.history is not None else None
         collect = history is not None and self.updates_history and not self._untracked
         ctx = self._context(
             index,
             kind,
             runner,
-            z.shape[1],
+            seq_len,
             batch.position_valid,
             collect,
             batch.has_padding,
             batch.probe_flops_scale,
             batch.rows_per_position,
         )
-        check, picked, hooks = self.validate_outputs, self.strategies, self.hooks
-        probe = hooks.select_probe(ctx, residual, normed, batch.attention_mask)
-        if check:
-            validation.check_probe(probe, picked["select_probe"], ctx, *normed.shape[:2])
-        states = None
-        if probe is not None:
-            states = z.index_select(0, probe.batch_index).index_select(1, probe.token_index)
+        return ctx, history
+
+    def _choose_mask(
+        self,
+        ctx: BlockContext,
+        runner: BlockRunner,
+        probe: Probe | None,
+        states: torch.Tensor | None,
+        history: Any,
+    ) -> BlockMask:
+        """``score_channels``, ``fuse_history`` and ``apply_mask`` for one decision, each answer checked
+        (value checks read back together with the mask's, an earlier block's first)."""
+        hooks, check, picked = self.hooks, self.validate_outputs, self.strategies
         scores = hooks.score_channels(ctx, probe, states, runner.out_proj.weight)
+        pending = self._later_checks
         if check:
-            validation.check_scores(scores, picked["score_channels"], ctx, probe)
+            pending.append(validation.check_scores(scores, picked["score_channels"], ctx, probe, None))
         scores = hooks.fuse_history(ctx, scores, history)
-        pending = validation.check_fused(scores, picked["fuse_history"], ctx) if check else None
-        mask = hooks.apply_mask(ctx, scores, self.block_ratios[(index, kind)])
         if check:
+            pending.append(validation.check_fused(scores, picked["fuse_history"], ctx))
+        mask = hooks.apply_mask(ctx, scores, self.block_ratios[(ctx.layer, ctx.kind)])
+        if check:
+            self._later_checks = []
             validation.check_mask(mask, picked["apply_mask"], ctx, runner.out_proj.weight.shape[0], pending)
-        if collect:
-            stats, valid = squared_mean_per_position(z, batch.attention_mask, batch.has_padding)
-            if self.method.history.update == "running-mean":
-                history.running_mean_update(stats, batch.rows_per_position, None)
-            else:
-                valid = valid if batch.has_padding else None
-                history.ema_update(stats, valid, None, self.method.history.momentum)
-        self._remember(index, kind, mask, cache)
+        return mask
+
+    def _update_history(
+        self,
+        history: Any,
+        stats: torch.Tensor,
+        position_valid: torch.Tensor | None,
+        batch: _Batch,
+        channels: torch.Tensor | None,
+    ) -> None:
+        """One history update by the method's rule (EMA or running mean) from a decision's statistics
+        (``channels`` None: every channel)."""
+        if self.method.history.update == "running-mean":
+            history.running_mean_update(stats, batch.rows_per_position, channels)
+        else:
+            history.ema_update(stats, position_valid, channels, self.method.history.momentum)
 
     def _remember(self, index: int, kind: BlockKind, mask: BlockMask, cache: Any) -> None:
         """Keep a decision's mask (for the decode steps that will continue its cache, if any)."""
