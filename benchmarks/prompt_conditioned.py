@@ -44,7 +44,8 @@ from ppframework.api import build_pipeline, calibration_history, load_config, ne
 from ppframework.config import PRESETS, RunConfig, apply_overrides, read_config_file
 from ppframework.errors import ConfigError
 from ppframework.generation.fidelity import continuation_perplexity, dense_continuations, fidelity
-from ppframework.generation.tasks import GENERATION_TASKS, get_generation_task
+from ppframework.generation.fidelity_eval import fitting_prompt_ids
+from ppframework.generation.tasks import GENERATION_TASKS
 from ppframework.models import load_model, load_model_kwargs
 from ppframework.outputs import atomic_write_text, write_json
 
@@ -192,16 +193,7 @@ def prompt_set(
     fits = (
         cfg.calibration_seq_len if positions is None else min(cfg.calibration_seq_len, positions - new_tokens)
     )
-    task = get_generation_task(name)
-    items = task.load(cfg.data.data_dir, offset + limit, tokenizer, fits if name == "xsum" else None)[offset:]
-    prompts = []
-    for item in items:
-        ids = list(tokenizer(item.prompt)["input_ids"])
-        if len(ids) > fits:
-            logger.warning("%s %s: %d prompt tokens do not fit; left out", name, item.item_id, len(ids))
-            continue
-        prompts.append(ids)
-    return prompts
+    return fitting_prompt_ids(name, cfg.data.data_dir, tokenizer, limit, fits, offset)
 
 
 def corpus_windows(name: str, cfg: RunConfig, tokenizer: Any, n: int, length: int) -> torch.Tensor:

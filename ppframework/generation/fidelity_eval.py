@@ -153,6 +153,24 @@ class FidelityPlan:
         }
 
 
+def fitting_prompt_ids(
+    name: str, data_dir: Any, tokenizer: Any, limit: int, fits: int, offset: int = 0
+) -> list[list[int]]:
+    """Token ids of ``limit`` prompts of generation task ``name`` from item ``offset`` on that fit
+    ``fits`` tokens: XSum documents are cut to fit (as the generation tasks cut them), code prompts
+    that do not fit are left out with a warning."""
+    task = get_generation_task(name)
+    items = task.load(data_dir, offset + limit, tokenizer, fits if name == "xsum" else None)[offset:]
+    prompts = []
+    for item in items:
+        ids = list(tokenizer(item.prompt)["input_ids"])
+        if len(ids) > fits:
+            logger.warning("%s %s: %d prompt tokens exceed %d; left out", name, item.item_id, len(ids), fits)
+            continue
+        prompts.append(ids)
+    return prompts
+
+
 def fidelity_prompts(
     cfg: RunConfig, index: int, tokenizer: Any, model_positions: int | None
 ) -> list[list[int]]:
@@ -172,15 +190,7 @@ def fidelity_prompts(
             f"{_FIELD}.new_tokens: {fid.new_tokens} new tokens leave no room for a prompt within the "
             f"model's {model_positions} positions"
         )
-    task = get_generation_task(name)
-    items = task.load(cfg.data.data_dir, fid.prompts, tokenizer, fits if name == "xsum" else None)
-    prompts = []
-    for item in items:
-        ids = list(tokenizer(item.prompt)["input_ids"])
-        if len(ids) > fits:
-            logger.warning("%s %s: %d prompt tokens exceed %d; left out", name, item.item_id, len(ids), fits)
-            continue
-        prompts.append(ids)
+    prompts = fitting_prompt_ids(name, cfg.data.data_dir, tokenizer, fid.prompts, fits)
     if not prompts:
         raise ConfigError(
             f"{_FIELD}.prompt_sets[{index}]: no {name} prompt of the first {fid.prompts} fits {fits} tokens "
