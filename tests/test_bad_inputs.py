@@ -108,7 +108,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    for module in (ppframework.runner, ppframework.evaluate, ppframework.models):
+    for module in (ppframework.runner, ppframework.evaluate.protocol, ppframework.models):
         monkeypatch.setattr(module, "load_model", forbidden)
 
 
@@ -619,7 +619,7 @@ def test_eval_prints_the_table_before_writing(
     def broken(*args: Any, **kwargs: Any) -> Path:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ppframework.evaluate, "write_json", broken)
+    monkeypatch.setattr(ppframework.evaluate.writing, "write_json", broken)
     out = env.tmp / "out"
     code, stdout, err = invoke(env, "eval", ["--out", str(out)], capsys)
     assert code == 1

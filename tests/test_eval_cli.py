@@ -91,7 +91,7 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path, monkeypatch):
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("model loaded")
 
-    monkeypatch.setattr(ppframework.evaluate, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.evaluate.protocol, "load_model", forbidden)
     monkeypatch.setattr(ppframework.models, "load_model", forbidden)
     cfg = load_config({"evaluation": {"zeroshot": {"tasks": ["boolq", "mmlu"]}}})
     with pytest.raises(ConfigError, match=r"evaluation.zeroshot.tasks\[1\].*mmlu"):

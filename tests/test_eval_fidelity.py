@@ -159,7 +159,7 @@ def test_bad_fidelity_input_fails_before_the_model_loads(
     def no_model(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the model was loaded before the bad input was caught")
 
-    monkeypatch.setattr(ppframework.evaluate, "load_model", no_model)
+    monkeypatch.setattr(ppframework.evaluate.protocol, "load_model", no_model)
     config = _config(tmp_path, tiny_model_dir("llama-gqa"), tiny_text_file, runtime=False, **fidelity)
     assert cli.main(["eval", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err

@@ -15,7 +15,13 @@ from ppframework.api import load_config
 from ppframework.config import FrontierConfig
 from ppframework.errors import ConfigError
 from ppframework.evaluate import EvalRow, add_efficiency
-from ppframework.frontier import FrontierPoint, analyse_frontier, compare_curves, format_frontier, interpolate
+from ppframework.evaluate.frontier import (
+    FrontierPoint,
+    analyse_frontier,
+    compare_curves,
+    format_frontier,
+    interpolate,
+)
 
 
 def test_frontier_generates_every_method_at_every_ratio():

@@ -230,7 +230,7 @@ def test_ppf_eval_keeps_finished_methods_when_a_later_one_crashes(
     text = yaml.safe_load(config.read_text())
     text["data"]["data_dir"] = str(data)
     config.write_text(yaml.safe_dump(text))
-    real = ppframework.evaluate.run_generation_tasks
+    real = ppframework.evaluate.protocol.run_generation_tasks
     calls = []
 
     def crash_on_the_last_method(*args, **kwargs):
@@ -239,7 +239,7 @@ def test_ppf_eval_keeps_finished_methods_when_a_later_one_crashes(
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppframework.evaluate, "run_generation_tasks", crash_on_the_last_method)
+    monkeypatch.setattr(ppframework.evaluate.protocol, "run_generation_tasks", crash_on_the_last_method)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli.main(["eval", str(config), "--out", str(out), "--no-progress"])
@@ -297,7 +297,7 @@ def test_ppf_eval_damaged_generation_data_fails_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the damaged data was reported")
 
-    monkeypatch.setattr(ppframework.evaluate, "load_model", no_model)
+    monkeypatch.setattr(ppframework.evaluate.protocol, "load_model", no_model)
     assert cli.main(["eval", str(config), "--no-progress", "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "evaluation.generation.tasks[0]" in err and expected in err, err
@@ -320,7 +320,7 @@ def test_ppf_eval_interrupted_generation_keeps_the_finished_completions(
     text = yaml.safe_load(config.read_text())
     text["data"]["data_dir"] = str(data)
     config.write_text(yaml.safe_dump(text))
-    real = ppframework.evaluate.run_generation_tasks
+    real = ppframework.evaluate.protocol.run_generation_tasks
 
     def interrupt_after_the_first_batch(model, *args, **kwargs):
         generate, calls = model.generate, []
@@ -334,7 +334,9 @@ def test_ppf_eval_interrupted_generation_keeps_the_finished_completions(
         monkeypatch.setattr(model, "generate", once)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(ppframework.evaluate, "run_generation_tasks", interrupt_after_the_first_batch)
+    monkeypatch.setattr(
+        ppframework.evaluate.protocol, "run_generation_tasks", interrupt_after_the_first_batch
+    )
     out = tmp_path / "out"
     assert cli.main(["eval", str(config), "--out", str(out), "--no-progress"]) == 130
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]

@@ -116,7 +116,7 @@ def test_bad_task_name_fails_before_the_model_loads(
     def no_model(*_: Any, **__: Any) -> None:
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(ppframework.evaluate, "load_model", no_model)
+    monkeypatch.setattr(ppframework.evaluate.protocol, "load_model", no_model)
     cfg = run_config(tmp_path, tiny_text_file, zs_dir, tasks=["boolq", "no_such_task_xyz"])
     with pytest.raises(ConfigError, match=r"evaluation\.lm_eval\.tasks\[1\]: 'no_such_task_xyz'"):
         ppframework.evaluate.evaluate(cfg)

@@ -10,15 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ppframework import cli
-from ppframework.evaluate import (
-    EvalRow,
-    RuntimeResult,
-    _prr_cell,
-    _ratios,
-    _time_cell,
-    add_efficiency,
-    noise_note,
-)
+from ppframework.evaluate import EvalRow, RuntimeResult, add_efficiency, noise_note
+from ppframework.evaluate.tables import _prr_cell, _ratios, _time_cell
 from ppframework.metrics.noise import NOISE_ADVICE, ratio_spread, speedup_unresolved
 from ppframework.plotting import QualitySpeedPoint, _x_error, plot_quality_vs_speed
 

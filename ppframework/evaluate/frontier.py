@@ -1,7 +1,7 @@
 """The efficiency frontier: perplexity against measured runtime, one curve per method.
 
 ``evaluation.frontier`` makes ``ppf eval`` run every listed method at every ratio, each timed in
-interleaved pairs with dense (:func:`ppframework.evaluate.time_against_dense`). This module turns
+interleaved pairs with dense (:func:`ppframework.evaluate.timing.time_against_dense`). This module turns
 those rows into curves and answers the paper's question honestly: at the same measured runtime,
 which method has the lower perplexity?
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ppframework.config import FrontierConfig, method_label
+from ppframework.evaluate.rows import EvalRow
 from ppframework.formatting import format_number
-
-if TYPE_CHECKING:
-    from ppframework.evaluate import EvalRow
 
 __all__ = [
     "FrontierPoint",
