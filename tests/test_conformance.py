@@ -255,7 +255,7 @@ def test_importing_the_package_is_light():
 
 
 def test_conformance_runs_the_pipelines_output_checks():
-    from ppframework.testing.conformance import _Subject
+    from ppframework.testing.conformance.subject import _Subject
     from ppframework.validation import check_mask
 
     subject = _Subject(StructuredMask(), "apply_mask")
