@@ -1,0 +1,174 @@
+"""The method presets (``pp``, ``pp-prompt``, ``griffin``, ``flap``, ``wanda-sp``, ``static-ppsp``, ...).
+
+Each preset is a raw method dict (what a ``methods:`` entry would hold) that
+:class:`~ppframework.config.MethodConfig` merges the user's settings onto. Most presets are PP with
+some stages and the history replaced; :func:`_preset` fills in what they all share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pp_strategies() -> dict[str, Any]:
+    """PP's strategy of each stage (the paper's defaults), a fresh dict on every call."""
+    return {
+        "allocate": {"name": "uniform"},
+        "select_probe": {"name": "residual", "params": {"seq_ratio": 0.5, "batch_ratio": 0.05}},
+        "score_channels": {"name": "ppsp"},
+        "fuse_history": {"name": "importance-scaled"},
+        "apply_mask": {"name": "structured"},
+        "infer": {"name": "sliced"},
+    }
+
+
+def _strategies(**changes: Any) -> dict[str, Any]:
+    """PP's strategies with some stages replaced (``select_probe="none"`` or a dict)."""
+    strategies = pp_strategies()
+    for stage, value in changes.items():
+        strategies[stage] = {"name": value} if isinstance(value, str) else value
+    return strategies
+
+
+def _static(**changes: Any) -> dict[str, Any]:
+    """A static method's strategies: no probe, scores from the history alone, other stages replaced."""
+    return _strategies(select_probe="none", fuse_history="history-only", **changes)
+
+
+_CALIBRATION_EMA = {"init": "calibration", "update": "ema", "momentum": 0.99}
+_CALIBRATION_ONLY = {"init": "calibration", "update": "frozen"}
+_NO_HISTORY = {"init": "none", "update": "frozen"}
+
+
+def _preset(
+    description: str,
+    strategies: dict[str, Any],
+    history: dict[str, Any],
+    *,
+    pruning: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One preset: PP's target ratio 0.4 unless ``pruning`` says otherwise, decode steps ``frozen``,
+    then ``extra`` fields (``decision``, ``prefill``) in the order given."""
+    return {
+        "description": description,
+        "pruning": {"ratio": 0.4} if pruning is None else pruning,
+        "strategies": strategies,
+        "history": history,
+        "decode": "frozen",
+        **extra,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "pp": _preset(
+        "Probe Pruning, paper defaults: residual probe (50% tokens, 5% sequences), "
+        "calibration + EMA 0.99 history, importance-scaled fusion, PPsp, skip layers 0-2.",
+        pp_strategies(),
+        _CALIBRATION_EMA,
+    ),
+    "full-batch": _preset(
+        "Full-batch probing (paper's oracle): the whole batch is the probe, no history, "
+        "a_c = sum_t P[t, c], PPsp. Costs a second pass over the batch.",
+        _strategies(select_probe="full", fuse_history="none"),
+        _NO_HISTORY,
+    ),
+    "pp-prompt": _preset(
+        "Probe Pruning for generation (ours, not the paper's): every prompt decides alone "
+        "(decision: sequence) from its own dense prefill (prefill: dense: the prompt's logits and key/value "
+        "cache are the dense model's, and every real token of the prompt is the probe), fused with the "
+        "calibration + EMA 0.99 history (importance-scaled), PPsp, skip layers 0-2; decode steps run on "
+        "the masks decided. Prunes decode steps only: perplexity windows run dense.",
+        _strategies(select_probe="full"),
+        _CALIBRATION_EMA,
+        decision="sequence",
+        prefill="dense",
+    ),
+    "no-history": _preset(
+        "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
+        _strategies(fuse_history="none"),
+        _NO_HISTORY,
+    ),
+    "history-only": _preset(
+        "History only (ablation): no probe; a_c from calibration + EMA 0.99 history, the "
+        "decision for batch n uses history up to batch n-1; PPsp.",
+        _static(),
+        _CALIBRATION_EMA,
+    ),
+    "random-probe": _preset(
+        "Random probe (ablation): uniform random positions then sequences at PP's sizes; otherwise PP.",
+        _strategies(select_probe={"name": "random", "params": {"seq_ratio": 0.5, "batch_ratio": 0.05}}),
+        _CALIBRATION_EMA,
+    ),
+    "fixed-fusion": _preset(
+        "Fixed-ratio fusion (ablation): F = (1-q) Hist + q P with q = 0.5 instead of "
+        "importance scaling; otherwise PP.",
+        _strategies(fuse_history={"name": "fixed", "params": {"probe_weight": 0.5}}),
+        _CALIBRATION_EMA,
+    ),
+    "static-ppsp": _preset(
+        "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
+        "sliced weights cached.",
+        _static(),
+        _CALIBRATION_ONLY,
+    ),
+    "wanda-sp": _preset(
+        "Wanda-sp (static baseline): S_c = sum_i |W[i,c]| sqrt(a_c) from calibration, heads "
+        "by sum; decided once, sliced weights cached.",
+        _static(score_channels="wanda-sp"),
+        _CALIBRATION_ONLY,
+    ),
+    "flap": _preset(
+        "FLAP (static baseline) as the PP paper runs it: S_c = fluct_c * sum_i W[i,c]^2 with "
+        "fluct_c the calibration variance of the channel over all positions, heads by sum, bias "
+        "compensation, adaptive structure (scores standardised per block, one FLOPs-weighted global "
+        "selection); decided once, sliced weights cached.",
+        _static(
+            allocate="adaptive",
+            score_channels={"name": "flap", "params": {"bias_compensation": True}},
+        ),
+        _CALIBRATION_ONLY,
+    ),
+    "flap-uniform": _preset(
+        "FLAP metric at a uniform per-layer ratio (ablation of FLAP's structure search): "
+        "S_c = fluct_c * sum_i W[i,c]^2 with fluct_c the per-position variance summed over positions, "
+        "heads by sum, bias compensation; decided once, sliced weights cached.",
+        _static(
+            score_channels={
+                "name": "flap",
+                "params": {"bias_compensation": True, "fluctuation": "per-position"},
+            },
+        ),
+        _CALIBRATION_ONLY,
+    ),
+    "magnitude": _preset(
+        "Magnitude (static baseline): S_c = sum_i |W[i,c]|, weights only, heads by sum; "
+        "decided once, sliced weights cached.",
+        _static(score_channels="magnitude"),
+        _NO_HISTORY,
+    ),
+    "griffin": _preset(
+        "GRIFFIN (Dong et al., 2024; baseline): the prompt runs dense; each MLP keeps, for "
+        "every decode step, the channels with the largest L2 norm over the prompt's tokens of the per-token "
+        "L2-normalised activations; every row decides alone, every layer pruned. Attention is not pruned: "
+        "ratio is the fraction of MLP channels removed, so the model-wide realised ratio is smaller.",
+        _strategies(select_probe="full", score_channels="griffin", fuse_history="none"),
+        _NO_HISTORY,
+        pruning={
+            "ratio": 0.5,
+            "targets": ["mlp"],
+            "skip_layers": [],
+            "inflate_ratio": False,
+            "round_to": 1,
+        },
+        prefill="dense",
+        decision="sequence",
+    ),
+    "dense": _preset(
+        "No pruning (ratio 0): the pipeline does not touch the model.",
+        pp_strategies(),
+        _NO_HISTORY,
+        pruning={"ratio": 0.0},
+    ),
+}
+"""Every preset by name: a raw method dict with its ``description``."""
