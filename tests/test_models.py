@@ -278,7 +278,7 @@ class _FakeDequantiser:
 
 def test_gguf_conversion_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake = _FakeDequantiser()
-    monkeypatch.setattr(models, "_dequantise_gguf", fake)
+    monkeypatch.setattr(models.gguf, "_dequantise_gguf", fake)
     gguf = tmp_path / "fake-model.Q4.gguf"
     gguf.write_bytes(b"GGUF not really")
     cache = tmp_path / "cache"
@@ -309,13 +309,13 @@ def test_gguf_conversion_crash_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, 
     gguf = tmp_path / "crashy.gguf"
     gguf.write_bytes(b"GGUF")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(models, "_dequantise_gguf", _FakeDequantiser(fail=True))
+    monkeypatch.setattr(models.gguf, "_dequantise_gguf", _FakeDequantiser(fail=True))
     with pytest.raises(RuntimeError, match="simulated crash"):
         load_model(str(gguf), cache_dir=cache)
     assert list((cache / "models").iterdir()) == []
 
     fake = _FakeDequantiser()
-    monkeypatch.setattr(models, "_dequantise_gguf", fake)
+    monkeypatch.setattr(models.gguf, "_dequantise_gguf", fake)
     load_model(str(gguf), cache_dir=cache)
     load_model(str(gguf), cache_dir=cache)
     assert fake.calls == 1
@@ -406,7 +406,7 @@ def test_smollm2_preset_converts_once_then_loads_from_cache(
     def no_conversion(path: Path) -> None:
         raise AssertionError("the second load must not dequantise the GGUF file again")
 
-    monkeypatch.setattr(models, "_dequantise_gguf", no_conversion)
+    monkeypatch.setattr(models.gguf, "_dequantise_gguf", no_conversion)
     caplog.clear()
     start = time.perf_counter()
     cached, cached_tok = load_model("smollm2-135m", dtype="float32", device="cpu", cache_dir=tmp_path)
