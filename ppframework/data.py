@@ -65,6 +65,13 @@ class DataError(ConfigError):
 # --------------------------------------------------------------------------- data folder
 
 
+def _existing_folder(path: Path, problem: str) -> Path:
+    """``path`` resolved; :class:`DataError` with message ``problem`` when it is not an existing folder."""
+    if not path.is_dir():
+        raise DataError(problem)
+    return path.resolve()
+
+
 def resolve_data_dir(explicit: str | Path | None) -> Path | None:
     """Find the local data folder.
 
@@ -77,21 +84,18 @@ def resolve_data_dir(explicit: str | Path | None) -> Path | None:
     """
     if explicit is not None:
         path = Path(explicit).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"data.data_dir: folder {str(path)!r} does not exist; give an existing data folder "
-                f"or leave data.data_dir unset to use {DATA_DIR_ENV} or the Hugging Face hub."
-            )
-        return path.resolve()
+        return _existing_folder(
+            path,
+            f"data.data_dir: folder {str(path)!r} does not exist; give an existing data folder "
+            f"or leave data.data_dir unset to use {DATA_DIR_ENV} or the Hugging Face hub.",
+        )
     env = os.environ.get(DATA_DIR_ENV)
     if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"{DATA_DIR_ENV}={env!r} is not an existing folder; point {DATA_DIR_ENV} at the data "
-                f"folder (the one holding wikitext-2-raw-v1/ and c4/) or unset it."
-            )
-        return path.resolve()
+        return _existing_folder(
+            Path(env).expanduser(),
+            f"{DATA_DIR_ENV}={env!r} is not an existing folder; point {DATA_DIR_ENV} at the data "
+            f"folder (the one holding wikitext-2-raw-v1/ and c4/) or unset it.",
+        )
     for candidate in (Path.cwd() / ".." / "shared" / "data", _REPO_ROOT / ".." / "shared" / "data"):
         if candidate.is_dir():
             return candidate.resolve()
