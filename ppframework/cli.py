@@ -86,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from ppframework.ablation import load_ablation
     from ppframework.runner import format_table, run, write_report
-    from ppframework.sweep.points import PointStore
+    from ppframework.runner.points import PointStore
 
     if args.launcher != "ray" and args.address:
         raise ConfigError("--address: only used with --launcher ray; add --launcher ray or drop --address")

@@ -13,6 +13,7 @@ import yaml
 
 import ppframework.models
 import ppframework.runner
+import ppframework.runner.session
 from ppframework import cli
 from ppframework.ablation import load_ablation
 from ppframework.config import PRESETS, MethodConfig
@@ -26,8 +27,8 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(ppframework.runner, "load_model", forbidden)
-    monkeypatch.setattr(ppframework.models, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.runner.session, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.models.loading, "load_model", forbidden)
 
 
 def ablation(**changes: Any) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from ppframework.history import BlockHistory
 from ppframework.hookspecs import hookimpl
 from ppframework.pipeline import Pipeline
 from ppframework.registry import StrategyRegistry
-from ppframework.runner import MethodResult, _layer_ratio_cell, pipeline_flops
+from ppframework.runner import MethodResult, pipeline_flops
+from ppframework.runner.report import _layer_ratio_cell
 from ppframework.strategies.allocation import (
     AdaptiveAllocation,
     AdaptiveParams,

@@ -31,6 +31,8 @@ import yaml
 import ppframework.evaluate
 import ppframework.models
 import ppframework.runner
+import ppframework.runner.results
+import ppframework.runner.session
 from ppframework import cli
 from ppframework.ablation import load_ablation
 from ppframework.errors import ConfigError
@@ -108,7 +110,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    for module in (ppframework.runner, ppframework.evaluate.protocol, ppframework.models):
+    for module in (ppframework.runner.session, ppframework.evaluate.protocol, ppframework.models.loading):
         monkeypatch.setattr(module, "load_model", forbidden)
 
 
@@ -535,14 +537,14 @@ def _strict_json(path: Path) -> dict[str, Any]:
 def test_failed_method_is_recorded_and_the_others_run(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = ppframework.runner.build_pipeline
+    real = ppframework.runner.session.build_pipeline
 
     def flaky(model: Any, cfg: Any, *, method_index: int = 0, **kwargs: Any) -> Any:
         if method_index == 0:
             raise RuntimeError("strategy exploded")
         return real(model, cfg, method_index=method_index, **kwargs)
 
-    monkeypatch.setattr(ppframework.runner, "build_pipeline", flaky)
+    monkeypatch.setattr(ppframework.runner.session, "build_pipeline", flaky)
     out = env.tmp / "out"
     code, stdout, err = invoke(env, "run", ["--out", str(out)], capsys)
     assert code == 1
@@ -562,14 +564,14 @@ def test_failed_method_is_recorded_and_the_others_run(
 def test_failed_variant_keeps_the_ablation(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = ppframework.runner.evaluate_perplexity
+    real = ppframework.runner.session.evaluate_perplexity
 
     def flaky(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
         if desc.startswith("random-probe 40%"):
             raise ValueError("bad probe")
         return real(model, batches, desc=desc, **kwargs)
 
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", flaky)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", flaky)
     out = env.tmp / "out"
     code, stdout, _ = invoke(env, "ablate", ["--out", str(out)], capsys)
     assert code == 1
@@ -584,14 +586,14 @@ def test_failed_variant_keeps_the_ablation(
 def test_partial_results_survive_an_interrupt(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = ppframework.runner.build_pipeline
+    real = ppframework.runner.session.build_pipeline
 
     def interrupted(model: Any, cfg: Any, *, method_index: int = 0, **kwargs: Any) -> Any:
         if method_index == 1:
             raise KeyboardInterrupt
         return real(model, cfg, method_index=method_index, **kwargs)
 
-    monkeypatch.setattr(ppframework.runner, "build_pipeline", interrupted)
+    monkeypatch.setattr(ppframework.runner.session, "build_pipeline", interrupted)
     out = env.tmp / "out"
     code, _, err = invoke(env, "run", ["--out", str(out)], capsys)
     assert code == 130 and "interrupted" in err
@@ -858,7 +860,7 @@ def test_run_table_flags_a_time_ratio_below_the_flops_ideal(
     data = json.loads((out / "results.json").read_text())
     assert all(isinstance(row.get("time_below_ideal"), bool) for row in data["rows"])
     rows = [
-        ppframework.runner._row_from_json({k: v for k, v in row.items() if k != "time_below_ideal"})
+        ppframework.runner.results.row_from_json({k: v for k, v in row.items() if k != "time_below_ideal"})
         for row in data["rows"]
     ]
     rows[1].time_ratio = rows[1].ideal_time_ratio - 0.15  # faster than its FLOPs allow

@@ -11,6 +11,7 @@ import yaml
 
 import ppframework.models
 import ppframework.runner
+import ppframework.runner.session
 from ppframework import cli
 from ppframework.api import load_config, load_eval_text
 from ppframework.config import PRESETS, RunConfig, apply_overrides
@@ -29,8 +30,8 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"a model was loaded ({args}, {kwargs}) before the bad input was reported")
 
-    monkeypatch.setattr(ppframework.runner, "load_model", forbidden)
-    monkeypatch.setattr(ppframework.models, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.runner.session, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.models.loading, "load_model", forbidden)
 
 
 @pytest.fixture

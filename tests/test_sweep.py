@@ -21,10 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ppframework.runner
+import ppframework.runner.session
 from ppframework import cli
 from ppframework.ablation import WorkerResources, load_ablation
 from ppframework.errors import ConfigError
-from ppframework.sweep.points import POINTS_FOLDER, PointKeys, PointStore, settings_key
+from ppframework.runner.points import POINTS_FOLDER, PointKeys, PointStore, settings_key
 
 SEQ_LEN = 32
 
@@ -96,26 +97,26 @@ def _quality(report: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def _count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = ppframework.runner.evaluate_perplexity
+    real = ppframework.runner.session.evaluate_perplexity
 
     def counting(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
         calls.append(desc)
         return real(model, batches, desc=desc, **kwargs)
 
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", counting)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", counting)
     return calls
 
 
 def _fail_at(monkeypatch: pytest.MonkeyPatch, label: str, error: BaseException) -> Any:
     """Make the evaluation of ``label`` raise ``error``; return the real evaluation function."""
-    real = ppframework.runner.evaluate_perplexity
+    real = ppframework.runner.session.evaluate_perplexity
 
     def failing(model: Any, batches: Any, *, desc: str = "", **kwargs: Any) -> Any:
         if desc == label:
             raise error
         return real(model, batches, desc=desc, **kwargs)
 
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", failing)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", failing)
     return real
 
 
@@ -211,7 +212,7 @@ def test_a_crashed_sweep_resumes_where_it_stopped(
     assert code == 130
     partial = _results(out)
     assert [r["method"] for r in partial["rows"]] == ["dense", "pp 20%", "random-probe 20%", "wanda-sp 20%"]
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", real)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", real)
     calls = _count_evaluations(monkeypatch)
     code, stdout, _ = _ablate(sweep_file, out, capsys)
     assert code == 0
@@ -231,7 +232,7 @@ def test_a_failed_point_is_shown_and_tried_again(
     real = _fail_at(monkeypatch, "wanda-sp 20%", RuntimeError("out of luck"))
     code, stdout, _ = _ablate(sweep_file, out, capsys)
     assert code == 1 and "FAILED wanda-sp 20%: RuntimeError: out of luck" in stdout
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", real)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", real)
     calls = _count_evaluations(monkeypatch)
     code, stdout, _ = _ablate(sweep_file, out, capsys)
     assert code == 0 and calls == ["wanda-sp 20%"] and "FAILED" not in stdout
@@ -294,7 +295,7 @@ def test_a_complete_results_file_is_never_replaced_by_a_partial_one(
     partial = json.loads((out / "results.partial.json").read_text())
     assert partial["complete"] is False and [r["method"] for r in partial["rows"]] == ["dense", "pp 40%"]
     assert (out / "results.partial.md").is_file() and (out / "results.partial.csv").is_file()
-    monkeypatch.setattr(ppframework.runner, "evaluate_perplexity", real)
+    monkeypatch.setattr(ppframework.runner.session, "evaluate_perplexity", real)
     assert _ablate(sweep_file, out, capsys, *ONE_RATIO)[0] == 0
     assert _results(out)["complete"] is True and len(_results(out)["rows"]) == 4
     assert not list(out.glob("results.partial.*"))  # a complete report replaces the partial one
@@ -433,12 +434,12 @@ class _FaultyWorker:
             os._exit(3)
         if label != "random-probe 20%":
             return super().method(index, dense_row, calibration)  # type: ignore[misc]
-        real = ppframework.runner.evaluate_perplexity
-        ppframework.runner.evaluate_perplexity = _raising  # in this worker process, for this point only
+        real = ppframework.runner.session.evaluate_perplexity
+        ppframework.runner.session.evaluate_perplexity = _raising  # in this worker, for this point only
         try:
             return super().method(index, dense_row, calibration)  # type: ignore[misc]
         finally:
-            ppframework.runner.evaluate_perplexity = real
+            ppframework.runner.session.evaluate_perplexity = real
 
 
 def _raising(*args: Any, **kwargs: Any) -> Any:

@@ -1,2 +1,3 @@
-"""Running the points of a sweep (``ppf ablate``): the point store that makes sweeps resumable, and
-the Ray launcher that spreads points over a cluster (:mod:`ppframework.sweep.ray_launcher`)."""
+"""Running the points of a sweep across machines: the Ray launcher that spreads ``ppf ablate``'s
+points over a cluster (:mod:`ppframework.sweep.ray_launcher`). The point store that makes sweeps
+resumable lives below it, in :mod:`ppframework.runner.points`."""

@@ -4,11 +4,11 @@ Ray does the scheduling; this module only hands it the points and gathers what c
 
 * **Workers** are Ray actors (:class:`PointWorker`), each asking for the file's ``resources``
   (CPUs, GPUs, memory). A worker loads the model and the evaluation batches once, in its own
-  :class:`~ppframework.runner.RunSession`, and evaluates every point it is given with the same code as
+  :class:`~ppframework.runner.session.RunSession`, and evaluates every point it is given with the same code as
   the local launcher, so the merged table equals a local run's apart from timings.
 * **Calibration** is computed once, by one worker (which also reads or fills the on-disk cache), and
   shared through Ray's object store with every other worker.
-* **The point store** (:mod:`ppframework.sweep.points`) receives every finished point as it
+* **The point store** (:mod:`ppframework.runner.points`) receives every finished point as it
   arrives, so a re-run of the same file skips finished points and resumes after a crash.
 * **Failures**: a point that raises is a failed row (as locally). A worker that dies (killed, out of
   memory, segfault) fails the point it was running, with Ray's reason, and is replaced by a fresh
@@ -35,18 +35,16 @@ from ppframework.config import RunConfig
 from ppframework.errors import ConfigError
 from ppframework.outputs import hold_out_dir
 from ppframework.preflight import preflight
-from ppframework.runner import (
-    MethodResult,
-    RunReport,
-    RunSession,
-    describe_error,
+from ppframework.runner import MethodResult, RunReport, RunSession, describe_error, try_write_report
+from ppframework.runner.points import (
+    PointKeys,
+    PointStore,
     load_dense,
     load_method,
     save_dense,
     save_method,
-    try_write_report,
+    sweep_summary,
 )
-from ppframework.sweep.points import PointKeys, PointStore, sweep_summary
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ppframework.config import RunConfig
 from ppframework.errors import ConfigError
 from ppframework.outputs import strict_json, write_json
+from ppframework.runner.results import DamagedRecord, MethodResult, row_from_json, shown
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,53 @@ def sweep_summary(
         "resumed": list(resumed),
         **extra,
     }
+
+
+def save_dense(
+    store: PointStore, keys: PointKeys, row: MethodResult, resolved: dict[str, Any], env: dict[str, Any]
+) -> None:
+    """Store the dense point with what a resumed run needs to rebuild its report."""
+    record = {"row": asdict(row), "resolved": resolved, "environment": env}
+    store.try_save(keys.dense, record, keys.settings[keys.dense])
+
+
+def load_dense(
+    store: PointStore, key: str
+) -> tuple[MethodResult, dict[str, Any], dict[str, Any]] | None:
+    """The stored dense row, resolved settings and environment, or None (damaged records: logged)."""
+    record = store.load(key)
+    if record is None:
+        return None
+    try:
+        row = row_from_json(record["row"])
+        for name in ("resolved", "environment"):
+            if not isinstance(record.get(name), dict):
+                raise DamagedRecord(name, f"expected a mapping, got {shown(record.get(name))}")
+    except DamagedRecord as exc:
+        logger.warning("stored point %s is damaged (%s); running the point again", store.path(key), exc)
+        return None
+    return row, dict(record["resolved"]), dict(record["environment"])
+
+
+def save_method(
+    store: PointStore, keys: PointKeys, index: int, row: MethodResult, calibration: dict[str, Any] | None
+) -> None:
+    """Store method ``index``'s row (failed rows too: they show in the table, and are run again)."""
+    key = keys.methods[index]
+    store.try_save(key, {"row": asdict(row), "calibration": calibration}, keys.settings[key])
+
+
+def load_method(store: PointStore, key: str) -> tuple[MethodResult, dict[str, Any] | None] | None:
+    """A stored successful method row and its calibration info, or None."""
+    record = store.load(key)
+    if record is None:
+        return None
+    try:
+        row = row_from_json(record["row"])
+        calibration = record.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise DamagedRecord("calibration", f"expected a mapping or null, got {shown(calibration)}")
+    except DamagedRecord as exc:
+        logger.warning("stored point %s is damaged (%s); running the point again", store.path(key), exc)
+        return None
+    return row, calibration
