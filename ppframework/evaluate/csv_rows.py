@@ -1,7 +1,9 @@
-"""The CSV form of ``ppf eval``'s rows (results.csv): fixed leading columns, then one per task and metric."""
+"""results.csv: ``ppf eval``'s rows as CSV, fixed leading columns, then one per task and metric."""
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import asdict
 from typing import Any
 
@@ -60,3 +62,15 @@ def _csv_row(row: EvalRow) -> dict[str, Any]:
         for name, ppl in row.fidelity["continuation_perplexity"].items():
             out[f"cont_ppl_{name}"] = None if ppl is None else ppl["perplexity"]
     return out
+
+
+def csv_text(rows: list[EvalRow]) -> str:
+    """results.csv: the columns of :data:`EVAL_CSV_COLUMNS` first, then every other column any row has
+    (per task and metric), sorted; a cell a row lacks stays empty."""
+    records = [_csv_row(r) for r in rows]
+    columns = list(EVAL_CSV_COLUMNS) + sorted({k for r in records for k in r} - set(EVAL_CSV_COLUMNS))
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()

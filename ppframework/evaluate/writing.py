@@ -6,13 +6,11 @@ results.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ppframework.evaluate.csv_rows import EVAL_CSV_COLUMNS, _csv_row
+from ppframework.evaluate.csv_rows import csv_text
 from ppframework.evaluate.plots import write_plots
 from ppframework.evaluate.report import EvalReport
 from ppframework.evaluate.tables import format_eval_table
@@ -35,13 +33,7 @@ def write_eval_report(
     if plots and report.settings["evaluation"]["plot"]:
         report.plots = write_plots(report, out, plot)
     path = write_json(out / f"{stem}.json", report.to_json())
-    rows = [_csv_row(r) for r in report.rows]
-    columns = list(EVAL_CSV_COLUMNS) + sorted({k for r in rows for k in r} - set(EVAL_CSV_COLUMNS))
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / f"{stem}.csv", buffer.getvalue())
+    atomic_write_text(out / f"{stem}.csv", csv_text(report.rows))
     atomic_write_text(out / f"{stem}.md", format_eval_table(report) + "\n")
     if report.generations:
         lines = [json.dumps(record, ensure_ascii=False) for record in report.generations]
