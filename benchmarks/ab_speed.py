@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
-import json
 import re
 import shutil
 import sys
@@ -37,7 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import build_model, method, paired_difference  # noqa: E402
+from speedbench.methods import method  # noqa: E402
+from speedbench.output import write_report  # noqa: E402
+from speedbench.stats import paired_difference  # noqa: E402
+from speedbench.workloads import build_model  # noqa: E402
 
 from ppframework.adapters import get_adapter  # noqa: E402
 from ppframework.calibration import calibrate  # noqa: E402
@@ -285,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ab_speed.json").write_text(json.dumps(report, indent=2))
-    markdown = to_markdown(report)
-    (out / "ab_speed.md").write_text(markdown + "\n")
-    print(markdown)
+    write_report(Path(args.out), "ab_speed", report, to_markdown)
     return 0
 
 

@@ -14,7 +14,6 @@ the per-block saving to the whole decoder (every pruned layer has the same shape
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,7 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import build_model, method, paired_difference  # noqa: E402
+from speedbench.methods import method  # noqa: E402
+from speedbench.output import write_report  # noqa: E402
+from speedbench.stats import paired_difference  # noqa: E402
+from speedbench.workloads import build_model  # noqa: E402
 
 from ppframework.adapters import get_adapter  # noqa: E402
 from ppframework.calibration import calibrate  # noqa: E402
@@ -149,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "block_reuse.json").write_text(json.dumps(report, indent=2))
-    (out / "block_reuse.md").write_text(to_markdown(report) + "\n")
-    print(to_markdown(report))
+    write_report(Path(args.out), "block_reuse", report, to_markdown)
     return 0
 
 
