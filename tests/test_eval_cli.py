@@ -92,7 +92,7 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path, monkeypatch):
         raise AssertionError("model loaded")
 
     monkeypatch.setattr(ppframework.evaluate.protocol, "load_model", forbidden)
-    monkeypatch.setattr(ppframework.models, "load_model", forbidden)
+    monkeypatch.setattr(ppframework.models.loading, "load_model", forbidden)
     cfg = load_config({"evaluation": {"zeroshot": {"tasks": ["boolq", "mmlu"]}}})
     with pytest.raises(ConfigError, match=r"evaluation.zeroshot.tasks\[1\].*mmlu"):
         ppframework.evaluate.evaluate(cfg, progress=False)
