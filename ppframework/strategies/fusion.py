@@ -172,6 +172,22 @@ def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: Bloc
     scores.channel_mean = channel_mean(ctx, history)
 
 
+class _Parametrised:
+    """A fusion strategy built from its ``Params`` model (defaults when none is given)."""
+
+    Params: type[BaseModel]
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params or self.Params()
+
+
+def _from_history(ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None) -> ChannelScores:
+    """``a_c`` from the history alone, over the batch's real positions (left unset without a history)."""
+    if history is not None:
+        scores.activation = history_activation(ctx, history, _statistic(scores))
+    return scores
+
+
 class FusionParams(BaseModel):
     """Numerical guard of the importance-scaled fusion, and what the positions the probe missed add."""
 
@@ -185,16 +201,14 @@ class FusionParams(BaseModel):
     )
 
 
-class ImportanceScaledFusion:
+class ImportanceScaledFusion(_Parametrised):
     """Importance-scaled fusion (PP) per probed position; probe-only without history,
     history-only without probe."""
 
     stage = "fuse_history"
     name = "importance-scaled"
     Params = FusionParams
-
-    def __init__(self, params: FusionParams | None = None) -> None:
-        self.params = params or FusionParams()
+    params: FusionParams
 
     @hookimpl
     def fuse_history(
@@ -202,9 +216,7 @@ class ImportanceScaledFusion:
     ) -> ChannelScores:
         _attach_compensation(ctx, scores, history)
         if scores.evidence is None:
-            if history is not None:
-                scores.activation = history_activation(ctx, history, _statistic(scores))
-            return scores
+            return _from_history(ctx, scores, history)
         _require_sq_mean(scores, self.name)
         evidence = scores.evidence
         if history is not None:
@@ -248,9 +260,7 @@ class HistoryOnlyFusion:
         self, ctx: BlockContext, scores: ChannelScores, history: BlockHistory | None
     ) -> ChannelScores:
         _attach_compensation(ctx, scores, history)
-        if history is not None:
-            scores.activation = history_activation(ctx, history, _statistic(scores))
-        return scores
+        return _from_history(ctx, scores, history)
 
 
 class FixedFusionParams(BaseModel):
@@ -263,15 +273,13 @@ class FixedFusionParams(BaseModel):
     )
 
 
-class FixedFusion:
+class FixedFusion(_Parametrised):
     """Fixed-ratio fusion (ablation): ``F = (1 - q) * Hist + q * P`` per probed position."""
 
     stage = "fuse_history"
     name = "fixed"
     Params = FixedFusionParams
-
-    def __init__(self, params: FixedFusionParams | None = None) -> None:
-        self.params = params or FixedFusionParams()
+    params: FixedFusionParams
 
     @hookimpl
     def fuse_history(
@@ -318,7 +326,7 @@ class CompletionFusionParams(BaseModel):
     )
 
 
-class CompletionFusion:
+class CompletionFusion(_Parametrised):
     """Batch completion (a Beyond-PP option, not PP's fusion): estimate the full batch's ``a_c``.
 
     Full-batch probing scores ``a_c = sum_t mean_b X[b, t, c]^2`` over every row and position. The
@@ -332,9 +340,7 @@ class CompletionFusion:
     stage = "fuse_history"
     name = "completion"
     Params = CompletionFusionParams
-
-    def __init__(self, params: CompletionFusionParams | None = None) -> None:
-        self.params = params or CompletionFusionParams()
+    params: CompletionFusionParams
 
     @hookimpl
     def fuse_history(
@@ -344,8 +350,7 @@ class CompletionFusion:
         if history is None:
             return ProbeOnlyFusion().fuse_history(ctx=ctx, scores=scores, history=None)
         if scores.evidence is None:
-            scores.activation = history_activation(ctx, history, _statistic(scores))
-            return scores
+            return _from_history(ctx, scores, history)
         _require_sq_mean(scores, self.name)
         positions = scores.positions
         past = history.sq_mean.index_select(0, positions)
