@@ -59,15 +59,35 @@ def _exit_status(report: Any, wrote: bool) -> int:
     return 1 if failures or not wrote else 0
 
 
+def _apply_common_options(cfg: Any, args: argparse.Namespace) -> None:
+    """``--out`` and ``--no-progress`` over the file's ``out_dir`` and ``progress``."""
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+
+
+def _save(write: Callable[[], Path], cfg: Any, also_written: str | Callable[[], str]) -> Path | None:
+    """Run ``write`` when the config has an ``out_dir`` and say what it wrote (``also_written``: the
+    other files, or a function saying so after the write); None: nothing written."""
+    path = _write_results(write, cfg.out_dir) if cfg.out_dir else None
+    if path:
+        print(f"\nwrote {path}{also_written() if callable(also_written) else also_written}")
+    return path
+
+
+def _finish(report: Any, cfg: Any, path: Path | None) -> int:
+    """Print the total time; the exit status (:func:`_exit_status`)."""
+    print(f"total time {report.elapsed_s:.1f} s")
+    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ppframework.api import load_config
     from ppframework.runner import format_table, run, write_report
 
     cfg = load_config(args.config, args.set)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.no_progress:
-        cfg.progress = False
+    _apply_common_options(cfg, args)
     if "evaluation" in cfg.model_fields_set:
         print(
             "note: the `evaluation` section is used by `ppf eval`; `ppf run` measures perplexity only",
@@ -76,11 +96,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _out_lock(cfg.out_dir):
         report = run(cfg)
         print(format_table(report))
-        path = _write_results(lambda: write_report(report, cfg.out_dir), cfg.out_dir) if cfg.out_dir else None
-        if path:
-            print(f"\nwrote {path}")
-    print(f"total time {report.elapsed_s:.1f} s")
-    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+        path = _save(lambda: write_report(report, cfg.out_dir), cfg, "")
+    return _finish(report, cfg, path)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
@@ -96,10 +113,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         import_ray()  # says how to install Ray before any work
     plan = load_ablation(args.config, args.set)
     cfg = plan.run
-    if args.out:
-        cfg.out_dir = args.out
-    if args.no_progress:
-        cfg.progress = False
+    _apply_common_options(cfg, args)
     if args.rerun and not cfg.out_dir:
         raise ConfigError("--rerun: finished points are only kept (and reused) with --out; add --out DIR")
     if plan.resources is not None and args.launcher == "local":
@@ -143,11 +157,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
                 f"\nreused {len(resumed)} finished point(s) from {store.folder if store else '-'} "
                 f"({', '.join(resumed)}); --rerun runs them again"
             )
-        path = _write_results(lambda: write_report(report, cfg.out_dir), cfg.out_dir) if cfg.out_dir else None
-        if path:
-            print(f"\nwrote {path} (+ results.csv, results.md)")
-    print(f"total time {report.elapsed_s:.1f} s")
-    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+        path = _save(lambda: write_report(report, cfg.out_dir), cfg, " (+ results.csv, results.md)")
+    return _finish(report, cfg, path)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -160,22 +171,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"evaluation.generation.limit={args.limit}")
         overrides.append(f"evaluation.lm_eval.limit={args.limit}")
     cfg = load_config(args.config, overrides)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.no_progress:
-        cfg.progress = False
+    _apply_common_options(cfg, args)
     with _out_lock(cfg.out_dir):
         report = evaluate(cfg)
         print(format_eval_table(report))
-        path = (
-            _write_results(lambda: write_eval_report(report, cfg.out_dir), cfg.out_dir)
-            if cfg.out_dir
-            else None
+        path = _save(
+            lambda: write_eval_report(report, cfg.out_dir),
+            cfg,
+            lambda: f" (+ results.csv, results.md{', plots' if report.plots else ''})",  # set by the write
         )
-        if path:
-            print(f"\nwrote {path} (+ results.csv, results.md{', plots' if report.plots else ''})")
-    print(f"total time {report.elapsed_s:.1f} s")
-    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+    return _finish(report, cfg, path)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -185,29 +190,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     check_prompts(args.prompt, args.max_new_tokens)
     cfg = load_config(args.config, args.set)
-    if args.out:
-        cfg.out_dir = args.out
-    if args.no_progress:
-        cfg.progress = False
+    _apply_common_options(cfg, args)
     with _out_lock(cfg.out_dir):
         report = compare_generation(cfg, args.prompt, args.max_new_tokens)
         table = format_generate_table(report)
         print(table)
-        if cfg.out_dir:
+
+        def write() -> Path:
             out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "results.md", table + "\n")
+            return write_json(out / "results.json", report.to_json())
 
-            def write() -> Path:
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out / "results.md", table + "\n")
-                return write_json(out / "results.json", report.to_json())
-
-            path = _write_results(write, cfg.out_dir)
-            if path:
-                print(f"\nwrote {path} (+ results.md)")
-        else:
-            path = None
-    print(f"total time {report.elapsed_s:.1f} s")
-    return _exit_status(report, wrote=path is not None or not cfg.out_dir)
+        path = _save(write, cfg, " (+ results.md)")
+    return _finish(report, cfg, path)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
