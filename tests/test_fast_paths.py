@@ -318,16 +318,14 @@ def test_half_precision_sliced_matches_masked_on_cuda():
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_probe_reuse_runs_where_enabled(monkeypatch, reuse):
-    from ppframework.adapters import llama
-
     calls = []
-    original = llama.fill_outside_probe
+    original = probe_reuse.fill_outside_probe
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(llama, "fill_outside_probe", counting)
+    monkeypatch.setattr(probe_reuse, "fill_outside_probe", counting)
     model, history, batches = _setup("llama-gqa", "cpu", n_batches=1)
     _, pipe, _ = run_batches(model, pp_method(), history, batches, reuse=reuse)
     assert len(calls) == (len(pipe._runners) if reuse else 0)  # attention q/k/v and the MLP, each block

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppframework.adapters import get_adapter, llama
+from ppframework.adapters import attention_runner, get_adapter, probe_reuse
 from ppframework.adapters.attention import (
     MIN_GROUPED_QUERY_POSITIONS,
     SDPA_GROUPED_QUERIES,
@@ -21,8 +21,8 @@ from ppframework.adapters.attention import (
     causal_attention_by_runs,
     kv_runs,
 )
-from ppframework.adapters.llama import apply_rotary, rotate_half
 from ppframework.adapters.probe_reuse import MIN_EXACT_ROWS, ProbeReuse
+from ppframework.adapters.rotary import apply_rotary, rotate_half
 from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
 from ppframework.history import BlockHistory
@@ -261,8 +261,8 @@ def test_pp_with_probe_reuse_equals_pp_without_it_bit_for_bit(family, monkeypatc
     against one that recomputes every token (the paper's way), at widths off the vector size."""
     model, history, batches = _calibrated_batches(family, seed=6, batch=5, seq=64)
     splits = []
-    real = llama.fill_outside_probe
-    monkeypatch.setattr(llama, "fill_outside_probe", lambda *a: splits.append(1) or real(*a))
+    real = probe_reuse.fill_outside_probe
+    monkeypatch.setattr(probe_reuse, "fill_outside_probe", lambda *a: splits.append(1) or real(*a))
     logits_a, kept_a, pipe_a = _pp_run(model, history, batches, ratio=0.37, reuse=True)
     assert splits, "the full pass did not reuse the probe"
     logits_b, kept_b, pipe_b = _pp_run(model, history, batches, ratio=0.37, reuse=False)
@@ -366,11 +366,11 @@ def test_pp_results_are_unchanged_by_grouped_query_attention(family, monkeypatch
     mask = torch.ones_like(prompt)
     mask[1, :5] = 0
     calls = []
-    real = llama.causal_attention_by_runs
-    monkeypatch.setattr(llama, "causal_attention_by_runs", lambda *a: calls.append(1) or real(*a))
+    real = attention_runner.causal_attention_by_runs
+    monkeypatch.setattr(attention_runner, "causal_attention_by_runs", lambda *a: calls.append(1) or real(*a))
     grouped = _generate_and_score(model, history, prompt, mask)
     assert calls, "the grouped form was not used"
-    monkeypatch.setattr(llama, "SDPA_GROUPED_QUERIES", False)
+    monkeypatch.setattr(attention_runner, "SDPA_GROUPED_QUERIES", False)
     copied = _generate_and_score(model, history, prompt, mask)
     assert torch.equal(grouped[0], copied[0]) and torch.equal(grouped[1], copied[1])
     assert len(grouped[2]) == len(copied[2]) > 0

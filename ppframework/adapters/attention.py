@@ -1,33 +1,27 @@
-"""Causal scaled-dot-product attention with optional key padding, shared by every adapter."""
+"""Attention kernels shared by every adapter: causal SDPA with key padding, grouped-query forms
+(without copying keys/values per query head) and biased (windowed, soft-capped) attention."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ppframework.adapters.kv_cache import KVSlot
+from ppframework.adapters.masks import additive_attention_bias
 
-
-def additive_attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Causal + key-padding additive bias (B, 1, T, T), or None when there is no padding.
-
-    Fully masked rows (a padding query with no real key before it) get a zero bias on the
-    diagonal so that softmax never sees only ``-inf`` (their outputs are never used).
-    """
-    if bool(attention_mask.all()):
-        return None
-    _, seq = attention_mask.shape
-    device = attention_mask.device
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    allowed = causal[None, :, :] & attention_mask.bool()[:, None, :]
-    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None, :, :]
+__all__ = [
+    "MIN_GROUPED_QUERY_POSITIONS",
+    "SDPA_GROUPED_QUERIES",
+    "HeadGroups",
+    "KVRun",
+    "additive_attention_bias",
+    "biased_attention",
+    "causal_attention",
+    "causal_attention_by_runs",
+    "grouped_attention",
+    "kv_runs",
+]
 
 
 def causal_attention(
@@ -126,23 +120,6 @@ def causal_attention_by_runs(
     return out.view(batch, seq, heads * dim)
 
 
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    attn_bias: torch.Tensor | None,
-    scale: float,
-    slot: KVSlot | None = None,
-) -> torch.Tensor:
-    """Attention of this forward's queries: among themselves (:func:`causal_attention`) when nothing
-    was cached before, else over the cache's keys ``k``/``v`` with the slot's key mask."""
-    if slot is None or slot.past == 0:
-        return causal_attention(q, k, v, attention_mask, attn_bias, scale)
-    bias = slot.bias(q.shape[2], k.shape[2], q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
 @dataclass(frozen=True)
 class HeadGroups:
     """Where each query head goes when the queries are stacked per key/value head.
@@ -190,33 +167,6 @@ def grouped_attention(
     mask = None if bias is None else bias.repeat(1, 1, width, 1)
     out = F.scaled_dot_product_attention(stacked, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, groups.kv_heads, width, seq, dim)[:, groups.group_of, groups.slot_of]
-
-
-def position_bias(
-    query_at: torch.Tensor,
-    key_at: torch.Tensor,
-    key_real: torch.Tensor | None,
-    window: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive bias (B or 1, 1, Tq, Tk) for queries at positions ``query_at`` (Tq,) over keys at
-    ``key_at`` (Tk,): causal, within ``window`` when given (a key is seen when ``query - key < window``,
-    as transformers' sliding-window masks) and only real keys (``key_real`` (B, Tk), None = all real).
-
-    A query always sees a key at its own position, so that no row is fully masked (padding queries'
-    outputs are never used).
-    """
-    distance = query_at[:, None] - key_at[None, :]
-    allowed = distance >= 0
-    if window is not None:
-        allowed = allowed & (distance < int(window))
-    allowed = allowed[None]
-    if key_real is not None:
-        allowed = allowed & key_real.bool()[:, None, :]
-    allowed = allowed | (distance == 0)[None]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
 
 
 def biased_attention(

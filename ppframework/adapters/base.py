@@ -8,13 +8,14 @@ parameters stay shared and untouched.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppframework.adapters.attention import additive_attention_bias, attend, causal_attention
+from ppframework.adapters.attention import causal_attention
 from ppframework.adapters.gather import (
     GatherBuffers,
     concat_parts,
@@ -23,17 +24,18 @@ from ppframework.adapters.gather import (
     unit_channels,
 )
 from ppframework.adapters.kv_cache import KVSlot
+from ppframework.adapters.masks import additive_attention_bias
 from ppframework.adapters.probe_reuse import ProbeReuse, fill_outside_probe, probe_rotary
 from ppframework.types import BlockGeometry, BlockKind
 
 __all__ = [
+    "BlockCall",
     "BlockRunner",
     "GatherBuffers",
     "KVSlot",
     "ModelAdapter",
     "ProbeReuse",
     "additive_attention_bias",
-    "attend",
     "causal_attention",
     "fill_outside_probe",
     "gather_weight",
@@ -54,11 +56,35 @@ def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is b or torch.equal(a, b)
 
 
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(slots=True)
+class BlockCall:
+    """The arguments of one :meth:`BlockRunner.pre_output` call, as the runner's hooks receive them.
+
+    ``attention_mask`` (B, T) marks real tokens (None: every token is real); ``attn_bias`` is its
+    precomputed additive form (None = plain causal); ``rotary`` is (cos, sin) at the rows' true
+    positions. ``kept_units`` None means all units; ``kept_kv_heads`` the kept key/value heads of an
+    attention block (None: all). ``reuse`` is the probe's :class:`ProbeReuse`, if any.
+    """
+
+    attention_mask: torch.Tensor | None
+    attn_bias: torch.Tensor | None = None
+    rotary: Rotary | None = None
+    kept_units: torch.Tensor | None = None
+    kept_kv_heads: torch.Tensor | None = None
+    reuse: ProbeReuse | None = None
+
+
 class BlockRunner(ABC):
     """Runs one block of one decoder layer, optionally on a subset of its units.
 
     ``pre_output`` computes the input of the output projection (the activations the scores are
-    made from); ``output`` applies the output projection on the matching channels.
+    made from); ``output`` applies the output projection on the matching channels. A runner
+    implements :meth:`run` (the pre-output of one :class:`BlockCall`) and may override :meth:`probe`;
+    the shared skeletons are :class:`~ppframework.adapters.attention_runner.AttentionRunner` and
+    :class:`~ppframework.adapters.mlp_runner.MLPRunner`.
 
     Sliced weights come from :meth:`gather`: pinned (static masks: gathered once and kept), into
     the pipeline's shared :class:`GatherBuffers` (``buffers``, set by the pipeline), or into new
@@ -215,26 +241,28 @@ class BlockRunner(ABC):
     def out_proj(self) -> nn.Linear:
         """The block's output projection module (o_proj, down_proj, out_proj or fc2)."""
 
-    @abstractmethod
     def pre_output(
         self,
         x: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None,
         attn_bias: torch.Tensor | None = None,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: Rotary | None = None,
         kept_units: torch.Tensor | None = None,
         kept_kv_heads: torch.Tensor | None = None,
         reuse: ProbeReuse | None = None,
     ) -> torch.Tensor:
         """Input of the output projection (B, T, kept channels) for normed input ``x``.
 
-        ``attention_mask`` (B, T) marks real tokens (None: every token is real); ``attn_bias`` is
-        its precomputed additive form (None = plain causal); ``rotary`` is (cos, sin) at the rows'
-        true positions. ``kept_units`` None means all units. ``reuse``, when it was made from this
-        very ``x`` (:meth:`ProbeReuse.usable_for`), lets the runner take the probe's per-token
-        values instead of recomputing them (runners without that ability ignore it).
+        The arguments are described on :class:`BlockCall`. ``reuse``, when it was made from this very
+        ``x`` (:meth:`ProbeReuse.usable_for`), lets the runner take the probe's per-token values
+        instead of recomputing them (runners without that ability ignore it).
         """
+        return self.run(x, BlockCall(attention_mask, attn_bias, rotary, kept_units, kept_kv_heads, reuse))
+
+    @abstractmethod
+    def run(self, x: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        """:meth:`pre_output` of ``x`` for ``call`` (the one method a runner must implement)."""
 
     def probe_forward(
         self,
@@ -243,19 +271,31 @@ class BlockRunner(ABC):
         tokens: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: Rotary | None = None,
         keep_for_reuse: bool = False,
     ) -> tuple[torch.Tensor, ProbeReuse | None]:
         """The probe's pre-output activations (k_B, k_T, C) with full weights, on ``x[rows][:, tokens]``.
 
         ``attention_mask`` is the probe's own (k_B, k_T) mask (None: no padding); ``rotary`` the
         full batch's. With ``keep_for_reuse`` a runner that can reuse its probe in the full pass also
-        returns a :class:`ProbeReuse` (this base implementation never does).
+        returns a :class:`ProbeReuse` (one whose :meth:`probe` gives no values never does).
+        """
+        states, values = self.probe(x, rows, tokens, BlockCall(attention_mask, rotary=rotary))
+        if keep_for_reuse and values is not None:
+            return states, ProbeReuse.build(x, rows, tokens, values)
+        return states, None
+
+    def probe(
+        self, x: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, call: BlockCall
+    ) -> tuple[torch.Tensor, Any]:
+        """The probe's pre-output on ``x[rows][:, tokens]`` and the values a full pass may reuse
+        (None: none). ``call`` holds the probe's mask and the full batch's rotary.
+
+        This default runs :meth:`pre_output` on the probe's rows and tokens and reuses nothing.
         """
         probe_x = x.index_select(0, rows).index_select(1, tokens)
-        probe_rot = probe_rotary(rotary, rows, tokens)
-        states = self.pre_output(probe_x, attention_mask=attention_mask, rotary=probe_rot)
-        return states, None
+        probe_rot = probe_rotary(call.rotary, rows, tokens)
+        return self.pre_output(probe_x, attention_mask=call.attention_mask, rotary=probe_rot), None
 
     def output(self, z: torch.Tensor, kept_channels: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the output projection to ``z`` whose channels are ``kept_channels``."""

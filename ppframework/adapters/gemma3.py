@@ -8,20 +8,17 @@ pre-norm *and* a post-norm around each block::
     h = h + post_feedforward_layernorm(down_proj(mlp(pre_feedforward_layernorm(h))))
 
 Pruning acts on the inputs of ``o_proj``/``down_proj`` (the runners' pre-output); the post-norms run
-on the block output in :meth:`Gemma3Adapter.block_residual`. The scaled embeddings and the final
-logit soft-capping live outside the decoder layers and run unchanged. ``attn_logit_softcapping`` is
-kept in Gemma 3 configs but transformers' Gemma 3 attention never applies it (unlike Gemma 2), so the
-runners do not either: the pruned path computes what the model computes.
+on the block output in :meth:`~ppframework.adapters.decoder.DecoderAdapter.block_residual`. The scaled
+embeddings and the final logit soft-capping live outside the decoder layers and run unchanged.
+``attn_logit_softcapping`` is kept in Gemma 3 configs but transformers' Gemma 3 attention never
+applies it (unlike Gemma 2), so the runners do not either: the pruned path computes what the model
+computes.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ppframework.adapters.llama import LlamaLikeAdapter
 from ppframework.errors import ConfigError
-from ppframework.types import BlockKind
 
 
 class Gemma3Adapter(LlamaLikeAdapter):
@@ -29,20 +26,8 @@ class Gemma3Adapter(LlamaLikeAdapter):
 
     family = "gemma3"
     model_types = ("gemma3_text",)
-
-    def block_input(self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor) -> torch.Tensor:
-        norm = layer.input_layernorm if kind is BlockKind.ATTENTION else layer.pre_feedforward_layernorm
-        return norm(hidden)
-
-    def block_residual(
-        self, layer: nn.Module, kind: BlockKind, hidden: torch.Tensor, block_out: torch.Tensor
-    ) -> torch.Tensor:
-        norm = (
-            layer.post_attention_layernorm
-            if kind is BlockKind.ATTENTION
-            else layer.post_feedforward_layernorm
-        )
-        return hidden + norm(block_out)
+    pre_norms = ("input_layernorm", "pre_feedforward_layernorm")
+    post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
 
     def check_supported(self, seq_len: int) -> None:
         if getattr(self.config, "use_bidirectional_attention", False):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ppframework.adapters.attention import position_bias
+from ppframework.adapters.masks import position_bias
 from ppframework.positions import RowShift
 
 

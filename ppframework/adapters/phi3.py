@@ -2,8 +2,8 @@
 
 Slicing cuts the fused weights by part: a kept query head keeps its rows of the q part, a kept
 key/value head its rows of both the k and the v parts; a kept MLP channel keeps its row of the gate
-half and of the up half. The sliced rows are gathered in the q, k, v (gate, up) order the LLaMA
-runners expect, so everything downstream (GQA policies, probe reuse, KV cache) is shared.
+half and of the up half. The sliced rows are gathered in the q, k, v (gate, up) order the
+shared runners expect, so everything downstream (GQA policies, probe reuse, KV cache) is shared.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppframework.adapters.llama import LlamaAttentionRunner, LlamaLikeAdapter, LlamaMLPRunner
+from ppframework.adapters.attention_runner import QKV, AttentionRunner
+from ppframework.adapters.llama import LlamaLikeAdapter
+from ppframework.adapters.mlp_runner import MLPRunner
 from ppframework.types import BlockGeometry
 
 
-class Phi3AttentionRunner(LlamaAttentionRunner):
+class Phi3AttentionRunner(AttentionRunner):
     """Attention with one fused ``qkv_proj`` (rows: all q, then all k, then all v)."""
 
     def __init__(
@@ -31,7 +33,7 @@ class Phi3AttentionRunner(LlamaAttentionRunner):
         """Rows of the k part (= rows of the v part) of the fused projection."""
         return self.geometry.num_kv_heads * self.geometry.unit_width
 
-    def dense_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dense_qkv(self, x: torch.Tensor) -> QKV:
         qkv = self.linear(x, self.attn.qkv_proj)
         n_q, n_kv = self.query_width, self.kv_width
         q, k, v = qkv.split((n_q, n_kv, n_kv), dim=-1)
@@ -58,7 +60,7 @@ class Phi3AttentionRunner(LlamaAttentionRunner):
         return self.gather("attn.qkv", (self.attn.qkv_proj,), (rows,))
 
 
-class Phi3MLPRunner(LlamaMLPRunner):
+class Phi3MLPRunner(MLPRunner):
     """Gated MLP ``down(up * act(gate))`` with one fused ``gate_up_proj`` (rows: gate half, up half)."""
 
     def __init__(self, mlp: nn.Module, geometry: BlockGeometry) -> None:

@@ -1,4 +1,4 @@
-"""Reusing a probe forward's exact per-token values in the block's full pass."""
+"""Reusing a probe forward's exact per-token values in the block's full pass (the fused projections)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,39 @@ def probe_rotary(
         return None
     cos, sin = ((r if r.shape[0] == 1 else r.index_select(0, rows)).index_select(1, tokens) for r in rotary)
     return cos, sin
+
+
+def linear_into(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``compute(x2d, out2d)`` writing ``F.linear(x2d, weight, bias)`` into ``out2d`` (no temporary)."""
+
+    def compute(x2d: torch.Tensor, out2d: torch.Tensor) -> None:
+        if bias is None:
+            torch.mm(x2d, weight.t(), out=out2d)
+        else:
+            torch.addmm(bias, x2d, weight.t(), out=out2d)
+
+    return compute
+
+
+def project_reusing(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    reuse: ProbeReuse | None,
+    columns: tuple[torch.Tensor | None, ...],
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a fused sliced weight; when ``reuse`` was made from this very
+    ``x``, the probe's tokens take the probe's values instead of being recomputed.
+
+    ``reuse.values`` holds one full projection per part of the fused weight, in its order (q, k, v;
+    gate, up); ``columns[i]`` are the kept columns of part ``i`` (None: all of them).
+    """
+    if reuse is None or not reuse.usable_for(x):
+        return torch.nn.functional.linear(x, weight, bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    values = zip(reuse.values, columns, strict=True)
+    parts = [t if cols is None else t.index_select(-1, cols) for t, cols in values]
+    fill_outside_probe(x, out, linear_into(weight, bias), reuse, torch.cat(parts, dim=-1))
+    return out
