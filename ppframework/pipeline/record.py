@@ -1,0 +1,32 @@
+"""What a pipeline records about the blocks it ran: the shapes per block and batch (for FLOPs
+accounting) and the weights each batch removed (for the realised ratio)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ppframework.types import BlockKind
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """The shapes one pruned block actually used for one batch (for FLOPs accounting)."""
+
+    batch: int
+    layer: int
+    kind: BlockKind
+    batch_size: int
+    seq_len: int
+    kept_units: int
+    kept_kv_heads: int
+    probe_rows: int
+    probe_tokens: int
+
+
+@dataclass
+class PruningRecord:
+    """Kept-unit counts per batch, for the realised model-wide ratio, and per-block shapes."""
+
+    removed_params: list[float] = field(default_factory=list)
+    kept_units: dict[tuple[int, BlockKind], list[int]] = field(default_factory=dict)
+    events: list[BlockEvent] = field(default_factory=list)
