@@ -6,12 +6,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ppframework import data as data_mod
-from ppframework.adapters import get_adapter, supported_model_types
-from ppframework.calibration import cached_calibration, calibrate, expected_shapes
+from ppframework.adapters import supported_model_types
+from ppframework.calibration.orchestration import (
+    calibration_batches,
+    calibration_description,
+    calibration_history,
+    needs_calibration,
+)
 from ppframework.config import (
     MethodConfig,
     RunConfig,
@@ -21,11 +25,22 @@ from ppframework.config import (
 )
 from ppframework.errors import ConfigError
 from ppframework.history import HistoryStore
-from ppframework.models import model_fingerprint, read_model_config
+from ppframework.models import read_model_config
 from ppframework.pipeline import Pipeline
 from ppframework.registry import StrategyRegistry, default_registry
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_pipeline",
+    "calibration_batches",
+    "calibration_description",
+    "calibration_history",
+    "check_model_family",
+    "load_config",
+    "load_eval_text",
+    "needs_calibration",
+]
 
 
 def load_config(
@@ -44,11 +59,6 @@ def load_config(
     for i, method in enumerate(cfg.methods):
         registry.build_method(method, f"methods[{i}]")
     return cfg
-
-
-def needs_calibration(cfg: RunConfig) -> bool:
-    """Whether any method of ``cfg`` prunes and keeps a calibration history."""
-    return any(m.needs_calibration for m in cfg.methods)
 
 
 def check_model_family(name: str) -> None:
@@ -79,50 +89,6 @@ def load_eval_text(cfg: RunConfig) -> str:
     return text
 
 
-def calibration_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
-    """The calibration windows of ``cfg.calibration`` in batches."""
-    cal = cfg.calibration
-    docs = data_mod.load_documents(cal.dataset, cal.split, cfg.data.data_dir)
-    windows = data_mod.calibration_windows(docs, tokenizer, cal.n_samples, cfg.calibration_seq_len, cal.seed)
-    if cfg.data.window_bos:
-        windows = data_mod.start_with_bos(windows, tokenizer)
-    return list(torch.split(windows, cal.batch_size))
-
-
-def calibration_description(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
-    """Everything the calibration history depends on (the cache key)."""
-    cal = cfg.calibration
-    source = data_mod.dataset_source(cal.dataset, cal.split, cfg.data.data_dir)
-    extra = {"window_bos": True} if cfg.data.window_bos else {}  # old cache keys stay valid
-    return extra | {
-        "model": model_fingerprint(model),
-        "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
-        "dataset": source,
-        "split": cal.split,
-        "n_samples": cal.n_samples,
-        "seq_len": cfg.calibration_seq_len,
-        "seed": cal.seed,
-        "dtype": str(next(model.parameters()).dtype),
-    }
-
-
-def calibration_history(
-    model: nn.Module, tokenizer: Any, cfg: RunConfig, progress: bool = True
-) -> tuple[HistoryStore, dict[str, Any]]:
-    """The dense calibration history for ``cfg`` (from the on-disk cache when possible)."""
-    description = calibration_description(model, tokenizer, cfg)
-    cache_dir = Path(cfg.calibration.cache_dir) if cfg.calibration.cache_dir else None
-
-    def compute() -> HistoryStore:
-        batches = calibration_batches(cfg, tokenizer)
-        return calibrate(model, get_adapter(model), batches, progress=progress)
-
-    expected = expected_shapes(get_adapter(model), cfg.calibration_seq_len)
-    store, path, hit = cached_calibration(description, compute, cache_dir, cfg.calibration.cache, expected)
-    info = {**description, "cache_file": str(path) if path else None, "from_cache": hit}
-    return store, info
-
-
 def build_pipeline(
     model: nn.Module,
     cfg: RunConfig | MethodConfig,
@@ -150,5 +116,5 @@ def build_pipeline(
                 f"{prefix}.history.init: 'calibration' needs calibration data; pass a RunConfig and the "
                 "tokenizer, or history=..., or set history.init to 'none'"
             )
-        pipe.history, _ = calibration_history(model, tokenizer, cfg, progress)
+        pipe.history, _ = calibration_history(model, tokenizer, cfg, progress, adapter=pipe.adapter)
     return pipe

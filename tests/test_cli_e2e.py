@@ -194,16 +194,16 @@ def test_run_calibrates_once_without_cache(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import ppframework.api
+    import ppframework.calibration.orchestration as orchestration
 
     calls = []
-    real = ppframework.api.calibrate
+    real = orchestration.calibrate
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppframework.api, "calibrate", counting)
+    monkeypatch.setattr(orchestration, "calibrate", counting)
     config = _write_config(tmp_path, tiny_model_dir("llama"), tiny_text_file)
     _, results = _run(config_with(config, "calibration.cache=false"), tmp_path / "out", capsys)
     assert results["calibration"]["from_cache"] is False

@@ -1,5 +1,4 @@
-"""Dense calibration: the exact per-position mean of ``X^2`` (and ``X``) at every output
-projection's input, cached on disk as safetensors plus a JSON header (never pickle).
+"""The calibration cache: a history on disk as safetensors plus a JSON header (never pickle).
 
 The cache is never trusted blindly: its header carries a SHA-256 checksum of every tensor and the
 shapes it was built for (layers, block kinds, positions, channels per kind). A file that cannot be
@@ -22,14 +21,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ppframework.adapters import ModelAdapter
-from ppframework.devices import input_device
 from ppframework.history import BlockHistory, HistoryStore
 from ppframework.types import BlockKind
 
-logger = logging.getLogger(__name__)
+# the package's logger: its lines keep the name ppframework.calibration
+logger = logging.getLogger(__package__)
 
 CACHE_FORMAT_VERSION = 2
 
@@ -49,82 +46,8 @@ def cache_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-class _Accumulator:
-    """Sums of X and X^2 per position for one output projection (fp32)."""
-
-    def __init__(self) -> None:
-        self.sq_sum: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
-        self.count = 0
-        self.batch_size = 1
-
-    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # Some families (OPT) flatten (batch, seq) before the MLP; restore the position axis.
-        x = args[0].detach().float().reshape(self.batch_size, -1, args[0].shape[-1])
-        if self.sq_sum is None:
-            self.sq_sum = x.square().sum(dim=0)
-            self.sum = x.sum(dim=0)
-        else:
-            self.sq_sum += x.square().sum(dim=0)
-            self.sum += x.sum(dim=0)
-        self.count += x.shape[0]
-
-
-def calibrate(
-    model: torch.nn.Module,
-    adapter: ModelAdapter,
-    batches: list[torch.Tensor],
-    layers: list[int] | None = None,
-    progress: bool = True,
-) -> HistoryStore:
-    """Run the dense model over ``batches`` (no padding) and return the exact means per position.
-
-    The forwards run under ``torch.inference_mode``; the returned means are ordinary tensors, so
-    the history can be updated in place outside inference mode too. In a device-mapped model each
-    block's means are left on the device its layer runs on.
-    """
-    layers = list(range(adapter.num_layers)) if layers is None else layers
-    accumulators: dict[tuple[int, BlockKind], _Accumulator] = {}
-    handles = []
-    for i in layers:
-        for kind in BlockKind:
-            acc = _Accumulator()
-            accumulators[(i, kind)] = acc
-            handles.append(adapter.runner(i, kind).out_proj.register_forward_pre_hook(acc))
-    device = input_device(model)  # the embedding's device (device maps: accelerate moves the rest)
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                for acc in accumulators.values():
-                    acc.batch_size = batch.shape[0]
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    blocks = {}
-    for key, acc in accumulators.items():
-        if acc.sq_sum is None:
-            raise RuntimeError(f"calibration saw no input at layer {key[0]} {key[1].value}")
-        blocks[key] = BlockHistory(
-            sq_mean=acc.sq_sum / acc.count, mean=acc.sum / acc.count, samples=acc.count
-        )
-    return HistoryStore(blocks)
-
-
-def expected_shapes(adapter: ModelAdapter, positions: int, layers: list[int] | None = None) -> dict[str, Any]:
-    """The shapes a calibration of ``adapter``'s model over ``positions`` positions has: layers, block
-    kinds, positions and the channels of each kind's output projection input."""
-    layers = list(range(adapter.num_layers)) if layers is None else sorted(layers)
-    channels = {kind.value: int(adapter.runner(layers[0], kind).out_proj.in_features) for kind in BlockKind}
-    return {
-        "layers": layers,
-        "kinds": sorted(kind.value for kind in BlockKind),
-        "positions": int(positions),
-        "channels": channels,
-    }
-
-
 def _tensors(store: HistoryStore) -> dict[str, torch.Tensor]:
+    """``store``'s tensors by name (``layer.kind.sq_mean`` / ``.mean``), fp32 on the CPU."""
     tensors = {}
     for (layer, kind), hist in store.blocks.items():
         tensors[f"{layer}.{kind.value}.sq_mean"] = hist.sq_mean.detach().to("cpu", torch.float32).contiguous()
