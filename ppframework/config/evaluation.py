@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ppframework.config.base import StrictModel
+from ppframework.config.base import StrictModel, refuse_repeats
 from ppframework.config.frontier import FrontierConfig
 
 ZEROSHOT_TASKS: tuple[str, ...] = (
@@ -70,9 +70,7 @@ class LmEvalConfig(StrictModel):
     def _tasks(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("list at least one task")
-        duplicates = sorted({t for t in value if value.count(t) > 1})
-        if duplicates:
-            raise ValueError(f"task(s) {duplicates} listed twice")
+        refuse_repeats(value, "task(s)")
         return value
 
 
@@ -121,10 +119,7 @@ class GenerationConfig(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _unique(cls, value: list[GenerationTaskConfig]) -> list[GenerationTaskConfig]:
-        names = [t.name for t in value]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"task(s) {duplicates} listed twice")
+        refuse_repeats([t.name for t in value], "task(s)")
         return value
 
 
@@ -157,18 +152,14 @@ class FidelityConfig(StrictModel):
     @field_validator("prompt_sets")
     @classmethod
     def _prompt_sets(cls, value: list[str]) -> list[str]:
-        duplicates = sorted({n for n in value if value.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"prompt set(s) {duplicates} listed twice")
+        refuse_repeats(value, "prompt set(s)")
         return value
 
     @field_validator("corpora")
     @classmethod
     def _corpora(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            duplicates = sorted({n for n in value if value.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"corpus/corpora {duplicates} listed twice")
+            refuse_repeats(value, "corpus/corpora")
         return value
 
 

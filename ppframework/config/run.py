@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from ppframework.config.base import StrictModel
+from ppframework.config.base import StrictModel, repeated
 from ppframework.config.data import CalibrationConfig, DataConfig
 from ppframework.config.evaluation import EvaluationConfig
 from ppframework.config.frontier import FrontierConfig
@@ -62,8 +62,7 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        names = [m.label for m in self.methods]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = repeated([m.label for m in self.methods])
         if duplicates:
             raise ValueError(f"methods: duplicate method labels {duplicates}; give each a distinct `name`")
         data = self.data
