@@ -22,6 +22,15 @@ ZEROSHOT_TASKS: tuple[str, ...] = (
 """The seven zero-shot tasks of the paper (the default of ``zeroshot.tasks`` and ``lm_eval.tasks``)."""
 
 
+def _allow_code_execution(how: str) -> Any:
+    """The ``allow_code_execution`` field (off by default), its description ending with ``(how)``."""
+    return Field(
+        False,
+        description="let code tasks (humaneval, mbpp) run the generated programs in ppframework's sandbox "
+        f"({how})",
+    )
+
+
 class ZeroShotConfig(StrictModel):
     """Zero-shot multiple choice (``ppf eval``): lm-eval-harness prompt forms, acc and acc_norm."""
 
@@ -59,11 +68,7 @@ class LmEvalConfig(StrictModel):
         True, description="run the seven paper tasks from the data folder (False: the stock hub tasks)"
     )
     seed: int = Field(1234, description="the harness's random/numpy/torch/few-shot seed")
-    allow_code_execution: bool = Field(
-        False,
-        description="let code tasks (humaneval, mbpp) run the generated programs in ppframework's sandbox "
-        "(the harness's confirm_run_unsafe_code)",
-    )
+    allow_code_execution: bool = _allow_code_execution("the harness's confirm_run_unsafe_code")
 
     @field_validator("tasks")
     @classmethod
@@ -110,10 +115,8 @@ class GenerationConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="prompts per generate call (input order, left padding)")
     timeout_s: float = Field(10.0, gt=0, description="time limit of each generated program (code tasks)")
     workers: int = Field(2, ge=1, description="programs run in parallel (code tasks)")
-    allow_code_execution: bool = Field(
-        False,
-        description="let code tasks (humaneval, mbpp) run the generated programs in ppframework's sandbox "
-        "(Linux namespaces; docs/evaluation.md, Running generated code)",
+    allow_code_execution: bool = _allow_code_execution(
+        "Linux namespaces; docs/evaluation.md, Running generated code"
     )
 
     @field_validator("tasks")
