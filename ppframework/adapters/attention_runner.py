@@ -76,6 +76,8 @@ class AttentionRunner(BlockRunner):
     #: The last full-pass window bias, shared by every runner: (mask tensor, (seq, window, dtype,
     #: device), bias). Holding the mask keeps its identity unique while the entry lives.
     _full_bias: ClassVar[list[tuple[Any, tuple[Any, ...], torch.Tensor]]] = []
+    #: Whether :meth:`project` can take the probe's q/k/v (so :meth:`probe` keeps them for reuse).
+    reuses_probe: ClassVar[bool] = True
 
     def __init__(
         self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0, config: Any = None
@@ -147,8 +149,9 @@ class AttentionRunner(BlockRunner):
 
     def probe(
         self, x: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, call: BlockCall
-    ) -> tuple[torch.Tensor, QKV]:
-        """The probe's attention output and its q/k/v projections (what the full pass may reuse).
+    ) -> tuple[torch.Tensor, QKV | None]:
+        """The probe's attention output and its q/k/v projections (what the full pass may reuse;
+        None when :attr:`reuses_probe` is off).
 
         The probe's tokens attend among themselves at their true positions (rotary and, for a
         sliding-window layer, the window are those of ``tokens``)."""
@@ -156,7 +159,7 @@ class AttentionRunner(BlockRunner):
         q, k, v = self.project(probe_x, BlockCall(call.attention_mask))
         probe = BlockCall(call.attention_mask, rotary=probe_rotary(call.rotary, rows, tokens))
         states = self._attend(q, k, v, probe, cache=False, positions=tokens, span=x.shape[1])
-        return states, (q, k, v)
+        return states, ((q, k, v) if self.reuses_probe else None)
 
     def _windowed(self, span: int) -> bool:
         """Whether the window cuts anything out of a sequence of ``span`` tokens."""

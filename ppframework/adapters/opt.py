@@ -27,6 +27,8 @@ class OPTAttentionRunner(AttentionRunner):
     With a :class:`~ppframework.adapters.kv_cache.KVSlot` the cache holds the kept heads' keys and
     values, or every head's when the slot asks for ``full_kv`` (dense decode steps follow)."""
 
+    reuses_probe = False  # the projections are recomputed on every token
+
     def __init__(
         self, attn: nn.Module, geometry: BlockGeometry, layer_idx: int = 0, config: Any = None
     ) -> None:
