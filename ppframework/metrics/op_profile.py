@@ -20,14 +20,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ppframework.metrics.stage_profile import RANGE_PREFIX, STAGES, StageProfiler
-
-if TYPE_CHECKING:
-    from ppframework.pipeline import Pipeline
+from ppframework.metrics.stage_profile import RANGE_PREFIX, STAGES, Profiled, StageProfiler
 
 #: Where operators outside every stage are charged.
 OUTSIDE = "outside"
@@ -126,7 +123,7 @@ def _device_self_s(event: Any) -> float:
     return float(getattr(event, "self_device_time_total", 0.0) or 0.0) / 1e6
 
 
-def profile_ops_by_stage(pipe: Pipeline, forward: Callable[[], None], forwards: int = 1) -> OpProfile:
+def profile_ops_by_stage(pipe: Profiled, forward: Callable[[], None], forwards: int = 1) -> OpProfile:
     """Run ``forward`` (one model forward under ``pipe``) ``forwards`` times under the PyTorch
     profiler and return every operator's self time per stage.
 

@@ -45,15 +45,23 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
+import pluggy
 import torch
 
 from ppframework.hookspecs import hookimpl
 from ppframework.metrics.timing import synchronize
 
-if TYPE_CHECKING:
-    from ppframework.pipeline import Pipeline
+
+class Profiled(Protocol):
+    """What the profilers use of a pipeline (a :class:`ppframework.pipeline.Pipeline` has it): its
+    plugin manager, its ``profiler`` slot and its model. Typed here so that metrics need not import
+    the pipeline above them."""
+
+    plugin_manager: pluggy.PluginManager
+    profiler: Any
+    model: torch.nn.Module
 
 #: The per-batch overhead of dynamic pruning, grouped as reported (stages summed per group).
 OVERHEAD_GROUPS: dict[str, tuple[str, ...]] = {
@@ -192,14 +200,14 @@ class StageProfiler:
         return (yield from self._wrap("infer"))
 
     # -- attach / results --------------------------------------------------------------------------
-    def attach(self, pipe: Pipeline) -> StageProfiler:
+    def attach(self, pipe: Profiled) -> StageProfiler:
         """Register on ``pipe``'s plugin manager and set ``pipe.profiler``; returns self."""
         if not pipe.plugin_manager.is_registered(self):
             pipe.plugin_manager.register(self, name=PLUGIN_NAME)
         pipe.profiler = self
         return self
 
-    def detach(self, pipe: Pipeline) -> None:
+    def detach(self, pipe: Profiled) -> None:
         """Undo :meth:`attach` (the pipeline runs unprofiled again)."""
         if pipe.plugin_manager.is_registered(self):
             pipe.plugin_manager.unregister(self)
