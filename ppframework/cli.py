@@ -248,6 +248,26 @@ def _add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
+def _add_config_command(
+    sub: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    config_help: str,
+    set_example: str,
+    out_help: str,
+) -> argparse.ArgumentParser:
+    """A subcommand that reads a config file: ``config``, ``--set``, ``--out`` and ``--no-progress``."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("config", help=config_help)
+    _add_set_option(parser, set_example)
+    parser.add_argument("--out", help=out_help)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _set_threads(threads: int) -> None:
     """Apply ``--threads`` before any work (intra-op threads; results record the count)."""
     if threads < 1:
@@ -271,22 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="dense vs each configured method: perplexity, time, realised ratio")
-    run.add_argument("config", help="YAML or JSON run config")
-    _add_set_option(run, "methods.0.pruning.ratio=0.2")
-    run.add_argument("--out", help="directory for results.json and results.md")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    run.set_defaults(func=_cmd_run)
+    _add_config_command(
+        sub,
+        "run",
+        _cmd_run,
+        help="dense vs each configured method: perplexity, time, realised ratio",
+        config_help="YAML or JSON run config",
+        set_example="methods.0.pruning.ratio=0.2",
+        out_help="directory for results.json and results.md",
+    )
 
-    ablate = sub.add_parser(
+    ablate = _add_config_command(
+        sub,
         "ablate",
+        _cmd_ablate,
         help="run an ablation file: base run + variants (+ grid), one table; finished points are kept "
         "in --out/points and reused when the same file runs again",
+        config_help="YAML or JSON ablation file (base, variants, grid)",
+        set_example="base.data.max_batches=3",
+        out_help="directory for results.json, results.csv and results.md",
     )
-    ablate.add_argument("config", help="YAML or JSON ablation file (base, variants, grid)")
-    _add_set_option(ablate, "base.data.max_batches=3")
-    ablate.add_argument("--out", help="directory for results.json, results.csv and results.md")
-    ablate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ablate.add_argument(
         "--launcher",
         choices=("local", "ray"),
@@ -305,36 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every point again instead of reusing the finished ones kept in --out/points",
     )
-    ablate.set_defaults(func=_cmd_ablate)
 
-    evaluate = sub.add_parser(
+    evaluate = _add_config_command(
+        sub,
         "eval",
+        _cmd_eval,
         help="the full protocol: perplexity, zero-shot accuracy, interleaved runtime, FLOPs, memory, "
         "PRR, plots",
+        config_help="YAML or JSON run config (its `evaluation` section)",
+        set_example="evaluation.runtime.repeats=3",
+        out_help="directory for results.json/.csv/.md and the PNG plots",
     )
-    evaluate.add_argument("config", help="YAML or JSON run config (its `evaluation` section)")
-    _add_set_option(evaluate, "evaluation.runtime.repeats=3")
     evaluate.add_argument(
         "--limit", type=int, help="first N items per zero-shot, lm-eval and generation task (quick runs)"
     )
-    evaluate.add_argument("--out", help="directory for results.json/.csv/.md and the PNG plots")
-    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    evaluate.set_defaults(func=_cmd_eval)
 
-    generate = sub.add_parser(
+    generate = _add_config_command(
+        sub,
         "generate",
+        _cmd_generate,
         help="dense and each method complete the prompts with model.generate(): text, tokens, prefill "
         "seconds, decode tokens/s",
+        config_help="YAML or JSON run config (model, calibration, methods)",
+        set_example="methods.0.decode=dense",
+        out_help="directory for results.json and results.md",
     )
-    generate.add_argument("config", help="YAML or JSON run config (model, calibration, methods)")
     generate.add_argument(
         "--prompt", action="append", default=[], metavar="TEXT", help="text to continue (repeat for a batch)"
     )
     generate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64)")
-    _add_set_option(generate, "methods.0.decode=dense")
-    generate.add_argument("--out", help="directory for results.json and results.md")
-    generate.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    generate.set_defaults(func=_cmd_generate)
 
     plugins = sub.add_parser("plugins", help="list plugin distributions, their strategies and load errors")
     plugins.set_defaults(func=_cmd_plugins)

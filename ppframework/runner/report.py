@@ -29,7 +29,6 @@ def warmup_phrase(data: dict[str, Any]) -> str:
     return f"{n} warm-up batch(es) (not scored)"
 
 
-
 def _parameter_split(resolved: dict[str, Any]) -> str:
     """``decoder 106.2M, embeddings 28.3M, other 0.0M of 134.5M parameters`` (from resolved settings)."""
     counts = resolved.get("parameters")
@@ -37,7 +36,6 @@ def _parameter_split(resolved: dict[str, Any]) -> str:
         return "parameter counts not recorded"
     parts = ", ".join(f"{k} {counts[k] / 1e6:.1f}M" for k in ("decoder", "embeddings", "other"))
     return f"{parts} of {counts['model'] / 1e6:.1f}M parameters"
-
 
 
 def format_table(report: RunReport) -> str:

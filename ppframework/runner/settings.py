@@ -60,15 +60,6 @@ def _parameter_counts(model: torch.nn.Module) -> dict[str, int] | None:
         return None
 
 
-def _parameter_split(resolved: dict[str, Any]) -> str:
-    """``decoder 106.2M, embeddings 28.3M, other 0.0M of 134.5M parameters`` (from resolved settings)."""
-    counts = resolved.get("parameters")
-    if not counts:
-        return "parameter counts not recorded"
-    parts = ", ".join(f"{k} {counts[k] / 1e6:.1f}M" for k in ("decoder", "embeddings", "other"))
-    return f"{parts} of {counts['model'] / 1e6:.1f}M parameters"
-
-
 def environment(model: torch.nn.Module) -> dict[str, Any]:
     """Software and hardware the figures were measured on."""
     device = input_device(model)
@@ -79,5 +70,3 @@ def environment(model: torch.nn.Module) -> dict[str, Any]:
         "machine": platform.machine(),
         "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-
-
