@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,9 @@ class BlockHistory:
     the input of the block's output projection; ``mean`` is the calibration mean of ``X``.
     ``samples`` is how many sequences the calibration averaged (the running mean's prior weight);
     ``counts`` (lazily created) holds the samples behind each entry under the running-mean update.
+    ``channel_stats`` holds per-channel (C,) calibration statistics beyond the means, by name (e.g.
+    the Taylor importances ``taylor:first:element``, :mod:`ppframework.calibration.taylor`); no update
+    writes them, so clones share them.
     """
 
     sq_mean: torch.Tensor
@@ -25,6 +28,7 @@ class BlockHistory:
     updates: int = 0
     samples: int = 0
     counts: torch.Tensor | None = None
+    channel_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def ema_update(
         self,
@@ -93,10 +97,19 @@ def _column_index(channels: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class HistoryStore:
-    """Histories keyed by ``(layer, kind)``."""
+    """Histories keyed by ``(layer, kind)``, and the per-layer calibration statistics.
 
-    def __init__(self, blocks: dict[tuple[int, BlockKind], BlockHistory] | None = None) -> None:
+    ``layer_influence`` (L,), when calibrated, is ShortGPT's block influence of every decoder layer
+    (:mod:`ppframework.calibration.influence`); clones share it.
+    """
+
+    def __init__(
+        self,
+        blocks: dict[tuple[int, BlockKind], BlockHistory] | None = None,
+        layer_influence: torch.Tensor | None = None,
+    ) -> None:
         self.blocks: dict[tuple[int, BlockKind], BlockHistory] = blocks or {}
+        self.layer_influence = layer_influence
 
     def get(self, layer: int, kind: BlockKind) -> BlockHistory | None:
         """The history of one block, or None if there is none."""
@@ -152,6 +165,7 @@ class HistoryStore:
                 hist.mean = hist.mean.to(device)
             if hist.counts is not None:
                 hist.counts = hist.counts.to(device)
+            hist.channel_stats = {name: t.to(device) for name, t in hist.channel_stats.items()}
         return self
 
     def clone(self) -> HistoryStore:
@@ -165,7 +179,9 @@ class HistoryStore:
                     h.updates,
                     h.samples,
                     None if h.counts is None else h.counts.clone(),
+                    h.channel_stats,
                 )
                 for key, h in self.blocks.items()
-            }
+            },
+            self.layer_influence,
         )

@@ -13,14 +13,28 @@ from ppframework import data as data_mod
 from ppframework.adapters import ModelAdapter, get_adapter
 from ppframework.calibration.cache import cached_calibration
 from ppframework.calibration.dense import calibrate, expected_shapes
+from ppframework.calibration.extras import add_statistics
 from ppframework.config import RunConfig
 from ppframework.history import HistoryStore
 from ppframework.models import model_fingerprint
+from ppframework.registry import default_registry
 
 
 def needs_calibration(cfg: RunConfig) -> bool:
     """Whether any method of ``cfg`` prunes and keeps a calibration history."""
     return any(m.needs_calibration for m in cfg.methods)
+
+
+def extra_statistics(cfg: RunConfig) -> set[str]:
+    """The calibration statistics beyond the dense means that ``cfg``'s calibrated methods ask for
+    (each strategy's ``calibration_statistics``, e.g. ``taylor``, ``block-influence``)."""
+    registry = default_registry()
+    names: set[str] = set()
+    for i, method in enumerate(cfg.methods):
+        if method.needs_calibration:
+            for strategy in registry.build_method(method, f"methods[{i}]").values():
+                names.update(getattr(strategy, "calibration_statistics", ()))
+    return names
 
 
 def calibration_batches(cfg: RunConfig, tokenizer: Any) -> list[torch.Tensor]:
@@ -72,5 +86,18 @@ def calibration_history(
 
     expected = expected_shapes(adapter, cfg.calibration_seq_len)
     store, path, hit = cached_calibration(description, compute, cache_dir, cfg.calibration.cache, expected)
+    extras = extra_statistics(cfg)
+    if extras:  # each in its own cache file, computed only when asked for
+        add_statistics(
+            store,
+            extras,
+            model,
+            adapter,
+            lambda: calibration_batches(cfg, tokenizer),
+            description,
+            cache_dir,
+            cfg.calibration.cache,
+            progress,
+        )
     info = {**description, "cache_file": str(path) if path else None, "from_cache": hit}
     return store, info

@@ -147,6 +147,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         _static(score_channels="magnitude"),
         _NO_HISTORY,
     ),
+    "taylor": _preset(
+        "LLM-Pruner-style Taylor importance (static baseline, no LoRA recovery): one gradient pass of the "
+        "LM loss over the calibration windows; a unit's score is the sum over its coupled weights (q rows + "
+        "o columns of a head, gate/up rows + down column of a channel) of |w * dL/dw|; heads by sum; "
+        "variants in strategies.score_channels.params (order first/second/mix, reduce element/vector); "
+        "decided once, sliced weights cached.",
+        _static(score_channels="taylor"),
+        _CALIBRATION_ONLY,
+    ),
+    "shortgpt": _preset(
+        "ShortGPT whole-layer removal (static baseline): the floor(ratio * L) decoder layers with the lowest "
+        "block influence 1 - cos(input, output) over the calibration windows are removed (every layer may "
+        "go; ratio = share of prunable weights removed); removed layers keep no key/value cache entry.",
+        _static(allocate="block-influence"),
+        _CALIBRATION_ONLY,
+        pruning={"ratio": 0.4, "skip_layers": [], "inflate_ratio": False, "round_to": 1},
+    ),
     "griffin": _preset(
         "GRIFFIN (Dong et al., 2024; baseline): the prompt runs dense; each MLP keeps, for "
         "every decode step, the channels with the largest L2 norm over the prompt's tokens of the per-token "

@@ -9,7 +9,8 @@ detach), ``with`` blocks, and a layer's forward on the pruned path. The parts it
 - :mod:`.forward`: the backbone's pre-hook describing each forward (:mod:`.batch`);
 - :mod:`.decision`: probe -> score -> fuse -> mask -> infer and the history update;
 - :mod:`.rows`: ``decision: sequence``; :mod:`.dense_prefill`: ``prefill: dense``;
-- :mod:`.decode`: the decode state and the decode steps that continue a prefill's cache.
+- :mod:`.decode`: the decode state and the decode steps that continue a prefill's cache;
+- :mod:`.removal`: methods that remove whole layers (ShortGPT's ``block-influence``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ppframework.pipeline.batch import LayerCall
 from ppframework.pipeline.decode import refuse_after_detach
 from ppframework.pipeline.dense_prefill import DensePrefill
 from ppframework.pipeline.forward import ForwardHook
+from ppframework.pipeline.removal import LayerRemoval
 from ppframework.pipeline.stages import NO_STAGE
 
 logger = logging.getLogger(__package__)  # the package's logger: its lines keep the name ppframework.pipeline
@@ -38,7 +40,7 @@ def _pipeline_forward(layer: nn.Module) -> Pipeline | None:
     return getattr(layer.__dict__.get("forward"), "_ppf_pipeline", None)
 
 
-class Pipeline(DensePrefill, ForwardHook):
+class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
     """Online dynamic structured pruning of one model with one method.
 
     Use as a context manager: inside ``with pipe:`` every forward of the model runs pruned.
@@ -69,6 +71,10 @@ class Pipeline(DensePrefill, ForwardHook):
                 raise RuntimeError(
                     "another pipeline is already attached to this model; detach it first (use `with pipe:`)"
                 )
+            if self.removes_layers:  # whole layers go; the others keep their own forward
+                self._attach_removal(self._backbone())
+                self._attached = True
+                return self
             if self.is_static:  # before patching: a failing decision leaves the model untouched
                 self._decide_static()
             elif self._allocation_needs_scores:  # a structure from the calibration history's scores

@@ -19,14 +19,17 @@ from ppframework.strategies.fusion import (
 )
 from ppframework.strategies.griffin import GriffinScore
 from ppframework.strategies.inference import MaskedInference, SlicedInference
+from ppframework.strategies.layer_removal import BlockInfluenceRemoval
 from ppframework.strategies.masking import StructuredMask
 from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, ResidualProbe
 from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore, WandaSpScore
+from ppframework.strategies.taylor import TaylorScore
 
 BUILTIN_STRATEGIES: tuple[type, ...] = (
     UniformAllocation,
     AdaptiveAllocation,
     CalibrationAdaptiveAllocation,
+    BlockInfluenceRemoval,
     ResidualProbe,
     RandomProbe,
     FullBatchProbe,
@@ -36,6 +39,7 @@ BUILTIN_STRATEGIES: tuple[type, ...] = (
     FlapScore,
     MagnitudeScore,
     GriffinScore,
+    TaylorScore,
     ImportanceScaledFusion,
     ProbeOnlyFusion,
     HistoryOnlyFusion,

@@ -97,7 +97,16 @@ def all_position_fluctuation(
 
 def history_activation(ctx: BlockContext, history: BlockHistory, statistic: str = "sq_mean") -> torch.Tensor:
     """``a_c`` from history alone: the sum over this batch's real positions of the statistic (or,
-    for ``fluctuation``, the all-position variance over them)."""
+    for ``fluctuation``, the all-position variance over them; for a per-channel calibration statistic
+    such as ``taylor:first:element``, the statistic itself, which has no positions)."""
+    if statistic in history.channel_stats:
+        return history.channel_stats[statistic]
+    if statistic.startswith("taylor:"):
+        raise ValueError(
+            f"the {statistic!r} statistic comes from the Taylor gradient pass, which this history lacks; "
+            "build the pipeline with ppframework.build_pipeline (it runs the pass when a method scores "
+            "with 'taylor') or use a calibration_history() of a run config with such a method"
+        )
     if statistic == "fluctuation":
         return all_position_fluctuation(history, ctx.seq_len, ctx.position_valid)
     return sum_valid_positions(history_statistic(history, ctx.seq_len, statistic), ctx.position_valid)
