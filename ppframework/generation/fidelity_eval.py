@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,17 @@ def add_dense_references(model: nn.Module, plan: FidelityPlan, progress: bool = 
             )
 
 
+@contextmanager
+def _fresh(make_pipeline: Callable[[], Pipeline | None]) -> Iterator[Pipeline | None]:
+    """A fresh pipeline from ``make_pipeline`` (None: dense) for one measurement, released after it."""
+    pipe = make_pipeline()
+    try:
+        yield pipe
+    finally:
+        if pipe is not None:
+            pipe.release()
+
+
 def measure_fidelity(
     model: nn.Module,
     plan: FidelityPlan,
@@ -269,34 +281,30 @@ def measure_fidelity(
         raise RuntimeError("measure_fidelity: the dense references are missing (add_dense_references)")
     out: dict[str, Any] = {"prompt_sets": {}, "continuation_perplexity": {}, "mean_top1": None}
     for name, prompts in plan.prompts.items():
-        pipe = make_pipeline()
-        result = fidelity(
-            model,
-            pipe,
-            prompts,
-            plan.references[name],
-            pad_token_id=plan.pad_token_id,
-            batch_size=plan.batch_size,
-            progress=progress,
-            desc=f"fidelity {name} {label}",
-        )
-        if pipe is not None:
-            pipe.release()
+        with _fresh(make_pipeline) as pipe:
+            result = fidelity(
+                model,
+                pipe,
+                prompts,
+                plan.references[name],
+                pad_token_id=plan.pad_token_id,
+                batch_size=plan.batch_size,
+                progress=progress,
+                desc=f"fidelity {name} {label}",
+            )
         out["prompt_sets"][name] = result.to_json()
         logger.info("%s %s: top-1 %.4f, KL %.5f", label, name, result.top1, result.kl)
     for corpus, windows in plan.windows.items():
-        pipe = make_pipeline()
-        cont = continuation_perplexity(
-            model,
-            pipe,
-            windows,
-            plan.prefix_len,
-            batch_size=plan.window_batch,
-            progress=progress,
-            desc=f"continuation ppl {corpus} {label}",
-        )
-        if pipe is not None:
-            pipe.release()
+        with _fresh(make_pipeline) as pipe:
+            cont = continuation_perplexity(
+                model,
+                pipe,
+                windows,
+                plan.prefix_len,
+                batch_size=plan.window_batch,
+                progress=progress,
+                desc=f"continuation ppl {corpus} {label}",
+            )
         out["continuation_perplexity"][corpus] = cont.to_json()
         logger.info("%s %s: continuation perplexity %.3f", label, corpus, cont.perplexity)
     out["mean_top1"] = mean_top1(out)

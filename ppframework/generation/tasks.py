@@ -270,7 +270,6 @@ class GenerationTask(ABC):
         """Cut a raw completion at the first stop string (idempotent)."""
         return cut_at_stop(completion, self.stop)
 
-    @abstractmethod
     def score(
         self,
         items: Sequence[GenerationItem],
@@ -279,11 +278,18 @@ class GenerationTask(ABC):
         workers: int = 2,
         timeout_s: float = 10.0,
     ) -> TaskScore:
-        """Score raw completions (``postprocess`` is applied here) against the items' references."""
-
-    def _check_lengths(self, items: Sequence[GenerationItem], completions: Sequence[str]) -> None:
+        """Score raw completions (``postprocess`` is applied here) against the items' references
+        (``workers``/``timeout_s``: the sandbox's, for tasks that run programs)."""
         if len(items) != len(completions):
             raise ValueError(f"{self.name}: {len(items)} items but {len(completions)} completions")
+        outputs = [self.postprocess(it, c) for it, c in zip(items, completions, strict=True)]
+        return self._score(items, outputs, workers, timeout_s)
+
+    @abstractmethod
+    def _score(
+        self, items: Sequence[GenerationItem], outputs: list[str], workers: int, timeout_s: float
+    ) -> TaskScore:
+        """Score post-processed ``outputs``, one per item."""
 
 
 class _CodeTask(GenerationTask):
@@ -295,19 +301,11 @@ class _CodeTask(GenerationTask):
     def program(self, item: GenerationItem, completion: str) -> str:
         """The whole test program for a post-processed completion."""
 
-    def score(
-        self,
-        items: Sequence[GenerationItem],
-        completions: Sequence[str],
-        *,
-        workers: int = 2,
-        timeout_s: float = 10.0,
+    def _score(
+        self, items: Sequence[GenerationItem], outputs: list[str], workers: int, timeout_s: float
     ) -> TaskScore:
         """Run every item's program; pass@1 = fraction passed (NaN for no items)."""
-        self._check_lengths(items, completions)
-        programs = [
-            self.program(it, self.postprocess(it, c)) for it, c in zip(items, completions, strict=True)
-        ]
+        programs = [self.program(it, out) for it, out in zip(items, outputs, strict=True)]
         results = run_programs(programs, workers=workers, timeout_s=timeout_s)
         per_item = [
             {"item_id": it.item_id, "passed": r.passed, "status": r.status, "detail": r.detail}
@@ -448,16 +446,10 @@ class XSumTask(GenerationTask):
         """The first line of text (leading blank lines skipped), stripped."""
         return cut_at_stop(completion.lstrip(), self.stop).strip()
 
-    def score(
-        self,
-        items: Sequence[GenerationItem],
-        completions: Sequence[str],
-        *,
-        workers: int = 2,
-        timeout_s: float = 10.0,
+    def _score(
+        self, items: Sequence[GenerationItem], outputs: list[str], workers: int, timeout_s: float
     ) -> TaskScore:
         """Mean ROUGE-1/2/L F1 (stemming on) against ``summary``; ``workers``/``timeout_s`` unused."""
-        self._check_lengths(items, completions)
         try:
             from rouge_score import rouge_scorer
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -467,8 +459,7 @@ class XSumTask(GenerationTask):
         scorer = rouge_scorer.RougeScorer(list(self.metric_names), use_stemmer=True)
         per_item: list[dict[str, Any]] = []
         totals = dict.fromkeys(self.metric_names, 0.0)
-        for item, raw in zip(items, completions, strict=True):
-            summary = self.postprocess(item, raw)
+        for item, summary in zip(items, outputs, strict=True):
             scores = scorer.score(item.reference["summary"], summary)
             row: dict[str, Any] = {"item_id": item.item_id, "summary": summary}
             for name in self.metric_names:
