@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parts", ("strategies", "models", "harness", "registry", "calibration")),
     ("engine", ("pipeline", "testing", "ablation", "plugin_listing")),
     ("assembly", ("api", "preflight")),
-    ("protocols", ("runner", "generation", "evaluate", "lm_eval_tasks", "sweep")),
+    ("protocols", ("runner", "generation", "evaluate", "lm_eval_tasks", "sweep", "export")),
     ("entry", ("cli", "__init__")),
 ]
 LAYER_OF = {component: rank for rank, (_, members) in enumerate(LAYERS) for component in members}
