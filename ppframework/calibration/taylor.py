@@ -119,6 +119,12 @@ def channel_saliences(
     return out
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean ``cross_entropy(logits[:, :-1], ids[:, 1:])``, in fp32 at least (fp64 stays fp64)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
 class _GradientSums:
     """``G`` and ``F`` of one parameter, filled by a post-accumulate-grad hook that frees ``.grad``."""
 
@@ -147,7 +153,7 @@ def taylor_statistics(
     layers: list[int] | None = None,
     progress: bool = True,
 ) -> dict[tuple[int, BlockKind], dict[str, torch.Tensor]]:
-    """One backward per calibration batch of the mean next-token loss (``labels = input_ids``); returns
+    """One backward per calibration batch of the mean next-token loss (:func:`next_token_loss`); returns
     every block's (C,) Taylor statistics by variant (:data:`VARIANTS`), fp32 on the layer's device.
 
     ``G`` is the mean over batches of each batch's gradient, ``F`` the mean of its square. The model's
@@ -173,8 +179,7 @@ def taylor_statistics(
         with torch.enable_grad():
             for batch in tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress):
                 ids = batch.to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                next_token_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
     finally:
         for handle in handles:
             handle.remove()
