@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ppframework import validation
 from ppframework.devices import onloaded
+from ppframework.errors import ConfigError
 from ppframework.pipeline.state import PipelineState
-from ppframework.types import AllocationContext, BlockContext, BlockKey, BlockKind, ChannelScores
+from ppframework.types import AllocationContext, BlockContext, BlockKey, BlockKind, BlockMask, ChannelScores
 
 
 class Allocation(PipelineState):
@@ -34,6 +35,26 @@ class Allocation(PipelineState):
                 self._static_masks[key] = mask
         for key in blocks:
             self._runners[key].pin_weights()
+
+    def static_masks(self) -> dict[BlockKey, BlockMask]:
+        """A static method's decision: every pruned target block's mask (decided now if not yet).
+
+        Raises :class:`~ppframework.errors.ConfigError` for a dynamic method (it decides per batch) and
+        for a method that needs a calibration history the pipeline does not have.
+        """
+        if not self.is_static:
+            raise ConfigError(
+                f"{self.method.label}: a dynamic method decides per batch and has no single decision; "
+                "save its state with Pipeline.save(DIR) instead"
+            )
+        if self.needs_history and self.history is None:
+            raise ConfigError(
+                "history.init: this method needs a calibration history; build the pipeline with "
+                "ppframework.build_pipeline (it calibrates or loads the cache) or pass history=..."
+            )
+        if not self.is_dense:
+            self._decide_static()
+        return dict(self._static_masks)
 
     def _history_scores(self) -> tuple[dict[BlockKey, BlockContext], dict[BlockKey, ChannelScores]]:
         """Every pruned block scored from the history alone (no probe), with the method's metric and

@@ -118,6 +118,7 @@ class PipelineState:
         self.block_ratios: dict[BlockKey, float] = {}
         self._flops = FlopsCounter.from_adapter(self.adapter)
         self._probe_scales: dict[tuple[int, int], float] = {}
+        self._output_gains: dict[BlockKey, torch.Tensor | None] = {}
         self._static_masks: dict[tuple[int, BlockKind], BlockMask] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_index = -1
@@ -165,6 +166,16 @@ class PipelineState:
     def is_dense(self) -> bool:
         """True when the method prunes nothing (the model then runs untouched)."""
         return not self.pruned_layers
+
+    @property
+    def history_structure(self) -> dict[BlockKey, float] | None:
+        """Per-block ratios a ``from_history`` allocator decided at the first attach (None: not decided,
+        or not such an allocator); kept with a saved pipeline (:meth:`Pipeline.save`)."""
+        return None if self._history_structure is None else dict(self._history_structure)
+
+    @history_structure.setter
+    def history_structure(self, ratios: dict[BlockKey, float] | None) -> None:
+        self._history_structure = None if ratios is None else dict(ratios)
 
     @contextmanager
     def untracked(self) -> Iterator[PipelineState]:
@@ -229,4 +240,11 @@ class PipelineState:
             mlp_matrices=int(self.adapter.mlp_matrices),
             probe_flops_scale=probe_flops_scale,
             rows_per_position=rows_per_position,
+            output_gain=self._output_gain(index, kind),
         )
+
+    def _output_gain(self, index: int, kind: BlockKind) -> torch.Tensor | None:
+        """The adapter's output gain of a block (read once, then kept; the weights are frozen)."""
+        if (index, kind) not in self._output_gains:
+            self._output_gains[(index, kind)] = self.adapter.output_gain(index, kind)
+        return self._output_gains[(index, kind)]
