@@ -13,6 +13,7 @@ Public API::
 from ppframework.api import build_pipeline, calibration_history, load_config
 from ppframework.config import MethodConfig, RunConfig, preset
 from ppframework.errors import ConfigError
+from ppframework.export import export_pruned, load_pipeline, load_pruned
 from ppframework.hookspecs import hookimpl
 from ppframework.models import load_model, load_model_from_config
 from ppframework.pipeline import Pipeline
@@ -25,10 +26,13 @@ __all__ = [
     "RunConfig",
     "build_pipeline",
     "calibration_history",
+    "export_pruned",
     "hookimpl",
     "load_config",
     "load_model",
     "load_model_from_config",
+    "load_pipeline",
+    "load_pruned",
     "preset",
     "run",
 ]

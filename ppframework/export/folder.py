@@ -90,7 +90,8 @@ def verify_folder(folder: str | Path, kind: str) -> Path:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise ExportError(
-            f"{str(path)!r}: no readable {MANIFEST} ({type(exc).__name__}); not a ppframework export, or damaged"
+            f"{str(path)!r}: no readable {MANIFEST} ({type(exc).__name__}); not a ppframework export, "
+            "or damaged"
         ) from None
     if manifest.get("kind") != kind:
         raise ExportError(f"{str(path)!r}: holds a {manifest.get('kind')!r}, not a {kind!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +138,14 @@ class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
         for runner in self._runners.values():
             runner.unpin_weights()
         self.buffers.clear()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write this pipeline's method, calibration history (as it stands now), random generator state
+        and the model's fingerprint into the new folder ``folder``; restore it with
+        ``ppframework.load_pipeline(model, folder)`` (see docs/export.md). Returns the folder."""
+        from ppframework.export.pipeline_state import save_pipeline_state
+
+        return save_pipeline_state(self, folder)
 
     def __enter__(self) -> Pipeline:
         self.attach()
