@@ -206,6 +206,48 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return _finish(report, cfg, path)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ppframework.api import build_pipeline, load_config
+    from ppframework.export import export_pruned
+    from ppframework.export.folder import check_target
+    from ppframework.export.model_export import check_static_method
+    from ppframework.models import load_model_from_config
+
+    if not args.out:
+        raise ConfigError("--out: required; give a new (or empty) folder for the exported model")
+    cfg = load_config(args.config, args.set)
+    _apply_common_options(cfg, args)
+    if not 0 <= args.method < len(cfg.methods):
+        raise ConfigError(f"--method: {args.method} is not a method index; the file has {len(cfg.methods)}")
+    check_static_method(cfg.methods[args.method], f"methods[{args.method}]")  # before the model loads
+    check_target(cfg.out_dir, "--out")
+    model, tokenizer = load_model_from_config(cfg.model)
+    pipe = build_pipeline(model, cfg, method_index=args.method, tokenizer=tokenizer, progress=cfg.progress)
+    result = None
+
+    def write() -> Path:
+        nonlocal result
+        result = export_pruned(pipe, cfg.out_dir, tokenizer=tokenizer, format=args.format, field_name="--out")
+        return result.path
+
+    path = _save(write, cfg, lambda: f" ({result.format} format)" if result else "")
+    if result is not None:
+        if result.reason:
+            print(f"per-layer format because {result.reason}; load it with ppframework.load_pruned(DIR)")
+        print(
+            f"{pipe.method.label}: {result.parameters:,} of {result.source_parameters:,} parameters, "
+            f"{result.bytes / 2**20:.1f} MiB of weights"
+        )
+    return _finish(result or _Failed(), cfg, path)
+
+
+class _Failed:
+    """The report of an export whose write failed (for :func:`_finish`)."""
+
+    elapsed_s = 0.0
+    failures: list[Any] = []
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from ppframework.plugin_listing import format_plugins
     from ppframework.registry import default_registry
@@ -358,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", action="append", default=[], metavar="TEXT", help="text to continue (repeat for a batch)"
     )
     generate.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most (default 64)")
+
+    export = sub.add_parser(
+        "export",
+        help="write a static method's pruned model into a new folder: a standard Hugging Face checkpoint "
+        "when every layer has the same widths, else the per-layer format (ppframework.load_pruned)",
+    )
+    export.add_argument("config", help="YAML or JSON run config (model, calibration, methods)")
+    _add_set_option(export, "methods.0.pruning.skip_layers=[]")
+    export.add_argument("--out", help="new or empty folder for the exported model (required)")
+    export.add_argument("--method", type=int, default=0, help="index of the method in `methods` (default 0)")
+    export.add_argument(
+        "--format",
+        choices=("auto", "hf", "per-layer"),
+        default="auto",
+        help="auto: a standard checkpoint when possible (default); hf: refuse otherwise; per-layer: always",
+    )
+    export.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    export.set_defaults(func=_cmd_export)
 
     plugins = sub.add_parser("plugins", help="list plugin distributions, their strategies and load errors")
     plugins.set_defaults(func=_cmd_plugins)

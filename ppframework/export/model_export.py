@@ -26,6 +26,7 @@ from typing import Any, Literal
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from ppframework.config import MethodConfig
 from ppframework.export.build import build_pruned_model
 from ppframework.export.errors import ExportError
 from ppframework.export.families import ExportFamily, export_family
@@ -34,6 +35,7 @@ from ppframework.export.layout import PrunedLayout
 from ppframework.export.slicing import KeptUnits, kept_units, plan_layout, sliced_state
 from ppframework.models.tokenizer import load_tokenizer
 from ppframework.pipeline import Pipeline
+from ppframework.registry import default_registry
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +104,27 @@ def _hf_config(model: PreTrainedModel, family: ExportFamily, layout: PrunedLayou
     return config
 
 
+def _refuse_dynamic(label: str, field_name: str) -> ExportError:
+    return ExportError(
+        f"{field_name}: method {label!r} is dynamic (it decides per batch), so there is no single smaller "
+        "model to export; save its calibrated state with Pipeline.save(DIR) and restore it with "
+        "ppframework.load_pipeline(model, DIR), or export a static method (wanda-sp, flap, static-ppsp)"
+    )
+
+
 def check_exportable(pipe: Pipeline) -> None:
     """Refuse a dynamic method (its decision changes per batch) naming ``Pipeline.save``."""
     if not pipe.is_static:
-        raise ExportError(
-            f"method {pipe.method.label!r} is dynamic (it decides per batch), so there is no single smaller "
-            "model to export; save its calibrated state with Pipeline.save(DIR) and restore it with "
-            "ppframework.load_pipeline(model, DIR), or export a static method (wanda-sp, flap, static-ppsp)"
-        )
+        raise _refuse_dynamic(pipe.method.label, "method")
+
+
+def check_static_method(method: MethodConfig, field_name: str = "method") -> None:
+    """:func:`check_exportable` from the config alone, before any model loads (the pipeline's rule: a
+    probe strategy with ``dynamic = False`` and a history that is frozen or absent)."""
+    probe = default_registry().build_method(method, field_name)["select_probe"]
+    updates = method.history.init == "calibration" and method.history.update != "frozen"
+    if getattr(probe, "dynamic", True) or updates:
+        raise _refuse_dynamic(method.label, field_name)
 
 
 def export_pruned(
