@@ -30,6 +30,7 @@ from ppframework.calibration.taylor import (
     next_token_loss,
     taylor_statistics,
 )
+from ppframework.errors import ConfigError
 from ppframework.strategies.layer_removal import lowest_influence_layers
 from ppframework.testing.tiny import tiny_model, tiny_tokenizer
 from ppframework.types import BlockKind
@@ -232,6 +233,8 @@ def test_removal_equals_a_model_built_without_those_layers(
         torch.testing.assert_close(ours, theirs)
     # detaching restores the model: its own forwards, the dense logits
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    with pytest.raises(ConfigError, match="removes whole layers"):  # no per-block masks to export
+        pipe.static_masks()
 
 
 def test_removal_at_ratio_zero_is_the_unmodified_model(tmp_path: Path, tiny_text_file: Path) -> None:

@@ -47,6 +47,12 @@ class Allocation(PipelineState):
                 f"{self.method.label}: a dynamic method decides per batch and has no single decision; "
                 "save its state with Pipeline.save(DIR) instead"
             )
+        if getattr(self.strategies["allocate"], "removes_layers", False):
+            raise ConfigError(
+                f"{self.method.label}: strategies.allocate {self.method.strategies.allocate.name!r} removes "
+                "whole layers and has no per-block masks (after attaching, Pipeline.removed_layers lists "
+                "them); exporting a layer removal is not supported yet"
+            )
         if self.needs_history and self.history is None:
             raise ConfigError(
                 "history.init: this method needs a calibration history; build the pipeline with "
