@@ -76,6 +76,9 @@ class BlockContext:
             own block's dense FLOPs.
         rows_per_position: (T,) how many rows of the batch are real text at each position (None:
             unknown, e.g. in a static decision).
+        output_gain: (hidden,) the per-row gain the block's output passes through after its output
+            projection (Gemma 3's post-norm weights; the adapter's ``output_gain``), None for an
+            identity (most families). Output-aware scores fold it into the weight term.
     """
 
     layer: int
@@ -92,6 +95,7 @@ class BlockContext:
     mlp_matrices: int = 3
     probe_flops_scale: float = 1.0
     rows_per_position: torch.Tensor | None = None
+    output_gain: torch.Tensor | None = None
 
 
 @dataclass

@@ -465,7 +465,8 @@ def test_presets_allocate_uniformly_except_flap():
 
     for name in PRESETS:
         method = MethodConfig.model_validate({"preset": name})
-        assert method.strategies.allocate.name == ("adaptive" if name == "flap" else "uniform"), name
+        adaptive = name in ("flap", "flap-ppcode")
+        assert method.strategies.allocate.name == ("adaptive" if adaptive else "uniform"), name
 
 
 def test_pp_asks_uniform_once_and_keeps_the_layer_ratio():

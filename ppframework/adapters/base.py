@@ -357,6 +357,12 @@ class ModelAdapter(ABC):
     ) -> torch.Tensor:
         """The residual stream after the block."""
 
+    def output_gain(self, layer_index: int, kind: BlockKind) -> torch.Tensor | None:
+        """(hidden,) per-row gain the block's output passes through after its output projection (a
+        post-norm's weight, e.g. Gemma 3's post-attention / post-feedforward norms), up to one scalar
+        per block; None when the output goes straight to the residual (an identity gain)."""
+        return None
+
     def default_positions(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Token positions (B, T) the model uses when a forward without a cache gets no ``position_ids``
         (None: each token's position is its column)."""

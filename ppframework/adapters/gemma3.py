@@ -17,8 +17,11 @@ computes.
 
 from __future__ import annotations
 
+import torch
+
 from ppframework.adapters.llama import LlamaLikeAdapter
 from ppframework.errors import ConfigError
+from ppframework.types import BlockKind
 
 
 class Gemma3Adapter(LlamaLikeAdapter):
@@ -28,6 +31,12 @@ class Gemma3Adapter(LlamaLikeAdapter):
     model_types = ("gemma3_text",)
     pre_norms = ("input_layernorm", "pre_feedforward_layernorm")
     post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+    def output_gain(self, layer_index: int, kind: BlockKind) -> torch.Tensor:
+        """The post-norm's gain ``1 + weight`` (transformers' ``Gemma3RMSNorm`` multiplies the normalised
+        block output by it; the normalisation itself is one scalar per token), fp32."""
+        norm = getattr(self.layers[layer_index], self.post_norms[kind is BlockKind.MLP])
+        return 1.0 + norm.weight.detach().float()
 
     def check_supported(self, seq_len: int) -> None:
         if getattr(self.config, "use_bidirectional_attention", False):

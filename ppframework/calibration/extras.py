@@ -4,7 +4,9 @@ history's (so adding one never invalidates an existing history cache):
 
 - ``taylor``: every block's Taylor importances (:mod:`.taylor`), into ``BlockHistory.channel_stats``;
 - ``block-influence``: ShortGPT's per-layer block influence (:mod:`.influence`), into
-  ``HistoryStore.layer_influence``.
+  ``HistoryStore.layer_influence``;
+- ``flap-ppcode``: FLAP's fluctuation and baseline as the PP code computes them at the calibration's
+  batch size (:mod:`.ppcode_flap`), into ``BlockHistory.channel_stats``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ppframework.adapters import ModelAdapter
 from ppframework.calibration.cache import cache_key, default_cache_dir, tensors_checksum
 from ppframework.calibration.influence import block_influence
+from ppframework.calibration.ppcode_flap import ppcode_flap_statistics
 from ppframework.calibration.taylor import taylor_statistics
 from ppframework.history import HistoryStore
 from ppframework.types import BlockKind
@@ -31,7 +34,7 @@ from ppframework.types import BlockKind
 logger = logging.getLogger(__package__)
 
 #: Every extra statistic a strategy may ask for, by name.
-EXTRA_STATISTICS: tuple[str, ...] = ("taylor", "block-influence")
+EXTRA_STATISTICS: tuple[str, ...] = ("taylor", "block-influence", "flap-ppcode")
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, Any]) -> None:
@@ -138,6 +141,19 @@ def add_statistics(
             store.layer_influence = cached_statistics(name, description, influence, cache_dir, use_cache)[
                 "layer_influence"
             ]
+        elif name == "flap-ppcode":
+
+            def ppcode() -> dict[str, torch.Tensor]:
+                stats = ppcode_flap_statistics(model, adapter, windows(), progress=progress)
+                return {f"{i}.{k.value}.{v}": t for (i, k), vs in stats.items() for v, t in vs.items()}
+
+            # the statistics depend on how the windows are batched: the batch sizes join the key
+            keyed = {**description, "batch_sizes": [int(b.shape[0]) for b in windows()]}
+            for key, tensor in cached_statistics(name, keyed, ppcode, cache_dir, use_cache).items():
+                layer, kind, variant = key.split(".", 2)
+                hist = store.get(int(layer), BlockKind(kind))
+                if hist is not None:
+                    hist.channel_stats[variant] = tensor.to(hist.sq_mean.device)
         else:
             raise ValueError(
                 f"unknown calibration statistic {name!r}; expected one of {', '.join(EXTRA_STATISTICS)}"

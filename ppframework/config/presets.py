@@ -106,6 +106,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         _strategies(fuse_history={"name": "fixed", "params": {"probe_weight": 0.5}}),
         _CALIBRATION_EMA,
     ),
+    "pp-gain": _preset(
+        "PP with output-aware PPsp (ours, not the paper's): the block's output gain (Gemma 3's post-norm "
+        "weights; an identity elsewhere, where it is pp) folded into the weight term, "
+        "a_c * sqrt(sum_i (g_i W[i,c])^4); otherwise PP.",
+        _strategies(score_channels={"name": "ppsp", "params": {"output_gain": True}}),
+        _CALIBRATION_EMA,
+    ),
+    "pp-wanda": _preset(
+        "Dynamic Wanda (ours, not the paper's): PP's probe, history and importance-scaled fusion with "
+        "Wanda-sp's metric, S_c = sqrt(a_c) * sum_i |g_i W[i,c]| (g the block's output gain: Gemma 3's "
+        "post-norm weights, an identity elsewhere), heads by sum.",
+        _strategies(score_channels={"name": "wanda", "params": {"output_gain": True}}),
+        _CALIBRATION_EMA,
+    ),
     "static-ppsp": _preset(
         "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
         "sliced weights cached.",
@@ -138,6 +152,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "name": "flap",
                 "params": {"bias_compensation": True, "fluctuation": "per-position"},
             },
+        ),
+        _CALIBRATION_ONLY,
+    ),
+    "flap-ppcode": _preset(
+        "FLAP as the Probe Pruning code computes it (the PP paper's FLAP numbers): S_c = fluc_c * "
+        "sum_i W[i,c]^2 with the PP code's running statistics at the calibration batch size B (baseline "
+        "= calibration mean / B, fluctuation around it), head sums clamped at the fp16 maximum 65504, bias "
+        "compensation from that baseline, adaptive structure; decided once, sliced weights cached.",
+        _static(
+            allocate="adaptive",
+            score_channels={"name": "flap-ppcode", "params": {"bias_compensation": True}},
         ),
         _CALIBRATION_ONLY,
     ),

@@ -10,6 +10,7 @@ from ppframework.strategies.allocation import (
     CalibrationAdaptiveAllocation,
     UniformAllocation,
 )
+from ppframework.strategies.flap_ppcode import FlapPPCodeScore
 from ppframework.strategies.fusion import (
     CompletionFusion,
     FixedFusion,
@@ -24,6 +25,7 @@ from ppframework.strategies.masking import StructuredMask
 from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, ResidualProbe
 from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore, WandaSpScore
 from ppframework.strategies.taylor import TaylorScore
+from ppframework.strategies.wanda import WandaScore
 
 BUILTIN_STRATEGIES: tuple[type, ...] = (
     UniformAllocation,
@@ -37,6 +39,8 @@ BUILTIN_STRATEGIES: tuple[type, ...] = (
     PPspScore,
     WandaSpScore,
     FlapScore,
+    FlapPPCodeScore,
+    WandaScore,
     MagnitudeScore,
     GriffinScore,
     TaylorScore,

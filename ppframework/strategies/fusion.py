@@ -178,7 +178,8 @@ def _attach_compensation(ctx: BlockContext, scores: ChannelScores, history: Bloc
         raise ValueError(
             f"metric {scores.metric!r} asks for bias compensation, which needs a calibration history"
         )
-    scores.channel_mean = channel_mean(ctx, history)
+    named = history.channel_stats.get(f"{scores.statistic}:mean")  # a statistic's own means (flap-ppcode)
+    scores.channel_mean = named if named is not None else channel_mean(ctx, history)
 
 
 class _Parametrised:

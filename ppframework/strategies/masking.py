@@ -24,14 +24,21 @@ def rounded_keep(total: int, ratio: float, round_to: int) -> int:
     return min(total, keep)
 
 
+FP16_MAX = 65504.0
+"""The largest finite fp16 value: the PP code clamps its head sums there (``sum-fp16``)."""
+
+
 def head_scores(channel_scores: torch.Tensor, head_dim: int, reduce: str) -> torch.Tensor:
-    """Aggregate (H * d,) channel scores into (H,) head scores: ``l2`` (PPsp) or ``sum``."""
+    """Aggregate (H * d,) channel scores into (H,) head scores: ``l2`` (PPsp), ``sum``, or
+    ``sum-fp16`` (the sum clamped at the fp16 maximum, as the PP code's ``sort_attn_metric``)."""
     per_head = channel_scores.view(-1, head_dim)
     if reduce == "l2":
         return per_head.norm(dim=1)
     if reduce == "sum":
         return per_head.sum(dim=1)
-    raise ValueError(f"unknown head reduction {reduce!r}; expected 'l2' or 'sum'")
+    if reduce == "sum-fp16":
+        return per_head.sum(dim=1).clamp(max=FP16_MAX)
+    raise ValueError(f"unknown head reduction {reduce!r}; expected 'l2', 'sum' or 'sum-fp16'")
 
 
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:

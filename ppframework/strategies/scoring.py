@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ppframework.hookspecs import hookimpl
+from ppframework.strategies.output_aware import GainFoldedTerms
+from ppframework.strategies.weight_cache import WeightTermCache
 from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
 
 
@@ -79,34 +79,6 @@ def weight_only(activation: torch.Tensor | None, weight_term: torch.Tensor) -> t
     return weight_term
 
 
-class _WeightTermCache:
-    """Weight terms depend only on the (frozen) weight; compute once per weight and version.
-
-    Entries hold a weak reference to their weight, so a new tensor that happens to reuse a freed
-    one's address is never mistaken for it; entries of freed weights are dropped (an offloaded
-    weight of a device-mapped model is a new tensor at every forward). Inference tensors (weights
-    materialised under ``torch.inference_mode``) keep no version counter and count as unchanged.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
-
-    @staticmethod
-    def _version(weight: torch.Tensor) -> int:
-        return -1 if weight.is_inference() else weight._version
-
-    def get(self, weight: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        entry = self._cache.get(id(weight))
-        version = self._version(weight)
-        if entry is not None and entry[0]() is weight and entry[1] == version:
-            return entry[2]
-        term = fn(weight)
-        if entry is not None and entry[0]() is None or len(self._cache) > 64:
-            self._cache = {key: e for key, e in self._cache.items() if e[0]() is not None}
-        self._cache[id(weight)] = (weakref.ref(weight), version, term)
-        return term
-
-
 class WeightMetricScore:
     """Base for metrics of the form ``combine(a_c, weight_term(W))``.
 
@@ -122,7 +94,7 @@ class WeightMetricScore:
     bias_compensation = False
 
     def __init__(self) -> None:
-        self._terms = _WeightTermCache()
+        self._terms = WeightTermCache()
 
     @staticmethod
     def weight_term(weight: torch.Tensor) -> torch.Tensor:
@@ -186,6 +158,11 @@ class PPspParams(BaseModel):
         "this batch's probe (the mean of each channel over the probe's real tokens, so the text being "
         "pruned for, not the calibration text, sets them; without a probe the calibration's)",
     )
+    output_gain: bool = Field(
+        False,
+        description="fold the block's output gain (Gemma 3's post-norm weights; identity elsewhere) into "
+        "the weight term: a_c * sqrt(sum_i (g_i W[i, c])^4) (with row_reduce l1: sum_i (g_i W[i, c])^2)",
+    )
     centered: bool = Field(
         False,
         description="score the activation around its calibration mean, a_c = sum_t (F[t, c] - m[t, c]^2) "
@@ -206,8 +183,9 @@ class PPspScore(WeightMetricScore):
     """PPsp (PP): probe evidence per position; score a_c * sqrt(sum_i W^4), heads by L2.
 
     Options (:class:`PPspParams`, off by default, so the default is the paper's PPsp): an L1 row
-    reduction (``a_c * sum_i W^2``), FLAP-style bias compensation from the calibration mean, and
-    centred activations that score only what compensation cannot restore.
+    reduction (``a_c * sum_i W^2``), FLAP-style bias compensation from the calibration mean,
+    centred activations that score only what compensation cannot restore, and the block's output
+    gain folded into the weight term (:mod:`ppframework.strategies.output_aware`).
     """
 
     name = "ppsp"
@@ -223,12 +201,15 @@ class PPspScore(WeightMetricScore):
             self.weight_term = squared_weight_term  # type: ignore[method-assign]  # rows summed (L1)
         self.head_reduce = self.params.head_reduce
         self.bias_compensation = self.params.bias_compensation
+        self._gain_terms = GainFoldedTerms(self.weight_term)
 
     @hookimpl
     def score_channels(
         self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
     ) -> ChannelScores:
         scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+        if self.params.output_gain and ctx.output_gain is not None:
+            scores.weight_term = self._gain_terms.get(ctx, weight)
         scores.centered = self.params.centered
         from_probe = self.params.bias_compensation and self.params.compensation_mean == "probe"
         if from_probe and probe is not None and probe_states is not None:

@@ -24,13 +24,14 @@ def _check_scores_common(subject: _Subject, scores: Any, channels: int) -> None:
     subject.require_finite(term, "weight_term is finite and >= 0", "weight_term", nonnegative=True)
     subject.require(callable(scores.combine), "combine is callable", lambda: f"combine = {scores.combine!r}")
     subject.require(
-        scores.head_reduce in ("l2", "sum"),
-        "head_reduce is 'l2' or 'sum'",
+        scores.head_reduce in ("l2", "sum", "sum-fp16"),
+        "head_reduce is 'l2', 'sum' or 'sum-fp16'",
         lambda: f"head_reduce = {scores.head_reduce!r}",
     )
     subject.require(
-        scores.statistic in ("sq_mean", "variance", "fluctuation"),
-        "statistic is 'sq_mean', 'variance' or 'fluctuation'",
+        scores.statistic in ("sq_mean", "variance", "fluctuation") or ":" in scores.statistic,
+        "statistic is 'sq_mean', 'variance', 'fluctuation' or a named calibration statistic "
+        "('<pass>:<name>', the history's channel_stats)",
         lambda: f"statistic = {scores.statistic!r}",
     )
 
@@ -189,7 +190,8 @@ def check_score_channels(strategy: Any, *, max_examples: int = 20) -> None:
     Inputs: a hand-made probe (random rows and real positions of a padded batch), probe states
     (k_B, k_T, C) and an output weight (hidden, C) in float32 or bfloat16, or no probe at all.
     Asserts: ChannelScores with ``weight_term`` (C,) finite >= 0, a callable ``combine``,
-    ``head_reduce`` l2/sum and ``statistic`` sq_mean/variance; ``out_weight`` None or (hidden, C);
+    ``head_reduce`` l2/sum/sum-fp16 and ``statistic`` sq_mean/variance/fluctuation or a named
+    calibration statistic (``<pass>:<name>``); ``out_weight`` None or (hidden, C);
     evidence, when set, (n_pos, C) finite >= 0 with ``positions`` (n_pos,) and ``position_valid``
     (n_pos,), and with a probe n_pos = k_T, ``positions == probe.token_index`` and
     ``position_valid == probe.valid.any(0)``; ``channel_scores()`` with a non-negative activation is

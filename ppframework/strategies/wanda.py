@@ -1,0 +1,67 @@
+"""Dynamic Wanda: Wanda-sp's metric, ``S_c = sum_i |W[i, c]| * sqrt(a_c)``, from the probe and the history.
+
+The static ``wanda-sp`` strategy decides once from the calibration history. ``wanda`` is the same
+metric as a ``score_channels`` strategy for a dynamic method: it attaches the probe's evidence (the
+mean over probe rows of ``X^2`` per probed position, as PPsp), so any fusion builds ``a_c`` from probe
+and history exactly as for PPsp, and only the metric changes (``sqrt(a_c)`` times the L1 norm of the
+weight column, instead of ``a_c`` times the L2 norm of its squares). The PP code computes the same
+dynamic metric (``HiddenRepresentationPruning.cal_*_prune_metric``, ``wandasp`` branch).
+
+Options: the head reduction (Wanda-sp's ``sum``, or ``l2``) and ``output_gain`` (fold the block's
+output gain into the weight term, :mod:`ppframework.strategies.output_aware`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ppframework.hookspecs import hookimpl
+from ppframework.strategies.output_aware import GainFoldedTerms
+from ppframework.strategies.scoring import (
+    WeightMetricScore,
+    magnitude_weight_term,
+    sqrt_activation_times_weight,
+)
+from ppframework.types import BlockContext, ChannelScores, Probe
+
+
+class WandaParams(BaseModel):
+    """Dynamic Wanda's options (the defaults are Wanda-sp's metric)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    head_reduce: Literal["sum", "l2"] = Field(
+        "sum", description="how a head's channel scores make its score: sum (Wanda-sp) or l2 (PPsp's)"
+    )
+    output_gain: bool = Field(
+        False,
+        description="fold the block's output gain (Gemma 3's post-norm weights; identity elsewhere) into "
+        "the weight term: sum_i |g_i W[i, c]|",
+    )
+
+
+class WandaScore(WeightMetricScore):
+    """Wanda-sp's metric for dynamic methods: probe evidence per position, ``sqrt(a_c) * sum_i |W[i,c]|``."""
+
+    name = "wanda"
+    Params = WandaParams
+    weight_term = staticmethod(magnitude_weight_term)
+    combine = staticmethod(sqrt_activation_times_weight)
+
+    def __init__(self, params: WandaParams | None = None) -> None:
+        super().__init__()
+        self.params = params or WandaParams()
+        self.head_reduce = self.params.head_reduce
+        self._gain_terms = GainFoldedTerms(magnitude_weight_term)
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+        if self.params.output_gain and ctx.output_gain is not None:
+            scores.weight_term = self._gain_terms.get(ctx, weight)
+        return scores
