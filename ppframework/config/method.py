@@ -18,7 +18,7 @@ def method_label(name: str, ratio: float) -> str:
     return f"{name} {ratio:.0%}"
 
 
-ACTIVATION_METRICS = {"ppsp", "wanda-sp", "flap"}
+ACTIVATION_METRICS = {"ppsp", "wanda-sp", "wanda", "flap", "flap-ppcode"}
 """Built-in channel metrics that need activations (from a probe or a calibration history)."""
 PROBE_FUSIONS = {"importance-scaled", "none", "fixed", "completion"}
 """Built-in fusions that use the probe's activations."""
@@ -41,6 +41,12 @@ def method_inconsistency(method: MethodConfig) -> str | None:
         return (
             "prefill: 'dense' with decode: 'dense' prunes nothing (both phases run the unpruned layers); "
             "use decode 'frozen' to run decode steps on the masks the dense prefill decided"
+        )
+    if method.sequence_decode != "loop" and (method.decision != "sequence" or method.decode != "frozen"):
+        return (
+            f"sequence_decode: {method.sequence_decode!r} sets how the decode steps of decision 'sequence' "
+            "run on each row's masks; it needs decision: 'sequence' and decode: 'frozen' (or leave "
+            "sequence_decode 'loop')"
         )
     st = method.strategies
     probe, fusion, metric = st.select_probe.name, st.fuse_history.name, st.score_channels.name
@@ -70,10 +76,10 @@ def method_inconsistency(method: MethodConfig) -> str | None:
             "strategies.fuse_history: 'none' uses the probe alone, but select_probe is 'none'; choose a "
             "probe (residual, random, full) or fuse_history 'history-only'"
         )
-    if metric == "flap" and (has_probe and fusion != "history-only" or not has_history):
+    if metric in ("flap", "flap-ppcode") and (has_probe and fusion != "history-only" or not has_history):
         return (
-            "strategies.score_channels: 'flap' scores the calibration's fluctuation; use select_probe 'none' "
-            "(or fuse_history 'history-only') and history.init 'calibration'"
+            f"strategies.score_channels: {metric!r} scores the calibration's fluctuation; use select_probe "
+            "'none' (or fuse_history 'history-only') and history.init 'calibration'"
         )
     ppsp_params = st.score_channels.params
     from_calibration = ppsp_params.get("compensation_mean", "calibration") == "calibration" or not has_probe
@@ -122,6 +128,14 @@ class MethodConfig(StrictModel):
         "inference (the paper's); dense = the unpruned layers (exact logits and key/value cache), whose "
         "activations at every real token are the probe for scoring and history fusion; the masks decided "
         "from them serve the decode steps only",
+    )
+    sequence_decode: Literal["loop", "batched", "union"] = Field(
+        "loop",
+        description="decision 'sequence' only: how a decode step runs a batch of several rows; loop = "
+        "each row alone on its own pinned weights; batched = every row on its own kept weights in one "
+        "pass (stacked weights, batched matmuls; the same results up to float rounding; the loop when "
+        "rows keep different numbers of units); union = the whole batch on the union of the rows' kept "
+        "units (each row sees at least the units it chose)",
     )
 
     @model_validator(mode="before")

@@ -61,11 +61,17 @@ class DecodeSteps(PipelineState):
             )
         self.adapter.check_supported(past + seq)
         state.steps += 1
+        if state.steps == 1:
+            self._first_decode_step(state)
         if mask is None:
             current = torch.ones(batch, seq, dtype=torch.long, device=device)
         else:
             current = mask[:, past:]
         return _Batch(current, None, False, None, decode=state, past=past, key_mask=mask)
+
+    def _first_decode_step(self, state: DecodeState) -> None:
+        """Called once per ``generate`` call, at its first decode step (the pipeline records the
+        share of weights its decode steps remove)."""
 
     def _end_decode(self) -> None:
         """Forget the last prefill's decision and free the weights it pinned for its decode steps."""
@@ -99,7 +105,10 @@ class DecodeSteps(PipelineState):
             result = reorder(beam_idx) if own is not None else reorder(cache_ref(), beam_idx)
             current = state_ref()
             if current is not None:
-                current.rows[:] = [current.rows[i] for i in beam_idx.tolist()]
+                order = beam_idx.tolist()
+                if order != list(range(len(current.rows))):
+                    current.rows[:] = [current.rows[i] for i in order]
+                    current.forget_row_order()  # stacked weights and unions follow the new rows
             return result
 
         cache.reorder_cache = reorder_rows  # this cache object only; it dies with the generation
