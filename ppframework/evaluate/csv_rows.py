@@ -15,6 +15,7 @@ EVAL_CSV_COLUMNS: tuple[str, ...] = (
     "target_ratio",
     "realised_ratio",
     "realised_ratio_model",
+    "decode_realised_ratio",
     "static",
     "perplexity",
     "mean_acc",

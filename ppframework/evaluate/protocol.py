@@ -242,6 +242,7 @@ def _evaluate(
         pipe = None if dense else make_pipe(index)
         if pipe is not None:
             row.layer_ratio, row.static = pipe.layer_ratio, pipe.is_static
+            row.dense_prefill = pipe.dense_prefill and not pipe.is_dense
         if ev.perplexity:
             with PeakMemory(device) as memory, pipe if pipe is not None else nullcontext():
                 result = evaluate_perplexity(
@@ -286,6 +287,7 @@ def _evaluate(
                     )
                 )
             if gen_pipe is not None:
+                row.decode_realised_ratio = gen_pipe.decode_realised_ratio()
                 if not ev.perplexity:  # the realised ratio of the prefills' decisions
                     row.realised_ratio = gen_pipe.realised_ratio()
                     row.realised_ratio_model = gen_pipe.realised_ratio_model()
@@ -300,6 +302,8 @@ def _evaluate(
                 label=label,
                 progress=progress,
             )
+            if row.decode_realised_ratio is None and not dense:
+                row.decode_realised_ratio = row.fidelity.get("decode_realised_ratio")
         if ev.runtime.enabled and not dense:
             timing_pipe = make_pipe(index)
             timing = time_against_dense(

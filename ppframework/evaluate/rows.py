@@ -21,6 +21,12 @@ class EvalRow:
     realised_ratio: float | None = None
     #: the removed weights as a fraction of every parameter of the model (embeddings included).
     realised_ratio_model: float | None = None
+    #: the share of the decoder's prunable weights the decode steps removed (mean over generate calls
+    #: of the generation tasks, else of the fidelity measures); None when no decode step was measured.
+    decode_realised_ratio: float | None = None
+    #: ``prefill: dense``: decision forwards (prompts, perplexity windows) run unpruned, so the
+    #: realised ratio of a perplexity run is 0 by construction (tables say "dense prefill").
+    dense_prefill: bool = False
     static: bool = False
     perplexity: float | None = None
     accuracy: dict[str, dict[str, float | None]] = field(default_factory=dict)

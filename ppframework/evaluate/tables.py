@@ -109,6 +109,15 @@ def settings_block(report: EvalReport) -> str:
     return "; ".join(parts)
 
 
+def _realised_cell(row: EvalRow) -> str:
+    """``decoder / model`` realised ratios; "dense prefill" for a method whose decision forwards run
+    unpruned (its perplexity windows are prompts: 0 removed by construction; see the decode column of
+    the generation and fidelity tables)."""
+    if row.dense_prefill and not row.realised_ratio:
+        return "dense prefill"
+    return f"{_fmt(row.realised_ratio)} / {_fmt(row.realised_ratio_model)}"
+
+
 def format_eval_table(report: EvalReport) -> str:
     """The results as markdown: main table, per-task accuracy, notes."""
     lines = [
@@ -125,7 +134,7 @@ def format_eval_table(report: EvalReport) -> str:
         probe = _fmt(row.flops.get("probe_share"), ".2%") if row.flops else "-"
         lines.append(
             f"| {name} | {row.target_ratio:.2f} "
-            f"| {_fmt(row.realised_ratio)} / {_fmt(row.realised_ratio_model)} "
+            f"| {_realised_cell(row)} "
             f"| {_fmt(row.perplexity)} "
             f"| {_fmt(row.mean_acc, '.4f')} | {_fmt(row.mean_acc_norm, '.4f')} "
             f"| {_time_cell(row)} | {_fmt(row.decoder_time_ratio)} "
@@ -269,9 +278,10 @@ def generation_table(report: EvalReport) -> list[str]:
         f"{t} {'R-1 / R-2 / R-L' if t == 'xsum' else 'pass@1'} | {t} decode tok/s (ratio) | {t} prefill s"
         for t in tasks
     )
-    lines = ["", header + " |", "|---|" + "---|---|---|" * len(tasks)]
+    header = header.replace("| method |", "| method | decode realised |", 1)
+    lines = ["", header + " |", "|---|---|" + "---|---|---|" * len(tasks)]
     for row in report.rows:
-        cells = []
+        cells = [_fmt(row.decode_realised_ratio)]
         for task in tasks:
             g = row.generation.get(task)
             if g is None:
@@ -293,7 +303,9 @@ def generation_table(report: EvalReport) -> list[str]:
         "passes its tests in the sandbox (n items in brackets); ROUGE F1 with stemming. decode tok/s = new "
         "tokens after each row's first / decode seconds, ratio = method / dense on the same task (batches "
         "end when their last row stops, so it depends on the lengths generated); prefill s = total prompt "
-        "forwards, the method's decision included.",
+        "forwards, the method's decision included. decode realised = share of the decoder's prunable "
+        "projection weights the decode steps removed (mean over generate calls; a prefill: dense method "
+        "prunes only there).",
     ]
     return lines
 
@@ -307,14 +319,15 @@ def fidelity_table(report: EvalReport) -> list[str]:
     sets = list(dict.fromkeys(name for f in measured for name in f["prompt_sets"]))
     corpora = list(dict.fromkeys(name for f in measured for name in f["continuation_perplexity"]))
     header = (
-        [f"{name} top-1 / KL" for name in sets]
+        ["decode realised"]
+        + [f"{name} top-1 / KL" for name in sets]
         + (["mean top-1"] if sets else [])
         + [f"{name} cont. ppl" for name in corpora]
     )
     lines = ["", "| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for row in report.rows:
         fid = row.fidelity or {}
-        cells = []
+        cells = [_fmt(fid.get("decode_realised_ratio"))]
         for name in sets:
             scores = (fid.get("prompt_sets") or {}).get(name)
             cells.append(
@@ -337,6 +350,8 @@ def fidelity_table(report: EvalReport) -> list[str]:
         "decision; top-1 = share of tokens where the method's argmax is the dense token, KL = mean "
         "KL(dense || method) per token in nats; mean top-1 averages the prompt sets. "
         f"cont. ppl: windows of {plan.get('window_len', '?')} tokens, {plan.get('window_batch', '?')} per "
-        f"decision made on the first {plan.get('prefix_len', '?')}, perplexity of the rest.",
+        f"decision made on the first {plan.get('prefix_len', '?')}, perplexity of the rest. decode "
+        "realised = share of the decoder's prunable projection weights the teacher-forced decode steps "
+        "removed (mean over the measures).",
     ]
     return lines

@@ -39,6 +39,10 @@ class GenerateRow:
     decode_tps_ratio: float | None = None
     prefill_ratio: float | None = None
     realised_ratio: float = 0.0
+    #: the share of prunable weights the decode steps removed (None: no decode step; dense: 0).
+    decode_realised_ratio: float | None = None
+    #: ``prefill: dense``: the prompt runs unpruned (its realised ratio is 0 by construction).
+    dense_prefill: bool = False
 
 
 @dataclass
@@ -150,6 +154,8 @@ def compare_generation(
             dense.decode_tokens_per_s,
             1.0,
             1.0,
+            0.0,
+            0.0,
         )
     ]
     calibration: HistoryStore | None = None
@@ -175,6 +181,8 @@ def compare_generation(
                 result.decode_tokens_per_s / dense.decode_tokens_per_s if dense.decode_tokens_per_s else None,
                 result.prefill_s / dense.prefill_s if dense.prefill_s else None,
                 pipe.realised_ratio() if not pipe.is_dense else 0.0,
+                0.0 if pipe.is_dense else pipe.decode_realised_ratio(),
+                pipe.dense_prefill and not pipe.is_dense,
             )
         )
         pipe.release()
@@ -210,17 +218,22 @@ def format_generate_table(report: GenerateReport) -> str:
             ]
     lines += [
         "",
-        "| method | decode | realised ratio | tokens generated | prefill s (ratio) | decode tok/s (ratio) |",
+        "| method | decode | realised ratio (prefill / decode steps) | tokens generated | prefill s (ratio) "
+        "| decode tok/s (ratio) |",
         "|---|---|---|---|---|---|",
     ]
     for row in report.rows:
         lines.append(
-            f"| {row.method} | {row.decode} | {row.realised_ratio:.3f} | {sum(row.new_tokens)} "
+            f"| {row.method} | {row.decode} "
+            f"| {'dense' if row.dense_prefill else format(row.realised_ratio, '.3f')} "
+            f"/ {_fmt(row.decode_realised_ratio, '.3f')} | {sum(row.new_tokens)} "
             f"| {row.prefill_s:.3f} ({_fmt(row.prefill_ratio, '.3f')}) "
             f"| {row.decode_tokens_per_s:.1f} ({_fmt(row.decode_tps_ratio, '.3f')}) |"
         )
     lines += [
         "",
+        "realised ratio = share of the decoder's prunable projection weights removed in the prompt forward "
+        "(dense: a prefill: dense method runs it unpruned) / in the decode steps; "
         "prefill s = the prompt forward, the method's decision included; decode tok/s = tokens after each "
         "row's first / decode seconds; ratios = method / dense, measured in this process (one run each: "
         "short prompts are noisy; benchmarks/speed.py --generation times them interleaved).",

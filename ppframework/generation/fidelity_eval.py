@@ -280,6 +280,7 @@ def measure_fidelity(
     if set(plan.references) != set(plan.prompts):
         raise RuntimeError("measure_fidelity: the dense references are missing (add_dense_references)")
     out: dict[str, Any] = {"prompt_sets": {}, "continuation_perplexity": {}, "mean_top1": None}
+    decode_ratios: list[float] = []  # what each measurement's decode steps removed
     for name, prompts in plan.prompts.items():
         with _fresh(make_pipeline) as pipe:
             result = fidelity(
@@ -292,6 +293,8 @@ def measure_fidelity(
                 progress=progress,
                 desc=f"fidelity {name} {label}",
             )
+            if pipe is not None and pipe.decode_realised_ratio() is not None:
+                decode_ratios.append(pipe.decode_realised_ratio())
         out["prompt_sets"][name] = result.to_json()
         logger.info("%s %s: top-1 %.4f, KL %.5f", label, name, result.top1, result.kl)
     for corpus, windows in plan.windows.items():
@@ -305,9 +308,12 @@ def measure_fidelity(
                 progress=progress,
                 desc=f"continuation ppl {corpus} {label}",
             )
+            if pipe is not None and pipe.decode_realised_ratio() is not None:
+                decode_ratios.append(pipe.decode_realised_ratio())
         out["continuation_perplexity"][corpus] = cont.to_json()
         logger.info("%s %s: continuation perplexity %.3f", label, corpus, cont.perplexity)
     out["mean_top1"] = mean_top1(out)
+    out["decode_realised_ratio"] = sum(decode_ratios) / len(decode_ratios) if decode_ratios else None
     return out
 
 

@@ -61,7 +61,7 @@ def format_table(report: RunReport) -> str:
             continue
         lines.append(
             f"| {row.method}{kind} | {row.target_ratio:.2f} | {_layer_ratio_cell(row)} "
-            f"| {row.realised_ratio:.3f} / {row.realised_ratio_model:.3f} | {row.perplexity:.3f} "
+            f"| {_realised_cell(row)} | {row.perplexity:.3f} "
             f"| {row.delta_perplexity:+.3f} "
             f"| {row.median_forward_s:.3f} "
             f"| {row.time_ratio:.3f}{' (!)' if row.time_below_ideal else ''} | {row.ideal_time_ratio:.3f} "
@@ -93,6 +93,13 @@ def format_table(report: RunReport) -> str:
         "FLOPs of the whole forward; probe FLOPs share = probe FLOPs / dense decoder FLOPs.",
     ]
     return "\n".join(lines)
+
+
+def _realised_cell(row: MethodResult) -> str:
+    """``decoder / model``, or "dense prefill" for a method whose windows (prompts) run unpruned."""
+    if row.dense_prefill and not row.realised_ratio:
+        return "dense prefill"
+    return f"{row.realised_ratio:.3f} / {row.realised_ratio_model:.3f}"
 
 
 def _layer_ratio_cell(row: MethodResult) -> str:

@@ -31,6 +31,9 @@ class MethodResult:
     """The largest ratio ``allocate`` gave a pruned block."""
     realised_ratio_model: float = 0.0
     """The removed weights as a fraction of the whole model's parameters (embeddings included)."""
+    dense_prefill: bool = False
+    """``prefill: dense``: every perplexity window is a prompt and runs unpruned (realised ratio 0 by
+    construction; the table says "dense prefill")."""
 
     @property
     def time_below_ideal(self) -> bool:

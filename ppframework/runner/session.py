@@ -170,7 +170,7 @@ class RunSession:
                     untracked=pipe.untracked,
                 )
             flops = pipeline_flops(pipe, warmup) if not pipe.is_dense else None
-            return method_row(
+            row = method_row(
                 method.label,
                 method.pruning.ratio,
                 pipe.layer_ratio,
@@ -183,6 +183,8 @@ class RunSession:
                 pipe.block_ratios,
                 pipe.realised_ratio_model(warmup),
             )
+            row.dense_prefill = pipe.dense_prefill and not pipe.is_dense
+            return row
         except Exception as exc:  # one method's failure must not lose the others' results
             message = describe_error(exc)
             logger.error("method %s failed: %s", method.label, message)
