@@ -10,6 +10,14 @@ method's calibrated state saved once (docs/export.md).
 
 from ppframework.export.errors import ExportError
 from ppframework.export.model_export import ExportResult, export_pruned, load_pruned
+from ppframework.export.pipeline_state import save_pipeline_state
 from ppframework.export.restore import load_pipeline
 
-__all__ = ["ExportError", "ExportResult", "export_pruned", "load_pipeline", "load_pruned"]
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "export_pruned",
+    "load_pipeline",
+    "load_pruned",
+    "save_pipeline_state",
+]

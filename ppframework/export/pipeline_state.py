@@ -6,8 +6,8 @@ SHA-256 per decoder block, plus the config and the weights outside the layers) a
 ``state.safetensors`` (every history tensor at its own dtype, and the random generator's state), listed
 with their hashes in ``ppf_manifest.json``. :func:`~ppframework.export.restore.load_pipeline` restores it.
 
-This module reads the pipeline by its public attributes only and imports nothing of the pipeline
-package, which calls it from ``Pipeline.save``.
+Importing this module makes it ``Pipeline.save``'s writer (:data:`Pipeline.state_writer`): the
+pipeline sits below the export package and so does not import it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from ppframework.devices import named_parameters_materialised
 from ppframework.export.folder import staged_folder
 from ppframework.history import HistoryStore
+from ppframework.pipeline import Pipeline
 
 STATE_KIND = "pipeline-state"
 STATE_VERSION = 1
@@ -84,7 +85,7 @@ def history_tensors(history: HistoryStore | None) -> tuple[dict[str, torch.Tenso
     return tensors, counters
 
 
-def save_pipeline_state(pipe: Any, out: str | Path) -> Path:
+def save_pipeline_state(pipe: Pipeline, out: str | Path) -> Path:
     """Write ``pipe``'s method, history, generator state and model fingerprint into the new folder ``out``.
 
     ``out`` must not exist or be an empty folder; nothing is left behind on failure.
@@ -107,3 +108,6 @@ def save_pipeline_state(pipe: Any, out: str | Path) -> Path:
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return Path(out).expanduser()
+
+
+Pipeline.state_writer = save_pipeline_state

@@ -16,9 +16,10 @@ detach), ``with`` blocks, and a layer's forward on the pruned path. The parts it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
     """
 
     _with_depth: int = 0  # nesting of `with pipe:` blocks
+    #: What :meth:`save` calls: ``writer(pipeline, folder) -> folder`` (set by ``ppframework.export``).
+    state_writer: ClassVar[Callable[[Pipeline, Path], Path] | None] = None
 
     def attach(self) -> Pipeline:
         """Route the model's pruned layers through the pipeline."""
@@ -142,10 +145,14 @@ class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
     def save(self, folder: str | Path) -> Path:
         """Write this pipeline's method, calibration history (as it stands now), random generator state
         and the model's fingerprint into the new folder ``folder``; restore it with
-        ``ppframework.load_pipeline(model, folder)`` (see docs/export.md). Returns the folder."""
-        from ppframework.export.pipeline_state import save_pipeline_state
+        ``ppframework.load_pipeline(model, folder)`` (see docs/export.md). Returns the folder.
 
-        return save_pipeline_state(self, folder)
+        The writer is :data:`state_writer`, which ``ppframework.export`` (a layer above the pipeline)
+        sets when it is imported, as ``import ppframework`` does."""
+        writer = Pipeline.state_writer
+        if writer is None:
+            raise RuntimeError("no pipeline state writer: import ppframework.export (ppframework does)")
+        return writer(self, Path(folder))
 
     def __enter__(self) -> Pipeline:
         self.attach()
