@@ -23,13 +23,9 @@ from transformers.models.llama import modeling_llama
 from ppframework import cli
 from ppframework.adapters import get_adapter
 from ppframework.api import build_pipeline, load_config
+from ppframework.calibration import taylor
 from ppframework.calibration.influence import block_influence
-from ppframework.calibration.taylor import (
-    channel_saliences,
-    coupled_weights,
-    next_token_loss,
-    taylor_statistics,
-)
+from ppframework.calibration.taylor import channel_saliences, coupled_weights, next_token_loss
 from ppframework.errors import ConfigError
 from ppframework.strategies.layer_removal import lowest_influence_layers
 from ppframework.testing.tiny import tiny_model, tiny_tokenizer
@@ -74,36 +70,41 @@ def _rms_norm_in_input_dtype(self: torch.nn.Module, hidden: torch.Tensor) -> tor
     return self.weight * (hidden * scale)
 
 
-@pytest.mark.parametrize(
-    ("family", "kind", "channel"), [("llama", BlockKind.MLP, 5), ("llama", BlockKind.ATTENTION, 17)]
-)
-def test_taylor_scores_equal_finite_differences(
-    family: str, kind: BlockKind, channel: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_taylor_gradients_equal_finite_differences(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # LLaMA's RMSNorm computes in float32 whatever the input; keep float64 so differences are exact
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
     model = tiny_model(family).double()
     adapter = get_adapter(model)
     batches = _batches()
     layer = 1
-    stats = taylor_statistics(model, adapter, batches, layers=[layer], progress=False)[(layer, kind)]
-    first, second, mix = 0.0, 0.0, 0.0
-    for weight, axis in coupled_weights(adapter, layer, kind):
-        w = weight.data
-        for i in range(w.shape[1 - axis]):  # every coupled weight of the channel
-            index = (channel, i) if axis == 0 else (i, channel)
-            grads = [_finite_difference(model, b, w, index) for b in batches]
-            g = sum(grads) / len(grads)
-            f = sum(x * x for x in grads) / len(grads)
-            value = float(w[index])
-            first += abs(value * g)
-            second += abs(0.5 * value * value * f)
-            mix += abs(value * g - 0.5 * value * value * f)
-    assert float(stats["taylor:first:element"][channel]) == pytest.approx(first, rel=1e-6)
-    assert float(stats["taylor:second:element"][channel]) == pytest.approx(second, rel=1e-6)
-    assert float(stats["taylor:mix:element"][channel]) == pytest.approx(mix, rel=1e-6)
+    coupled = {kind: coupled_weights(adapter, layer, kind) for kind in BlockKind}
+    params = [p for pairs in coupled.values() for p, _ in pairs]
+    moments = taylor.gradient_moments(model, params, batches, progress=False)
+    gen = torch.Generator().manual_seed(7)
+    for pairs in coupled.values():
+        for weight, _ in pairs:  # one random entry of every coupled weight
+            index = tuple(int(torch.randint(n, (1,), generator=gen)) for n in weight.shape)
+            grads = [_finite_difference(model, b, weight.data, index) for b in batches]
+            g, f = moments[id(weight)][0][index], moments[id(weight)][1][index]
+            assert float(g) == pytest.approx(sum(grads) / len(grads), rel=1e-5, abs=1e-9)
+            assert float(f) == pytest.approx(sum(x * x for x in grads) / len(grads), rel=1e-5, abs=1e-12)
     # the model is left as it was: no gradients kept, requires_grad restored
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    # and the statistics are the reductions of exactly these moments
+    stats = taylor.taylor_statistics(model, adapter, batches, layers=[layer], progress=False)
+    for kind, pairs in coupled.items():
+        head_dim = adapter.geometry(kind).unit_width if kind is BlockKind.ATTENTION else 1
+        expected = channel_saliences(
+            pairs, [moments[id(p)][0] for p, _ in pairs], [moments[id(p)][1] for p, _ in pairs], head_dim
+        )
+        for name, tensor in expected.items():
+            torch.testing.assert_close(stats[(layer, kind)][name], tensor)
+    # first-order element-wise by hand: sum of |w * G| over a channel's rows (gate/up, fc1) and column
+    by_hand = sum(
+        (w.detach() * moments[id(w)][0]).abs().sum(dim=1 - axis) for w, axis in coupled[BlockKind.MLP]
+    )
+    torch.testing.assert_close(stats[(layer, BlockKind.MLP)]["taylor:first:element"], by_hand.float())
 
 
 def test_coupled_weights_follow_what_pruning_removes() -> None:

@@ -146,24 +146,19 @@ def _iter_unique(params: Iterator[nn.Parameter]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def taylor_statistics(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    batches: list[torch.Tensor],
-    layers: list[int] | None = None,
-    progress: bool = True,
-) -> dict[tuple[int, BlockKind], dict[str, torch.Tensor]]:
-    """One backward per calibration batch of the mean next-token loss (:func:`next_token_loss`); returns
-    every block's (C,) Taylor statistics by variant (:data:`VARIANTS`), fp32 on the layer's device.
+def gradient_moments(
+    model: nn.Module, params: list[nn.Parameter], batches: list[torch.Tensor], progress: bool = True
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``(G, F)`` of every parameter in ``params`` (keyed by ``id``; fp32): the mean over ``batches`` of
+    each batch's gradient of the mean next-token loss (:func:`next_token_loss`) and of its square.
 
-    ``G`` is the mean over batches of each batch's gradient, ``F`` the mean of its square. The model's
-    ``requires_grad`` flags and train/eval mode are restored afterwards; dropout stays off (eval).
+    One backward per batch; only ``params`` require gradients meanwhile and each ``.grad`` is folded
+    into the sums and freed as autograd accumulates it. The model's ``requires_grad`` flags and
+    train/eval mode are restored afterwards; dropout stays off (eval).
     """
     if not batches:
         raise ValueError("the Taylor gradient pass needs at least one calibration batch")
-    layers = list(range(adapter.num_layers)) if layers is None else layers
-    coupled = {(i, kind): coupled_weights(adapter, i, kind) for i in layers for kind in BlockKind}
-    params = _iter_unique(p for pairs in coupled.values() for p, _ in pairs)  # type: ignore[misc]
+    params = _iter_unique(iter(params))
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     sums = {id(p): _GradientSums(p) for p in params}
@@ -188,10 +183,25 @@ def taylor_statistics(
             p.grad = None
         model.train(was_training)
     n = float(len(batches))
+    return {key: (s.grad / n, s.fisher / n) for key, s in sums.items()}
+
+
+def taylor_statistics(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[torch.Tensor],
+    layers: list[int] | None = None,
+    progress: bool = True,
+) -> dict[tuple[int, BlockKind], dict[str, torch.Tensor]]:
+    """Every block's (C,) Taylor statistics by variant (:data:`VARIANTS`), fp32 on the layer's device,
+    from :func:`gradient_moments` of its coupled weights over ``batches``."""
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+    coupled = {(i, kind): coupled_weights(adapter, i, kind) for i in layers for kind in BlockKind}
+    moments = gradient_moments(model, [p for pairs in coupled.values() for p, _ in pairs], batches, progress)
     out: dict[tuple[int, BlockKind], dict[str, torch.Tensor]] = {}
     for (layer, kind), pairs in coupled.items():
-        grads = [sums[id(p)].grad / n for p, _ in pairs]
-        fishers = [sums[id(p)].fisher / n for p, _ in pairs]
+        grads = [moments[id(p)][0] for p, _ in pairs]
+        fishers = [moments[id(p)][1] for p, _ in pairs]
         head_dim = adapter.geometry(kind).unit_width if kind is BlockKind.ATTENTION else 1
         out[(layer, kind)] = channel_saliences(pairs, grads, fishers, head_dim)  # type: ignore[arg-type]
     return out
