@@ -199,6 +199,12 @@ def test_unwritable_folder_is_refused(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+def test_out_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ppf.ConfigError, match="is a file, not a folder"):
+        export_pruned(_pipeline("llama", UNIFORM), tmp_path / "file" / "out")
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     class Broken:
         def save_pretrained(self, folder: Any) -> None:
