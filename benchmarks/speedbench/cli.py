@@ -42,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--static", nargs="+", default=["wanda-sp"], help="static baseline preset(s), or 'none'"
     )
     parser.add_argument(
+        "--sequence-decode",
+        nargs="+",
+        choices=("loop", "batched", "union"),
+        default=["loop"],
+        help="--generation: for each --dynamic preset with decision: sequence, time these sequence_decode "
+        "kernels (loop = the preset's own; batched and union are timed as '<preset>/<kernel> <ratio>')",
+    )
+    parser.add_argument(
         "--dynamic",
         nargs="*",
         default=[],

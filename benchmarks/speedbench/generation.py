@@ -18,10 +18,12 @@ from torch import nn
 
 from ppframework.adapters import get_adapter
 from ppframework.calibration import calibrate
+from ppframework.config import MethodConfig
 from ppframework.history import HistoryStore
 from ppframework.metrics.runtime import DecoderTimer, TimingStats, time_interleaved
 from ppframework.metrics.timing import synchronize
 from ppframework.pipeline import Pipeline
+from ppframework.pipeline.rows import union_masks
 from ppframework.types import BlockKind, BlockMask
 
 from .costs import BYTE_PARTS, decode_weight_bytes, kv_cache_bytes
@@ -92,6 +94,19 @@ def pad_id(model: nn.Module, tokenizer: Any) -> int:
     return 0
 
 
+SEQUENCE_KERNELS = ("loop", "batched", "union")
+
+
+def sequence_kernels(args: argparse.Namespace, dynamic: MethodConfig) -> list[str]:
+    """The ``sequence_decode`` kernels to time for a dynamic preset: its own, plus ``--sequence-decode``
+    where it decides per sequence (``decision: sequence``, frozen decode)."""
+    own = dynamic.sequence_decode
+    if dynamic.decision != "sequence" or dynamic.decode != "frozen":
+        return [own]
+    wanted = getattr(args, "sequence_decode", None) or [own]
+    return [own, *(k for k in wanted if k != own)] if own in wanted else list(wanted)
+
+
 def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``model.generate`` (prefill and decode separately) for dense and every method; the report."""
     from transformers.utils import logging as hf_logging
@@ -116,9 +131,16 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         pipes[f"pp {ratio:.0%}"] = Pipeline(model, pp, history=history.clone())
         for dynamic in args.dynamic:  # e.g. pp-prompt: its own decision and prefill settings
             dyn = method(dynamic, ratio, skip, round_to, decode=args.decode)
-            pipes[f"{dynamic} {ratio:.0%}"] = Pipeline(
-                model, dyn, history=history.clone() if dyn.needs_calibration else None
-            )
+            for kernel in sequence_kernels(args, dyn):
+                variant = (
+                    dyn
+                    if kernel == dyn.sequence_decode
+                    else dyn.model_copy(update={"sequence_decode": kernel})
+                )
+                label = dynamic if kernel == dyn.sequence_decode else f"{dynamic}/{kernel}"
+                pipes[f"{label} {ratio:.0%}"] = Pipeline(
+                    model, variant, history=history.clone() if dyn.needs_calibration else None
+                )
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to, decode=args.decode)
             hist = history if static_method.needs_calibration else None
@@ -222,6 +244,10 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
             masks = masks_seen.get((name, batch), {}) if frozen else {}
             weights = decode_weight_bytes(model, masks, batch)
             per_row = row_masks_seen.get((name, batch)) if frozen else None
+            if per_row and pipe is not None and pipe.method.sequence_decode == "union":
+                joined = union_masks(per_row)  # one pass on the union: read once per step
+                masks, per_row = ({}, None) if isinstance(joined, str) else (joined, None)
+                weights = decode_weight_bytes(model, masks, batch)
             if per_row:  # each row reads its own kept projections; the rest is read once per step
                 rows_bytes = [decode_weight_bytes(model, m, batch)["projections"] for m in per_row]
                 weights["projections"] = sum(rows_bytes)
@@ -278,7 +304,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     by_key = {(row["variant"], row["batch"]): row for row in rows}
-    dynamic_names = ("pp", *args.dynamic)
+    dynamic_names = ("pp", *args.dynamic, *(f"{d}/{k}" for d in args.dynamic for k in SEQUENCE_KERNELS))
     for row in rows:
         name, _, label = row["variant"].rpartition(" ")
         if name not in dynamic_names:
