@@ -128,7 +128,9 @@ def add_statistics(
                 stats = taylor_statistics(model, adapter, windows(), progress=progress)
                 return {f"{i}.{k.value}.{v}": t for (i, k), vs in stats.items() for v, t in vs.items()}
 
-            for key, tensor in cached_statistics(name, description, taylor, cache_dir, use_cache).items():
+            # F (the mean squared per-batch gradient) depends on the batching: the batch sizes join the key
+            keyed = {**description, "batch_sizes": [int(b.shape[0]) for b in windows()]}
+            for key, tensor in cached_statistics(name, keyed, taylor, cache_dir, use_cache).items():
                 layer, kind, variant = key.split(".", 2)
                 hist = store.get(int(layer), BlockKind(kind))
                 if hist is not None:
