@@ -123,9 +123,17 @@ def test_ppf_eval_fidelity_rows_csv_table_and_frontier_plot(tmp_path, tiny_model
     assert float(table[0]["fid_xsum_top1"]) == 1.0 and float(table[0]["fid_humaneval_kl"]) == 0.0
 
     markdown = (out / "results.md").read_text()
-    header = f"| method | xsum top-1 / KL | humaneval top-1 / KL | mean top-1 | {corpus} cont. ppl |"
+    header = (
+        "| method | decode realised | xsum top-1 / KL | humaneval top-1 / KL | mean top-1 "
+        f"| {corpus} cont. ppl |"
+    )
     assert header in markdown and header in printed
-    assert "| dense | 1.0000 / 0.00000 | 1.0000 / 0.00000 | 1.0000 |" in markdown
+    assert "| dense | - | 1.0000 / 0.00000 | 1.0000 / 0.00000 | 1.0000 |" in markdown
+    # the decode steps' share of removed weights, from the teacher-forced measures (pp: its decisions')
+    assert rows["dense"]["decode_realised_ratio"] is None
+    for label in ("pp 20%", "pp 40%", "flap 40%"):
+        assert 0 < rows[label]["decode_realised_ratio"] < 1
+        assert f"| {label} | {rows[label]['decode_realised_ratio']:.3f} |" in markdown
     assert (out / PLOT).read_bytes()[:8] == PNG_SIGNATURE and str(out / PLOT) in report["plots"]
 
 
