@@ -68,7 +68,8 @@ def hf_obstacle(family: ExportFamily, layout: PrunedLayout) -> str | None:
         return f"the {family.name} config derives the head size from hidden_size / num_attention_heads"
     if not layout.uniform:
         shapes = sorted({layer.shape() for layer in layout.layers})
-        return f"the layers differ in (heads, key/value heads, MLP width): {shapes}"
+        shown = ", ".join(map(str, shapes[:3])) + (", ..." if len(shapes) > 3 else "")
+        return f"the layers differ in (heads, key/value heads, MLP width): {len(shapes)} kinds ({shown})"
     if any(layer.attention_output_bias for layer in layout.layers) and family.attention_bias_key is None:
         return f"the {family.name} config has no switch for an attention output bias (bias compensation)"
     if any(layer.mlp_output_bias for layer in layout.layers) and family.mlp_bias_key is None:
