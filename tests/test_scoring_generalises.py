@@ -293,3 +293,32 @@ def test_ppf_run_new_presets_end_to_end(
     assert again == {k: v["perplexity"] for k, v in rows.items()}
     cached = list((tmp_path / "calibration-cache" / "calibration").glob("stats-flap-ppcode-*.safetensors"))
     assert len(cached) == 1
+
+
+def test_frontier_reports_prr_against_both_flaps() -> None:
+    from ppframework.config import FrontierConfig
+    from ppframework.evaluate import EvalRow, add_efficiency
+    from ppframework.evaluate.frontier import analyse_frontier, format_frontier
+
+    def row(name: str, ratio: float, t: float, ppl: float, static: bool = False) -> EvalRow:
+        return EvalRow(f"{name} {ratio:.0%}", ratio, perplexity=ppl, time_ratio=t, static=static)
+
+    rows = [
+        EvalRow("dense", 0.0, perplexity=10.0),
+        *(row("pp", r, t, p) for r, t, p in ((0.2, 0.85, 14.0), (0.4, 0.70, 20.0))),
+        *(row("flap", r, t, p, True) for r, t, p in ((0.2, 0.80, 16.0), (0.4, 0.62, 40.0))),
+        *(row("flap-ppcode", r, t, p, True) for r, t, p in ((0.2, 0.80, 15.0), (0.4, 0.62, 30.0))),
+        *(row("wanda-sp", r, t, p, True) for r, t, p in ((0.2, 0.80, 13.0), (0.4, 0.62, 25.0))),
+    ]
+    add_efficiency(rows, [r.method for r in rows if r.static])
+    frontier = FrontierConfig(methods=["pp", "flap", "flap-ppcode", "wanda-sp"], ratios=[0.2, 0.4])
+    report = analyse_frontier(rows, frontier)
+    assert report.baseline == "wanda-sp"  # the best static at 40%; both FLAPs still get a column
+    pp = report.reference["pp"]["flap_prr_ratios"]
+    assert pp["flap"] == pytest.approx((30.0 / 0.38) / (10.0 / 0.3))
+    assert pp["flap-ppcode"] == pytest.approx((20.0 / 0.38) / (10.0 / 0.3))
+    text = "\n".join(format_frontier(report))
+    assert "PRR_flap / PRR | PRR_flap-ppcode / PRR |" in text
+    line = next(t for t in text.splitlines() if t.startswith("| pp |"))
+    assert f"| {pp['flap']:.2f} | {pp['flap-ppcode']:.2f} |" in line
+    json.dumps(report.to_json())

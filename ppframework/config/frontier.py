@@ -10,8 +10,14 @@ from pydantic import Field, field_validator, model_validator
 
 from ppframework.config.base import StrictModel
 
-FRONTIER_METHODS: tuple[str, ...] = ("pp", "flap", "flap-uniform", "wanda-sp", "static-ppsp", "full-batch")
+FRONTIER_METHODS: tuple[str, ...] = (
+    "pp", "flap", "flap-ppcode", "flap-uniform", "wanda-sp", "static-ppsp", "full-batch"
+)
 """The methods of the issue's efficiency frontier (full-batch is the oracle, with its real runtime)."""
+
+FLAP_BASELINES: tuple[str, ...] = ("flap", "flap-ppcode")
+"""The two FLAPs PRR is always reported against when the frontier has them: FLAP as FLAP defines it and
+as the PP code computes it (the paper's FLAP numbers; docs/method.md)."""
 
 
 class FrontierConfig(StrictModel):

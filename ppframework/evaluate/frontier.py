@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ppframework.config import FrontierConfig, method_label
+from ppframework.config.frontier import FLAP_BASELINES
 from ppframework.evaluate.rows import EvalRow
 from ppframework.formatting import format_number
 
@@ -191,6 +192,12 @@ def analyse_frontier(rows: Sequence[EvalRow], frontier: FrontierConfig) -> Front
             "perplexity": row.perplexity,
             "prr": row.prr,
             "prr_ratio": row.prr_ratios.get(base_label) if base_label else None,
+            # PRR_flap / PRR for both FLAPs (the paper's and FLAP's own) whenever the frontier has them
+            "flap_prr_ratios": {
+                flap: row.prr_ratios.get(method_label(flap, frontier.reference_ratio))
+                for flap in FLAP_BASELINES
+                if flap in names and flap != name
+            },
             "unresolved": row.runtime_unresolved
             or bool(base_label and by_label.get(base_label) and by_label[base_label].runtime_unresolved),
         }
@@ -244,11 +251,14 @@ def format_frontier(report: FrontierReport) -> list[str]:
         lines.append(
             f"| {p.ratio:.0%} | {p.time_ratio:.3f}{mark} | {p.perplexity:.2f} | " + " | ".join(cells) + " |"
         )
+    flaps = [f for f in FLAP_BASELINES if f in report.curves and f != base]
     lines += [
         "",
         f"| method | measured time ratios | below {base} at every common runtime? | PRR at "
-        f"{report.reference_ratio:.0%} | PRR_{base} / PRR at {report.reference_ratio:.0%} | noisy points |",
-        "|---|---|---|---|---|---|",
+        f"{report.reference_ratio:.0%} | PRR_{base} / PRR at {report.reference_ratio:.0%} | "
+        + "".join(f"PRR_{f} / PRR | " for f in flaps)
+        + "noisy points |",
+        "|---|---|---|---|---|---|" + "---|" * len(flaps),
     ]
     for name in report.curves:
         curve = report.curves[name]
@@ -273,7 +283,9 @@ def format_frontier(report: FrontierReport) -> list[str]:
             else:
                 word = "yes" if comparison.below_everywhere else "no"
                 verdict = f"{word} ({comparison.below_count} of {len(comparison.at)} runtimes)"
-        lines.append(f"| {_display(name)} | {span} | {verdict} | {prr_cell} | {ratio_cell} | {noisy} |")
+        flap_cells = "".join(f"{_flap_cell(ref, f, name)} | " for f in flaps)
+        cells = f"{prr_cell} | {ratio_cell} | {flap_cells}{noisy}"
+        lines.append(f"| {_display(name)} | {span} | {verdict} | {cells} |")
     lines += [
         "",
         "Every point is timed in interleaved pairs with dense on the same batch; `time ratio` is the median "
@@ -281,3 +293,12 @@ def format_frontier(report: FrontierReport) -> list[str]:
         "least as large as their speed-up; a verdict that counts them can flip on a rerun.",
     ]
     return lines
+
+
+def _flap_cell(ref: dict[str, Any], flap: str, name: str) -> str:
+    """``PRR_flap / PRR`` of one method at the reference ratio (``1.00`` for that FLAP itself)."""
+    if name == flap:
+        return "1.00"
+    if ref.get("unresolved"):
+        return "\u26a0 noise"
+    return format_number(ref.get("flap_prr_ratios", {}).get(flap), ".2f")
