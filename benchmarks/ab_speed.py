@@ -263,7 +263,7 @@ def for_older(older: Any, config: Any) -> dict[str, Any]:
         inner = getattr(field.annotation, "model_fields", None)
         data[name] = (
             for_older(field.annotation, value)
-            if inner is not None and hasattr(value, "model_fields")
+            if inner is not None and hasattr(type(value), "model_fields")
             else (value.model_dump(mode="json") if hasattr(value, "model_dump") else value)
         )
     return data
