@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ppframework.adapters import ModelAdapter
 from ppframework.devices import input_device
+from ppframework.strategies.taylor import statistic_name
 from ppframework.types import BlockKind
 
 logger = logging.getLogger(__package__)
@@ -48,11 +49,6 @@ _INPUT_SIDE = {
     BlockKind.MLP: ("gate_proj", "up_proj", "fc1"),
 }
 _KV = ("k_proj", "v_proj")
-
-
-def statistic_name(order: str, reduce: str) -> str:
-    """The history statistic of one Taylor variant: ``taylor:<order>:<reduce>``."""
-    return f"taylor:{order}:{reduce}"
 
 
 def coupled_weights(adapter: ModelAdapter, layer: int, kind: BlockKind) -> list[tuple[nn.Parameter, int]]:

@@ -14,9 +14,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ppframework.calibration.taylor import statistic_name
 from ppframework.hookspecs import hookimpl
 from ppframework.types import BlockContext, ChannelScores, Probe
+
+
+def statistic_name(order: str, reduce: str) -> str:
+    """The history statistic of one Taylor variant: ``taylor:<order>:<reduce>`` (the calibration
+    computes it, :mod:`ppframework.calibration.taylor`; the strategy reads it)."""
+    return f"taylor:{order}:{reduce}"
 
 
 class TaylorParams(BaseModel):
