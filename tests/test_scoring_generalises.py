@@ -322,3 +322,14 @@ def test_frontier_reports_prr_against_both_flaps() -> None:
     line = next(t for t in text.splitlines() if t.startswith("| pp |"))
     assert f"| {pp['flap']:.2f} | {pp['flap-ppcode']:.2f} |" in line
     json.dumps(report.to_json())
+
+
+def test_flap_ppcode_without_its_statistics_says_how_to_get_them() -> None:
+    model = tiny_model("llama")
+    batches = _batches([4, 4])
+    history = calibrate(model, get_adapter(model), batches, progress=False)  # no PP-code pass
+    method = MethodConfig.model_validate({"preset": "flap-ppcode", "pruning": {"skip_layers": [0]}})
+    pipe = Pipeline(model, method, history=history)
+    with pytest.raises(ValueError, match="build_pipeline"):
+        with pipe, torch.no_grad():
+            model(input_ids=batches[0], use_cache=False)

@@ -107,6 +107,13 @@ def history_activation(ctx: BlockContext, history: BlockHistory, statistic: str 
             "build the pipeline with ppframework.build_pipeline (it runs the pass when a method scores "
             "with 'taylor') or use a calibration_history() of a run config with such a method"
         )
+    if statistic.startswith("flap-ppcode:"):
+        raise ValueError(
+            f"the {statistic!r} statistic comes from the PP code's FLAP calibration pass, which this "
+            "history lacks; build the pipeline with ppframework.build_pipeline (it runs the pass when a "
+            "method scores with 'flap-ppcode') or use a calibration_history() of a run config with such a "
+            "method"
+        )
     if statistic == "fluctuation":
         return all_position_fluctuation(history, ctx.seq_len, ctx.position_valid)
     return sum_valid_positions(history_statistic(history, ctx.seq_len, statistic), ctx.position_valid)
