@@ -53,9 +53,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            targets = [
-                f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module for alias in node.names
-            ]
+            named = [f"{module}.{alias.name}" for alias in node.names]
+            targets = [name if name in known else module for name in named]
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
