@@ -54,7 +54,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             else:
                 module = node.module or ""
             named = [f"{module}.{alias.name}" for alias in node.names]
-            targets = [name if name in known else module for name in named]
+            targets = [full if full in known else module for full in named]
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
