@@ -82,6 +82,21 @@ def store_shapes(store: HistoryStore) -> dict[str, Any]:
     }
 
 
+def write_safetensors_atomically(
+    tensors: dict[str, torch.Tensor], path: Path, header: dict[str, Any]
+) -> None:
+    """``tensors`` into the safetensors file ``path`` with ``header`` (JSON) as its metadata, through a
+    temporary file renamed into place (a crash never leaves a half-written file at ``path``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"header": json.dumps(header, default=str)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_history(store: HistoryStore, path: Path, header: dict[str, Any]) -> None:
     """Write ``path`` (.safetensors) and ``path`` with .json (the header), each atomically.
 
@@ -96,14 +111,7 @@ def save_history(store: HistoryStore, path: Path, header: dict[str, Any]) -> Non
         "checksum": tensors_checksum(tensors),
         "shapes": store_shapes(store),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"header": json.dumps(full, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors_atomically(tensors, path, full)
     from ppframework.outputs import atomic_write_text
 
     atomic_write_text(path.with_suffix(".json"), json.dumps(full, indent=2, default=str))

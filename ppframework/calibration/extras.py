@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ppframework.adapters import ModelAdapter
-from ppframework.calibration.cache import cache_key, default_cache_dir, tensors_checksum
+from ppframework.calibration.cache import (
+    cache_key,
+    default_cache_dir,
+    tensors_checksum,
+    write_safetensors_atomically,
+)
 from ppframework.calibration.influence import block_influence
 from ppframework.calibration.ppcode_flap import ppcode_flap_statistics
 from ppframework.calibration.taylor import taylor_statistics
@@ -41,14 +44,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, Any]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     full = {**header, "checksum": tensors_checksum(tensors)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"header": json.dumps(full, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors_atomically(tensors, path, full)
     path.with_suffix(".json").write_text(json.dumps(full, indent=2, default=str))
 
 
