@@ -8,34 +8,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prompt_helpers import calibrated_history as _history
+from prompt_helpers import encode_left as _encode
+from prompt_helpers import method_at as _method
 from transformers import DynamicCache
 
-from ppframework.adapters import get_adapter
-from ppframework.calibration import calibrate
 from ppframework.config import PRESETS, MethodConfig
 from ppframework.errors import ConfigError
 from ppframework.pipeline import Pipeline
-from ppframework.testing.tiny import FAMILIES, tiny_model, tiny_tokenizer
+from ppframework.testing.tiny import FAMILIES, tiny_model
 from ppframework.types import BlockKind
 
 PROMPTS = ["Hello there, how are", "A much longer prompt, to test left padding here", "Short"]
 NEW = 8
-
-
-def _encode(prompts: list[str]) -> dict[str, torch.Tensor]:
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    return dict(tok(prompts, return_tensors="pt", padding=True))
-
-
-def _history(model: torch.nn.Module, seq: int = 128):
-    ids = torch.randint(4, 90, (4, seq), generator=torch.Generator().manual_seed(1))
-    return calibrate(model, get_adapter(model), [ids], progress=False)
-
-
-def _method(preset: str = "pp", **fields) -> MethodConfig:
-    pruning = {"skip_layers": [0], "ratio": 0.4, **fields.pop("pruning", {})}
-    return MethodConfig.model_validate({"preset": preset, "pruning": pruning, **fields})
 
 
 def _pipeline(model, method: MethodConfig, history) -> Pipeline:

@@ -11,14 +11,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prompt_helpers import calibrated_history as _history
+from prompt_helpers import encode_left as _encode
+from prompt_helpers import method_at as _method
 
 from ppframework.adapters import get_adapter
 from ppframework.adapters.batched_rows import stack_block
-from ppframework.calibration import calibrate
-from ppframework.config import MethodConfig
 from ppframework.pipeline import Pipeline
 from ppframework.pipeline.rows import union_masks
-from ppframework.testing.tiny import tiny_model, tiny_tokenizer
+from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockKind, BlockMask
 
 PROMPTS = [
@@ -31,22 +32,6 @@ NEW = 6
 #: GQA (llama-gqa, qwen2), MHA (llama), fused projections (phi3), OPT, q/k norms + windows (gemma3),
 #: sliding window shorter than the prompts (mistral-swa).
 KERNEL_FAMILIES = ["llama", "llama-gqa", "qwen2", "phi3", "opt", "gemma3", "mistral-swa"]
-
-
-def _encode(prompts: list[str]) -> dict[str, torch.Tensor]:
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    return dict(tok(prompts, return_tensors="pt", padding=True))
-
-
-def _history(model: torch.nn.Module, seq: int = 128):
-    ids = torch.randint(4, 90, (4, seq), generator=torch.Generator().manual_seed(1))
-    return calibrate(model, get_adapter(model), [ids], progress=False)
-
-
-def _method(preset: str = "pp", **fields) -> MethodConfig:
-    pruning = {"skip_layers": [0], "ratio": 0.4, **fields.pop("pruning", {})}
-    return MethodConfig.model_validate({"preset": preset, "pruning": pruning, **fields})
 
 
 def _generate(model, enc, new: int = NEW, **kwargs):
