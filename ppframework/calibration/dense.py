@@ -3,7 +3,8 @@ input, over the dense model's forwards on calibration windows, and the shapes su
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -13,6 +14,8 @@ from ppframework.devices import input_device
 from ppframework.history import BlockHistory, HistoryStore
 from ppframework.types import BlockKind
 
+R = TypeVar("R")
+
 
 class _Accumulator:
     """Sums of X and X^2 per position for one output projection (fp32)."""
@@ -21,11 +24,10 @@ class _Accumulator:
         self.sq_sum: torch.Tensor | None = None
         self.sum: torch.Tensor | None = None
         self.count = 0
-        self.batch_size = 1
 
-    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # Some families (OPT) flatten (batch, seq) before the MLP; restore the position axis.
-        x = args[0].detach().float().reshape(self.batch_size, -1, args[0].shape[-1])
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in one batch's (batch, seq, channels) projection input."""
+        x = x.detach().float()
         if self.sq_sum is None:
             self.sq_sum = x.square().sum(dim=0)
             self.sum = x.sum(dim=0)
@@ -33,6 +35,47 @@ class _Accumulator:
             self.sq_sum += x.square().sum(dim=0)
             self.sum += x.sum(dim=0)
         self.count += x.shape[0]
+
+
+def read_projection_inputs(
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    batches: list[torch.Tensor],
+    new: Callable[[], R],
+    read: Callable[[R, torch.Tensor], None],
+    *,
+    layers: list[int] | None = None,
+    desc: str = "calibration",
+    progress: bool = True,
+) -> dict[tuple[int, BlockKind], R]:
+    """Run the dense model over ``batches`` (no padding, under ``torch.inference_mode``) with one
+    reader per block (``new()``) on the input of the block's output projection: each forward calls
+    ``read(reader, x)`` with that input as (batch, seq, channels). Returns the readers by block."""
+    layers = list(range(adapter.num_layers)) if layers is None else layers
+    readers = {(i, kind): new() for i in layers for kind in BlockKind}
+    rows = [1]  # the running batch's row count
+
+    def hook_for(reader: R) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            # Some families (OPT) flatten (batch, seq) before the MLP; restore the position axis.
+            read(reader, args[0].reshape(rows[0], -1, args[0].shape[-1]))
+
+        return hook
+
+    handles = [
+        adapter.runner(i, kind).out_proj.register_forward_pre_hook(hook_for(reader))
+        for (i, kind), reader in readers.items()
+    ]
+    device = input_device(model)  # the embedding's device (device maps: accelerate moves the rest)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+                rows[0] = batch.shape[0]
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return readers
 
 
 def calibrate(
@@ -48,24 +91,9 @@ def calibrate(
     the history can be updated in place outside inference mode too. In a device-mapped model each
     block's means are left on the device its layer runs on.
     """
-    layers = list(range(adapter.num_layers)) if layers is None else layers
-    accumulators: dict[tuple[int, BlockKind], _Accumulator] = {}
-    handles = []
-    for i in layers:
-        for kind in BlockKind:
-            acc = _Accumulator()
-            accumulators[(i, kind)] = acc
-            handles.append(adapter.runner(i, kind).out_proj.register_forward_pre_hook(acc))
-    device = input_device(model)  # the embedding's device (device maps: accelerate moves the rest)
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                for acc in accumulators.values():
-                    acc.batch_size = batch.shape[0]
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    accumulators = read_projection_inputs(
+        model, adapter, batches, _Accumulator, _Accumulator.add, layers=layers, progress=progress
+    )
     blocks = {}
     for key, acc in accumulators.items():
         if acc.sq_sum is None:

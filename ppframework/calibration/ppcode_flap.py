@@ -28,10 +28,9 @@ calibration, and returns per block the statistics :data:`FLUCTUATION` (the summe
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ppframework.adapters import ModelAdapter
-from ppframework.devices import input_device
+from ppframework.calibration.dense import read_projection_inputs
 from ppframework.strategies.flap_ppcode import BASELINE, FLUCTUATION
 from ppframework.types import BlockKind
 
@@ -69,18 +68,6 @@ class PPCodeFlapState:
         return {FLUCTUATION: fluc.float(), BASELINE: self.mu.float()}
 
 
-class _Hook:
-    """Forward pre-hook on an output projection that folds each batch into a :class:`PPCodeFlapState`."""
-
-    def __init__(self) -> None:
-        self.state = PPCodeFlapState()
-        self.batch_size = 1
-
-    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # Some families (OPT) flatten (batch, seq) before the MLP; restore the position axis.
-        self.state.update(args[0].reshape(self.batch_size, -1, args[0].shape[-1]))
-
-
 def ppcode_flap_statistics(
     model: torch.nn.Module,
     adapter: ModelAdapter,
@@ -90,22 +77,14 @@ def ppcode_flap_statistics(
 ) -> dict[tuple[int, BlockKind], dict[str, torch.Tensor]]:
     """Run the dense model over the calibration ``batches`` (no padding, the PP code's calibration
     batch size is each batch's row count) and return, per block, the PP code's FLAP statistics."""
-    layers = list(range(adapter.num_layers)) if layers is None else layers
-    hooks: dict[tuple[int, BlockKind], _Hook] = {}
-    handles = []
-    for i in layers:
-        for kind in BlockKind:
-            hook = _Hook()
-            hooks[(i, kind)] = hook
-            handles.append(adapter.runner(i, kind).out_proj.register_forward_pre_hook(hook))
-    device = input_device(model)
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="FLAP (PP code) statistics", unit="batch", disable=not progress):
-                for hook in hooks.values():
-                    hook.batch_size = batch.shape[0]
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {key: hook.state.statistics() for key, hook in hooks.items()}
+    states = read_projection_inputs(
+        model,
+        adapter,
+        batches,
+        PPCodeFlapState,
+        PPCodeFlapState.update,
+        layers=layers,
+        desc="FLAP (PP code) statistics",
+        progress=progress,
+    )
+    return {key: state.statistics() for key, state in states.items()}
