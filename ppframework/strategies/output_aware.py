@@ -10,12 +10,7 @@ Where the adapter reports no gain (every family but Gemma 3) the terms are the p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-from ppframework.strategies.weight_cache import WeightTermCache
-from ppframework.types import BlockContext
 
 
 def fold_gain(weight: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
@@ -23,17 +18,3 @@ def fold_gain(weight: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     if gain is None:
         return weight.float()
     return weight.float() * gain.to(weight.device, torch.float32)[:, None]
-
-
-class GainFoldedTerms:
-    """A metric's weight term of ``diag(g) W``, computed once per weight (the gain of a block is as
-    frozen as its weight)."""
-
-    def __init__(self, term: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self._term = term
-        self._cache = WeightTermCache()
-
-    def get(self, ctx: BlockContext, weight: torch.Tensor) -> torch.Tensor:
-        """The term of ``weight`` with the block's output gain (``ctx.output_gain``) folded in."""
-        gain = ctx.output_gain
-        return self._cache.get(weight, lambda w: self._term(fold_gain(w, gain)))

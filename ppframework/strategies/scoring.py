@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ppframework.hookspecs import hookimpl
-from ppframework.strategies.output_aware import GainFoldedTerms
+from ppframework.strategies.output_aware import fold_gain
 from ppframework.strategies.weight_cache import WeightTermCache
 from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
 
@@ -84,7 +84,9 @@ class WeightMetricScore:
 
     Subclasses set ``name``, ``weight_term`` (a function of the output weight), ``combine``,
     ``head_reduce`` and ``statistic`` (which history statistic the activation is made of);
-    probe evidence is attached whenever there is a probe.
+    probe evidence is attached whenever there is a probe. With ``output_gain`` the weight term is
+    taken of ``diag(g) W``, ``g`` the block's output gain (``ctx.output_gain``; the plain term where
+    the adapter reports none), :mod:`ppframework.strategies.output_aware`.
     """
 
     stage = "score_channels"
@@ -92,6 +94,7 @@ class WeightMetricScore:
     head_reduce = "l2"
     statistic = "sq_mean"
     bias_compensation = False
+    output_gain = False
 
     def __init__(self) -> None:
         self._terms = WeightTermCache()
@@ -108,8 +111,10 @@ class WeightMetricScore:
     def score_channels(
         self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
     ) -> ChannelScores:
+        gain = ctx.output_gain if self.output_gain else None
+        term = self.weight_term if gain is None else (lambda w: self.weight_term(fold_gain(w, gain)))
         scores = ChannelScores(
-            weight_term=self._terms.get(weight, self.weight_term),
+            weight_term=self._terms.get(weight, term),
             combine=self.combine,
             head_reduce=self.head_reduce,
             metric=self.name,
@@ -201,15 +206,13 @@ class PPspScore(WeightMetricScore):
             self.weight_term = squared_weight_term  # type: ignore[method-assign]  # rows summed (L1)
         self.head_reduce = self.params.head_reduce
         self.bias_compensation = self.params.bias_compensation
-        self._gain_terms = GainFoldedTerms(self.weight_term)
+        self.output_gain = self.params.output_gain
 
     @hookimpl
     def score_channels(
         self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
     ) -> ChannelScores:
         scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
-        if self.params.output_gain and ctx.output_gain is not None:
-            scores.weight_term = self._gain_terms.get(ctx, weight)
         scores.centered = self.params.centered
         from_probe = self.params.bias_compensation and self.params.compensation_mean == "probe"
         if from_probe and probe is not None and probe_states is not None:

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ppframework.hookspecs import hookimpl
-from ppframework.strategies.output_aware import GainFoldedTerms
 from ppframework.strategies.scoring import (
     WeightMetricScore,
     magnitude_weight_term,
     sqrt_activation_times_weight,
 )
-from ppframework.types import BlockContext, ChannelScores, Probe
 
 
 class WandaParams(BaseModel):
@@ -55,13 +51,4 @@ class WandaScore(WeightMetricScore):
         super().__init__()
         self.params = params or WandaParams()
         self.head_reduce = self.params.head_reduce
-        self._gain_terms = GainFoldedTerms(magnitude_weight_term)
-
-    @hookimpl
-    def score_channels(
-        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
-    ) -> ChannelScores:
-        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
-        if self.params.output_gain and ctx.output_gain is not None:
-            scores.weight_term = self._gain_terms.get(ctx, weight)
-        return scores
+        self.output_gain = self.params.output_gain
