@@ -16,10 +16,15 @@ from ppframework import cli
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _config(tmp_path: Path, model_dir: Path, text_file: Path, **extra: Any) -> Path:
+def _config(
+    tmp_path: Path, model_dir: Path, text_file: Path, data_dir: Path | None = None, **extra: Any
+) -> Path:
+    data: dict[str, Any] = {"name": str(text_file), "seq_len": 32, "batch_size": 4, "max_batches": 3}
+    if data_dir is not None:  # the generation tasks' data folder
+        data["data_dir"] = str(data_dir)
     config = {
         "model": {"name": str(model_dir), "device": "cpu"},
-        "data": {"name": str(text_file), "seq_len": 32, "batch_size": 4, "max_batches": 3},
+        "data": data,
         "calibration": {
             "dataset": str(text_file),
             "n_samples": 8,
@@ -139,10 +144,9 @@ def test_ppf_eval_generation_tasks(tmp_path, tiny_model_dir, tiny_text_file, cap
             "allow_code_execution": True,
         },
     }
-    config = _config(tmp_path, tiny_model_dir("llama-gqa"), tiny_text_file, evaluation=evaluation)
-    text = yaml.safe_load(config.read_text())
-    text["data"]["data_dir"] = str(data)
-    config.write_text(yaml.safe_dump(text))
+    config = _config(
+        tmp_path, tiny_model_dir("llama-gqa"), tiny_text_file, data_dir=data, evaluation=evaluation
+    )
     out = tmp_path / "out"
     assert cli.main(["eval", str(config), "--out", str(out), "--no-progress", "--limit", "3"]) == 0
     printed = capsys.readouterr().out
@@ -201,9 +205,8 @@ def test_ppf_eval_code_prompt_longer_than_the_history_is_an_error_under_beyond_r
             "allow_code_execution": True,
         },
     }
-    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, data_dir=data, evaluation=evaluation)
     text = yaml.safe_load(config.read_text())
-    text["data"]["data_dir"] = str(data)
     text["calibration"]["seq_len"] = 20
     text["data"]["seq_len"] = 16
     for method in text["methods"]:  # the default (extend) runs such prompts; refusing is asked for
@@ -226,10 +229,7 @@ def test_ppf_eval_keeps_finished_methods_when_a_later_one_crashes(
         "runtime": {"enabled": False},
         "generation": {"enabled": True, "batch_size": 2, "tasks": [{"name": "xsum", "max_new_tokens": 4}]},
     }
-    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
-    text = yaml.safe_load(config.read_text())
-    text["data"]["data_dir"] = str(data)
-    config.write_text(yaml.safe_dump(text))
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, data_dir=data, evaluation=evaluation)
     real = ppframework.evaluate.protocol.run_generation_tasks
     calls = []
 
@@ -289,10 +289,7 @@ def test_ppf_eval_damaged_generation_data_fails_before_the_model_loads(
         "zeroshot": {"enabled": False},
         "generation": {"enabled": True, "tasks": [task], "allow_code_execution": True},
     }
-    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
-    text = yaml.safe_load(config.read_text())
-    text["data"]["data_dir"] = str(data)
-    config.write_text(yaml.safe_dump(text))
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, data_dir=data, evaluation=evaluation)
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the damaged data was reported")
@@ -316,10 +313,7 @@ def test_ppf_eval_interrupted_generation_keeps_the_finished_completions(
         "runtime": {"enabled": False},
         "generation": {"enabled": True, "batch_size": 1, "tasks": [{"name": "xsum", "max_new_tokens": 4}]},
     }
-    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, evaluation=evaluation)
-    text = yaml.safe_load(config.read_text())
-    text["data"]["data_dir"] = str(data)
-    config.write_text(yaml.safe_dump(text))
+    config = _config(tmp_path, tiny_model_dir("llama"), tiny_text_file, data_dir=data, evaluation=evaluation)
     real = ppframework.evaluate.protocol.run_generation_tasks
 
     def interrupt_after_the_first_batch(model, *args, **kwargs):
