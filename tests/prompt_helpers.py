@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ppframework.adapters import get_adapter
@@ -28,3 +30,18 @@ def method_at(preset: str = "pp", **fields) -> MethodConfig:
     """``preset`` at 40% with layer 0 skipped, ``fields`` (``pruning`` merged) on top."""
     pruning = {"skip_layers": [0], "ratio": 0.4, **fields.pop("pruning", {})}
     return MethodConfig.model_validate({"preset": preset, "pruning": pruning, **fields})
+
+
+def greedy_generate(model: torch.nn.Module, enc: dict[str, torch.Tensor], new: int, **kwargs: Any) -> Any:
+    """Exactly ``new`` greedy tokens for the batch ``enc`` (pad id 3), with the per-step logits."""
+    with torch.inference_mode():
+        return model.generate(
+            **enc,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=3,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prompt_helpers import calibrated_history as _history
 from prompt_helpers import encode_left as _encode
+from prompt_helpers import greedy_generate
 from prompt_helpers import method_at as _method
 from transformers import DynamicCache
 
@@ -28,17 +29,7 @@ def _pipeline(model, method: MethodConfig, history) -> Pipeline:
 
 
 def _generate(model, enc, new: int = NEW, **kwargs):
-    with torch.inference_mode():
-        return model.generate(
-            **enc,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=3,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **kwargs,
-        )
+    return greedy_generate(model, enc, new, **kwargs)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prompt_helpers import calibrated_history as _history
 from prompt_helpers import encode_left as _encode
+from prompt_helpers import greedy_generate
 from prompt_helpers import method_at as _method
 
 from ppframework.adapters import get_adapter
@@ -35,17 +36,7 @@ KERNEL_FAMILIES = ["llama", "llama-gqa", "qwen2", "phi3", "opt", "gemma3", "mist
 
 
 def _generate(model, enc, new: int = NEW, **kwargs):
-    with torch.inference_mode():
-        return model.generate(
-            **enc,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=3,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **kwargs,
-        )
+    return greedy_generate(model, enc, new, **kwargs)
 
 
 def _run(model, history, prompts, **fields):
