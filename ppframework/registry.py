@@ -47,8 +47,17 @@ class StrategyInfo:
         doc = (self.cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def build(self, params: dict[str, Any] | None = None, field_path: str = "params") -> Any:
-        """Instantiate the strategy with validated parameters."""
+    def build(
+        self,
+        params: dict[str, Any] | None = None,
+        field_path: str = "params",
+        registry: StrategyRegistry | None = None,
+    ) -> Any:
+        """Instantiate the strategy with validated parameters.
+
+        A composite strategy (one whose class has ``build_with(params, build_child, field_path)``, e.g.
+        ``per-block``) gets its children built through ``registry`` (the default registry if None).
+        """
         params_model: type[BaseModel] | None = getattr(self.cls, "Params", None)
         params = params or {}
         if params_model is None:
@@ -67,6 +76,15 @@ class StrategyInfo:
                 for e in exc.errors()
             ]
             raise ConfigError("\n".join(lines)) from None
+        build_with = getattr(self.cls, "build_with", None)
+        if build_with is not None:
+            source = registry or default_registry()
+
+            def build_child(stage: str, spec: Any, path: str) -> Any:
+                info = source.get(stage, spec.name, f"{path}.name")
+                return info.build(spec.params, f"{path}.params", source)
+
+            return build_with(validated, build_child, field_path)
         return self.cls(validated)
 
 
@@ -255,7 +273,7 @@ class StrategyRegistry:
             stage_cfg = getattr(method.strategies, stage)
             path = f"{field_prefix}.strategies.{stage}"
             info = self.get(stage, stage_cfg.name, f"{path}.name")
-            built[stage] = info.build(stage_cfg.params, f"{path}.params")
+            built[stage] = info.build(stage_cfg.params, f"{path}.params", self)
         return built
 
 

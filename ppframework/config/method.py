@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 
 from ppframework.config.base import StrictModel
 from ppframework.config.merge import merge_method
-from ppframework.config.method_parts import HistoryConfig, PruningConfig, StrategiesConfig
-from ppframework.config.presets import PRESETS, pp_strategies
+from ppframework.config.method_parts import HistoryConfig, PruningConfig, StageConfig, StrategiesConfig
+from ppframework.config.presets import PER_BLOCK_DEFAULTS, PRESETS, pp_strategies
 
 
 def method_label(name: str, ratio: float) -> str:
@@ -76,16 +76,41 @@ def method_inconsistency(method: MethodConfig) -> str | None:
             "strategies.fuse_history: 'none' uses the probe alone, but select_probe is 'none'; choose a "
             "probe (residual, random, full) or fuse_history 'history-only'"
         )
+    for field, scorer in _scorers(st.score_channels.name, st.score_channels.params):
+        problem = _metric_inconsistency(field, scorer, has_probe, has_history, fusion)
+        if problem:
+            return problem
+    return None
+
+
+def _scorers(metric: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(config path, stage config) of each scorer a method uses: the children of ``per-block`` (by
+    block kind, defaults filled in), otherwise the one strategy."""
+    path = "strategies.score_channels"
+    if metric != "per-block":
+        return [(path, StageConfig(name=metric, params=params))]
+    scorers = []
+    for kind in ("attention", "mlp"):
+        spec = params.get(kind, PER_BLOCK_DEFAULTS[kind])
+        scorers.append((f"{path}.params.{kind}", StageConfig.model_validate(spec)))
+    return scorers
+
+
+def _metric_inconsistency(
+    field: str, scorer: StageConfig, has_probe: bool, has_history: bool, fusion: str
+) -> str | None:
+    """Why one scorer (``field`` its config path) cannot work with the method's probe, history and
+    fusion, or None."""
+    metric, params = scorer.name, scorer.params
     if metric in ("flap", "flap-ppcode") and (has_probe and fusion != "history-only" or not has_history):
         return (
-            f"strategies.score_channels: {metric!r} scores the calibration's fluctuation; use select_probe "
+            f"{field}: {metric!r} scores the calibration's fluctuation; use select_probe "
             "'none' (or fuse_history 'history-only') and history.init 'calibration'"
         )
-    ppsp_params = st.score_channels.params
-    from_calibration = ppsp_params.get("compensation_mean", "calibration") == "calibration" or not has_probe
-    if metric == "ppsp" and ppsp_params.get("bias_compensation") and from_calibration and not has_history:
+    from_calibration = params.get("compensation_mean", "calibration") == "calibration" or not has_probe
+    if metric == "ppsp" and params.get("bias_compensation") and from_calibration and not has_history:
         return (
-            "strategies.score_channels.params.bias_compensation: compensation adds back the calibration "
+            f"{field}.params.bias_compensation: compensation adds back the calibration "
             "mean of the pruned channels, which needs history.init 'calibration'; set it, take the means "
             "from the probe (compensation_mean: probe, with a probe), or turn bias_compensation off"
         )
@@ -94,7 +119,7 @@ def method_inconsistency(method: MethodConfig) -> str | None:
         from_history = has_history and fusion in HISTORY_FUSIONS
         if not (from_probe or from_history):
             return (
-                f"strategies.score_channels: {metric!r} needs activations, but this method has neither a "
+                f"{field}: {metric!r} needs activations, but this method has neither a "
                 f"probe feeding fuse_history {fusion!r} nor a calibration history; set history.init "
                 "'calibration' or choose a probe"
             )

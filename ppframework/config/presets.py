@@ -7,6 +7,7 @@ some stages and the history replaced; :func:`_preset` fills in what they all sha
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -34,6 +35,15 @@ def _static(**changes: Any) -> dict[str, Any]:
     """A static method's strategies: no probe, scores from the history alone, other stages replaced."""
     return _strategies(select_probe="none", fuse_history="history-only", **changes)
 
+
+PER_BLOCK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "attention": {"name": "wanda", "params": {"head_reduce": "l2", "output_gain": True}},
+    "mlp": {"name": "ppsp", "params": {"output_gain": True}},
+}
+"""``per-block``'s default scorer of each block kind: Wanda's metric (L2 heads) for attention and PPsp for
+the MLP, both with the block's output gain folded in (what the per-block diagnostic points to)."""
+
+_BLOCKWISE = {"name": "per-block", "params": PER_BLOCK_DEFAULTS}
 
 _CALIBRATION_EMA = {"init": "calibration", "update": "ema", "momentum": 0.99}
 _CALIBRATION_ONLY = {"init": "calibration", "update": "frozen"}
@@ -119,6 +129,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "post-norm weights, an identity elsewhere), heads by sum.",
         _strategies(score_channels={"name": "wanda", "params": {"output_gain": True}}),
         _CALIBRATION_EMA,
+    ),
+    "pp-blockwise": _preset(
+        "PP with a metric per block kind (ours, not the paper's): Wanda's metric "
+        "sqrt(a_c) * sum_i |g_i W[i,c]| with L2 heads for attention, PPsp a_c * sqrt(sum_i (g_i W[i,c])^4) "
+        "for the MLP (g the block's output gain: Gemma 3's post-norm weights, an identity elsewhere); "
+        "otherwise PP (probe, history, fusion).",
+        _strategies(score_channels=copy.deepcopy(_BLOCKWISE)),
+        _CALIBRATION_EMA,
+    ),
+    "pp-prompt-blockwise": _preset(
+        "pp-prompt with pp-blockwise's metrics (ours, not the paper's): every prompt decides alone from its "
+        "own dense prefill, fused with the calibration + EMA 0.99 history; Wanda's metric with L2 heads for "
+        "attention, PPsp for the MLP, output gains folded in; decode steps run on the masks decided.",
+        _strategies(select_probe="full", score_channels=copy.deepcopy(_BLOCKWISE)),
+        _CALIBRATION_EMA,
+        decision="sequence",
+        prefill="dense",
     ),
     "static-ppsp": _preset(
         "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "

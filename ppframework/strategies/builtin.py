@@ -22,6 +22,7 @@ from ppframework.strategies.griffin import GriffinScore
 from ppframework.strategies.inference import MaskedInference, SlicedInference
 from ppframework.strategies.layer_removal import BlockInfluenceRemoval
 from ppframework.strategies.masking import StructuredMask
+from ppframework.strategies.per_block import PerBlockScore
 from ppframework.strategies.probe import FullBatchProbe, NoProbe, RandomProbe, ResidualProbe
 from ppframework.strategies.scoring import FlapScore, MagnitudeScore, PPspScore, WandaSpScore
 from ppframework.strategies.taylor import TaylorScore
@@ -41,6 +42,7 @@ BUILTIN_STRATEGIES: tuple[type, ...] = (
     FlapScore,
     FlapPPCodeScore,
     WandaScore,
+    PerBlockScore,
     MagnitudeScore,
     GriffinScore,
     TaylorScore,
