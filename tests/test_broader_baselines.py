@@ -234,8 +234,62 @@ def test_removal_equals_a_model_built_without_those_layers(
         torch.testing.assert_close(ours, theirs)
     # detaching restores the model: its own forwards, the dense logits
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
-    with pytest.raises(ConfigError, match="removes whole layers"):  # no per-block masks to export
+    with pytest.raises(ConfigError, match="removes whole layers"):  # no per-block masks
         pipe.static_masks()
+
+
+@pytest.mark.parametrize(
+    ("family", "form"), [("llama-gqa", "auto"), ("gemma3", "auto"), ("opt", "per-layer")]
+)
+def test_an_exported_removal_is_the_model_without_those_layers(
+    family: str, form: str, tmp_path: Path, tiny_text_file: Path
+) -> None:
+    """The export drops the removed layers (renumbering the rest, Gemma's layer_types with them): its
+    logits and its generate() with the key/value cache equal the attached pipeline's."""
+    from ppframework.export import export_pruned, load_pruned
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    raw = _run_config(tmp_path, tmp_path, tiny_text_file, [{"preset": "shortgpt", "pruning": {"ratio": 0.5}}])
+    pipe = build_pipeline(model, load_config(raw), tokenizer=tok, progress=False)
+    result = export_pruned(pipe, tmp_path / "exported", tokenizer=tok, format=form)
+    assert result.format == ("hf" if form == "auto" else "per-layer") and result.reason is None
+    exported, _ = load_pruned(result.path)
+    removed = pipe.layers_to_remove()
+    num_layers = model.config.num_hidden_layers
+    assert len(removed) == num_layers // 2 and exported.config.num_hidden_layers == num_layers - len(removed)
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        assert exported.config.layer_types == [t for i, t in enumerate(types) if i not in removed]
+        assert len(set(exported.config.layer_types)) > 1 or len(set(types)) == 1
+    prompts = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(7))
+    settings_ = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    with pipe, torch.no_grad():
+        logits = model(input_ids=prompts).logits
+        generated = model.generate(input_ids=prompts, pad_token_id=3, **settings_)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=prompts).logits, logits)
+        again = exported.generate(input_ids=prompts, pad_token_id=3, **settings_)
+        assert not torch.allclose(model(input_ids=prompts).logits, logits)  # the removal changed the output
+    assert torch.equal(again.sequences, generated.sequences)
+    assert result.parameters < result.source_parameters
+
+
+def test_ppf_export_writes_a_removal(tmp_path: Path, tiny_model_dir: Any, tiny_text_file: Path) -> None:
+    from ppframework.export import load_pruned
+
+    raw = _run_config(
+        tmp_path, tiny_model_dir("llama"), tiny_text_file, [{"preset": "shortgpt", "pruning": {"ratio": 0.5}}]
+    )
+    config = tmp_path / "export.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli.main(["export", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    exported, tokenizer = load_pruned(tmp_path / "out")
+    assert exported.config.num_hidden_layers == 2 and tokenizer is not None
 
 
 def test_removal_at_ratio_zero_is_the_unmodified_model(tmp_path: Path, tiny_text_file: Path) -> None:

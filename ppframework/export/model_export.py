@@ -31,6 +31,7 @@ from ppframework.export.build import build_pruned_model
 from ppframework.export.errors import ExportError
 from ppframework.export.families import ExportFamily, export_family
 from ppframework.export.folder import check_target, staged_folder, verify_folder
+from ppframework.export.layer_removal import kept_layers, removed_layers_config, removed_layers_state
 from ppframework.export.layout import PrunedLayout
 from ppframework.export.slicing import KeptUnits, kept_units, plan_layout, sliced_state
 from ppframework.models.tokenizer import load_tokenizer
@@ -148,28 +149,12 @@ def export_pruned(
         raise ExportError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     check_exportable(pipe)
     check_target(out, field_name)
-    model, adapter = pipe.model, pipe.adapter
+    model = pipe.model
     family = export_family(str(model.config.model_type))
-    masks = pipe.static_masks()
-    kept: KeptUnits = kept_units(adapter, masks)
-    shared, _ = plan_layout(adapter, kept, family, shared_kv=True)
-    obstacle = hf_obstacle(family, shared)
-    if obstacle is None:
-        obstacle = config_obstacle(_hf_config(model, family, shared))
-    if format == "hf" and obstacle is not None:
-        raise ExportError(
-            f"format: 'hf' is impossible here: {obstacle}; use format 'per-layer' (ppf export --format "
-            "per-layer) or 'auto', and load it with ppframework.load_pruned(DIR)"
-        )
-    chosen = "hf" if format != "per-layer" and obstacle is None else "per-layer"
-    layout, slots = plan_layout(adapter, kept, family, shared_kv=chosen == "hf")
-    state = sliced_state(model, adapter, kept, slots, family)
-    if chosen == "hf":
-        config = _hf_config(model, family, layout)
-        pruned = build_pruned_model(config, state, family)
+    if pipe.removes_layers:
+        chosen, obstacle, layout, pruned = _export_layer_removal(pipe, family, format)
     else:
-        config = copy.deepcopy(model.config)
-        pruned = build_pruned_model(config, state, family, layout)
+        chosen, obstacle, layout, pruned = _export_sliced(pipe, family, format)
     info = {
         "format": chosen,
         "reason": obstacle if chosen == "per-layer" else None,
@@ -202,6 +187,48 @@ def export_pruned(
         parameters=info["parameters"],
         elapsed_s=time.perf_counter() - start,
     )
+
+
+def _export_sliced(
+    pipe: Pipeline, family: ExportFamily, format: ExportFormat
+) -> tuple[str, str | None, PrunedLayout, PreTrainedModel]:
+    """(format chosen, why not hf, layout, model) for a decision that prunes inside blocks."""
+    model, adapter = pipe.model, pipe.adapter
+    kept: KeptUnits = kept_units(adapter, pipe.static_masks())
+    shared, _ = plan_layout(adapter, kept, family, shared_kv=True)
+    obstacle = hf_obstacle(family, shared)
+    if obstacle is None:
+        obstacle = config_obstacle(_hf_config(model, family, shared))
+    if format == "hf" and obstacle is not None:
+        raise ExportError(
+            f"format: 'hf' is impossible here: {obstacle}; use format 'per-layer' (ppf export --format "
+            "per-layer) or 'auto', and load it with ppframework.load_pruned(DIR)"
+        )
+    chosen = "hf" if format != "per-layer" and obstacle is None else "per-layer"
+    layout, slots = plan_layout(adapter, kept, family, shared_kv=chosen == "hf")
+    state = sliced_state(model, adapter, kept, slots, family)
+    if chosen == "hf":
+        return chosen, obstacle, layout, build_pruned_model(_hf_config(model, family, layout), state, family)
+    return chosen, obstacle, layout, build_pruned_model(copy.deepcopy(model.config), state, family, layout)
+
+
+def _export_layer_removal(
+    pipe: Pipeline, family: ExportFamily, format: ExportFormat
+) -> tuple[str, str | None, PrunedLayout, PreTrainedModel]:
+    """(format chosen, None, layout, model) for a whole-layer removal: the kept layers renumbered, at
+    their full widths, which a standard checkpoint describes (``per-layer`` writes the same model with
+    ``ppf_layers.json`` beside it when asked for)."""
+    model, adapter = pipe.model, pipe.adapter
+    removed = pipe.layers_to_remove()
+    config = removed_layers_config(model.config, removed)
+    state = removed_layers_state(model, removed)
+    full = kept_units(adapter, {})
+    layout, _ = plan_layout(adapter, full, family, shared_kv=True)
+    keep = kept_layers(adapter.num_layers, removed)
+    layout = PrunedLayout(layout.family, layout.head_dim, tuple(layout.layers[index] for index in keep))
+    chosen = "per-layer" if format == "per-layer" else "hf"
+    logger.info("%s removes layers %s of %d", pipe.method.label, removed, adapter.num_layers)
+    return chosen, None, layout, build_pruned_model(config, state, family, layout if chosen != "hf" else None)
 
 
 def _read_state(folder: Path) -> dict[str, Any]:

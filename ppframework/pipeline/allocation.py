@@ -50,8 +50,8 @@ class Allocation(PipelineState):
         if getattr(self.strategies["allocate"], "removes_layers", False):
             raise ConfigError(
                 f"{self.method.label}: strategies.allocate {self.method.strategies.allocate.name!r} removes "
-                "whole layers and has no per-block masks (after attaching, Pipeline.removed_layers lists "
-                "them); exporting a layer removal is not supported yet"
+                "whole layers and has no per-block masks; Pipeline.layers_to_remove() lists them (an export "
+                "drops them)"
             )
         if self.needs_history and self.history is None:
             raise ConfigError(

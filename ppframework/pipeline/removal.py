@@ -32,8 +32,9 @@ class LayerRemoval(Accounting):
         """Whether this method removes whole layers instead of pruning inside blocks."""
         return bool(getattr(self.strategies["allocate"], "removes_layers", False))
 
-    def _attach_removal(self, backbone: nn.Module) -> None:
-        """Choose the layers (from the history's ``layer_influence``) and route them to the identity."""
+    def layers_to_remove(self) -> list[int]:
+        """The layers this method removes (sorted), chosen from the history's ``layer_influence``;
+        what attaching routes to the identity and what an export drops."""
         influence = self.history.layer_influence if self.history is not None else None
         if influence is None:
             raise ConfigError(
@@ -43,9 +44,15 @@ class LayerRemoval(Accounting):
                 "run config"
             )
         strategy = self.strategies["allocate"]
-        self.removed_layers = strategy.layers_to_remove(
-            influence, self.method.pruning.ratio, self.adapter.num_layers, self.pruned_layers
+        return sorted(
+            strategy.layers_to_remove(
+                influence, self.method.pruning.ratio, self.adapter.num_layers, self.pruned_layers
+            )
         )
+
+    def _attach_removal(self, backbone: nn.Module) -> None:
+        """Choose the layers (:meth:`layers_to_remove`) and route them to the identity."""
+        self.removed_layers = self.layers_to_remove()
         self.block_ratios = {
             (layer, kind): 1.0 if layer in self.removed_layers else 0.0
             for layer in self.pruned_layers
