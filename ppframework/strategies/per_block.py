@@ -43,7 +43,7 @@ class PerBlockParams(BaseModel):
 
 
 class PerBlockScore:
-    """Scores attention heads with one ``score_channels`` strategy and MLP channels with another."""
+    """Scores attention heads with one score_channels strategy and MLP channels with another."""
 
     stage = "score_channels"
     name = "per-block"
