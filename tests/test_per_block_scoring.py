@@ -155,3 +155,12 @@ def test_direct_construction_knows_the_builtin_children_only() -> None:
 
 def test_per_block_meets_the_score_channels_contract() -> None:
     check_score_channels(PerBlockScore(), max_examples=10)
+
+
+def test_the_childrens_calibration_passes_are_asked_for() -> None:
+    method = _method(
+        {"name": "per-block", "params": {"attention": {"name": "taylor"}, "mlp": PPSP}}, static=True
+    )
+    scorer = default_registry().build_method(method)["score_channels"]
+    assert scorer.calibration_statistics == ("taylor",)
+    assert PerBlockScore().calibration_statistics == ()

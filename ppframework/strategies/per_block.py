@@ -54,6 +54,14 @@ class PerBlockScore:
     ) -> None:
         self.params = params or PerBlockParams()
         self.children = children if children is not None else _builtin_children(self.params)
+        #: The extra calibration passes the children need (e.g. ``taylor``'s gradient pass).
+        self.calibration_statistics = tuple(
+            dict.fromkeys(
+                name
+                for child in self.children.values()
+                for name in getattr(child, "calibration_statistics", ())
+            )
+        )
 
     @classmethod
     def build_with(cls, params: PerBlockParams, build_child: ChildBuilder, field_path: str) -> PerBlockScore:
