@@ -284,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     current = settings(args, cfg, window_len, prefix_len)
     wanted = {(m.label, b) for m in cfg.methods for b in args.batch_sizes}
-    rows = [row for row in previous_rows(out, current) if (row["method"], row["batch_size"]) in wanted]
+    # Every finished row of the same settings stays in the file, also those this run does not plan
+    # (another --methods / --batch-sizes run wrote them); only the planned missing ones are computed.
+    rows = previous_rows(out, current)
+    others = [row for row in rows if (row["method"], row["batch_size"]) not in wanted]
+    if others:
+        logger.info("keeping %d earlier row(s) of %s outside this run's plan", len(others), out)
     done = {(row["method"], row["batch_size"]) for row in rows}
     todo = [(i, b) for i, m in enumerate(cfg.methods) for b in args.batch_sizes if (m.label, b) not in done]
     if not todo:

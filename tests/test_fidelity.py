@@ -348,6 +348,19 @@ def test_prompt_conditioned_benchmark_tiny_end_to_end(tmp_path, tiny_model_dir, 
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
 
+    # A run of other methods into the same folder adds its rows and keeps every earlier one.
+    subset = command[:]
+    subset[subset.index("--methods") + 1 : subset.index("--ratios")] = ["magnitude"]
+    subset[subset.index("--batch-sizes") + 1 : subset.index("--prompt-sets")] = ["1"]
+    more = subprocess.run(subset, capture_output=True, text=True, timeout=120)
+    assert more.returncode == 0, more.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[: len(expected)] == json.loads(before)["rows"]
+    assert [(r["method"], r["batch_size"]) for r in rows[len(expected) :]] == [
+        ("magnitude 20%", 1),
+        ("magnitude 40%", 1),
+    ]
+
 
 def test_prompt_conditioned_only_keeps_the_named_methods_and_names_unknown_ones(tmp_path):
     spec = importlib.util.spec_from_file_location("prompt_conditioned", SCRIPT)
