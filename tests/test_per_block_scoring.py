@@ -135,6 +135,7 @@ def test_presets_use_the_default_children() -> None:
             r"strategies\.score_channels\.params\.attention\.params\.head_reduce",
         ),
         ({"name": "per-block", "params": {"embedding": PPSP}}, r"strategies\.score_channels\.params"),
+        ({"name": "per-block", "params": {"mlp": 3}}, r"strategies\.score_channels\.params\.mlp"),
     ],
 )
 def test_bad_children_are_refused_naming_the_field(score: dict[str, Any], match: str) -> None:

@@ -91,8 +91,11 @@ def _scorers(metric: str, params: dict[str, Any]) -> list[tuple[str, Any]]:
         return [(path, StageConfig(name=metric, params=params))]
     scorers = []
     for kind in ("attention", "mlp"):
-        spec = params.get(kind, PER_BLOCK_DEFAULTS[kind])
-        scorers.append((f"{path}.params.{kind}", StageConfig.model_validate(spec)))
+        try:
+            spec = StageConfig.model_validate(params.get(kind, PER_BLOCK_DEFAULTS[kind]))
+        except ValueError:  # malformed: the registry names the field when it builds the strategy
+            continue
+        scorers.append((f"{path}.params.{kind}", spec))
     return scorers
 
 
