@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompt_helpers import calibrated_history as _history
+from prompt_helpers import encode_left, greedy_generate
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ppframework.adapters import get_adapter
-from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig, parse_run_config
 from ppframework.errors import ConfigError
 from ppframework.hookspecs import hookimpl
@@ -19,14 +20,7 @@ PROMPTS = ["Hello there, how are", "A much longer prompt, to test left padding h
 
 
 def _encode(prompts: list[str] = PROMPTS) -> dict[str, torch.Tensor]:
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    return dict(tok(prompts, return_tensors="pt", padding=True))
-
-
-def _history(model: torch.nn.Module, seq: int = 128):
-    ids = torch.randint(4, 90, (4, seq), generator=torch.Generator().manual_seed(1))
-    return calibrate(model, get_adapter(model), [ids], progress=False)
+    return encode_left(prompts)
 
 
 def _pipeline(model: torch.nn.Module, preset: str = "pp", decode: str = "frozen", **pruning) -> Pipeline:
@@ -38,17 +32,7 @@ def _pipeline(model: torch.nn.Module, preset: str = "pp", decode: str = "frozen"
 
 
 def _generate(model: torch.nn.Module, enc: dict, new: int = 16, **kwargs):
-    with torch.inference_mode():
-        return model.generate(
-            **enc,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=3,
-            return_dict_in_generate=True,
-            output_logits=True,
-            **kwargs,
-        )
+    return greedy_generate(model, enc, new, **kwargs)
 
 
 class ReplayMasks:
