@@ -314,13 +314,13 @@ def test_static_method_decides_once_and_never_gathers_per_batch(monkeypatch):
             for ids in batches:
                 reference.append(model(input_ids=ids, use_cache=False).logits)
     calls = []
-    original = adapter_base.gather_weight
+    original = adapter_base.gather_stacked  # how pinned weights are gathered without autograd
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(adapter_base, "gather_weight", counting)
+    monkeypatch.setattr(adapter_base, "gather_stacked", counting)
     pipe = Pipeline(model, _method("static-ppsp"), history=calibration.clone())
     recorder = MaskRecorder()
     pipe.plugin_manager.register(recorder)

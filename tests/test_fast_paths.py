@@ -215,6 +215,43 @@ def test_gather_into_buffers_equals_gather_weight():
     assert runner.buffers.nbytes > 0
 
 
+def test_pinned_gather_fills_its_own_tensor_with_the_part_by_part_values():
+    """Pinned weights are gathered straight into one tensor per role (no per-part copies then a
+    concatenation): the same values as gathering part by part, each pin in memory of its own (a pinned
+    weight outlives the decision forward, so it must never share the per-batch buffers), and with
+    autograd on the part-by-part gather that records it."""
+    gen = torch.Generator().manual_seed(3)
+    linears = [nn.Linear(6, 5, bias=b) for b in (True, False, True)]
+    for lin in linears:
+        lin.weight.data = torch.randn(5, 6, generator=gen)
+        if lin.bias is not None:
+            lin.bias.data = torch.randn(5, generator=gen)
+    rows = (torch.tensor([0, 3]), None, torch.tensor([1, 2, 4]))
+    cols = torch.tensor([0, 2, 5])
+    runner = get_adapter(tiny_model("llama")).runner(0, BlockKind.MLP)
+    runner.buffers = GatherBuffers()
+    cases = {"rows": (tuple(linears), rows, None), "rows+cols": (tuple(linears), rows, cols)}
+    cases["cols"] = ((linears[0],), (None,), cols)
+    for grad in (False, True):
+        runner.unpin_weights()
+        runner.pin_weights()
+        with torch.set_grad_enabled(grad):
+            got = {role: runner.gather(role, lins, r, c) for role, (lins, r, c) in cases.items()}
+            for role, (lins, r, c) in cases.items():
+                parts = [gather_weight(lin, ri, c) for lin, ri in zip(lins, r, strict=True)]
+                want_w = torch.cat([w for w, _ in parts])
+                weight, bias = got[role]
+                assert torch.equal(weight, want_w), role
+                assert weight.requires_grad == grad, role
+                if role == "cols":
+                    assert bias is lins[0].bias  # columns only: the full bias, shared
+                else:
+                    want_b = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for w, b in parts])
+                    assert torch.equal(bias, want_b), role
+        pointers = {w.data_ptr() for w, _ in got.values()}
+        assert len(pointers) == len(cases) and runner.buffers.nbytes == 0  # own tensors, no shared buffer
+
+
 def test_fill_outside_probe_equals_computing_every_token():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(5, 9, 4, generator=gen)

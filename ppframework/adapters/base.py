@@ -19,7 +19,9 @@ from ppframework.adapters.attention import causal_attention
 from ppframework.adapters.gather import (
     GatherBuffers,
     concat_parts,
+    gather_stacked,
     gather_weight,
+    new_tensor,
     sliced_linear,
     unit_channels,
 )
@@ -168,8 +170,11 @@ class BlockRunner(ABC):
         assert self._pinned is not None
         cached = self._pinned.get(role)
         if cached is None:
-            parts = [gather_weight(lin, r, cols) for lin, r in zip(linears, rows, strict=True)]
-            weight, bias = concat_parts(parts)
+            if torch.is_grad_enabled():  # out= gathers cannot record autograd
+                parts = [gather_weight(lin, r, cols) for lin, r in zip(linears, rows, strict=True)]
+                weight, bias = concat_parts(parts)
+            else:  # straight into one new tensor the pins own: no per-part copies, no concatenation
+                weight, bias = gather_stacked(new_tensor, role, linears, rows, cols)
             self._pinned[role] = (rows, cols, weight, bias)
             return weight, bias
         same = all(_same_index(a, b) for a, b in zip(cached[0], rows, strict=True))
@@ -185,40 +190,7 @@ class BlockRunner(ABC):
         rows: tuple[torch.Tensor | None, ...],
         cols: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        first = linears[0].weight
-        widths = [
-            lin.weight.shape[0] if r is None else int(r.numel()) for lin, r in zip(linears, rows, strict=True)
-        ]
-        n_in = first.shape[1] if cols is None else int(cols.numel())
-        weight = buffers.get(role, (sum(widths), n_in), first)
-        biases = [lin.bias for lin in linears]
-        bias: torch.Tensor | None = None
-        if len(linears) == 1 and rows[0] is None:
-            bias = biases[0]  # columns only: the full bias, shared, not copied
-        elif any(b is not None for b in biases):
-            bias = buffers.get(role + ".bias", (sum(widths),), first)
-        start = 0
-        for lin, r, width, b in zip(linears, rows, widths, biases, strict=True):
-            dst = weight.narrow(0, start, width)
-            src = lin.weight
-            if r is not None and cols is not None:
-                torch.index_select(src.index_select(0, r), 1, cols, out=dst)
-            elif r is not None:
-                torch.index_select(src, 0, r, out=dst)
-            elif cols is not None:  # a column gather: gather with a broadcast index is the faster form
-                torch.gather(src, 1, cols.expand(src.shape[0], cols.numel()), out=dst)
-            else:
-                dst.copy_(src)
-            if bias is not None and bias is not b:
-                bdst = bias.narrow(0, start, width)
-                if b is None:
-                    bdst.zero_()
-                elif r is not None:
-                    torch.index_select(b, 0, r, out=bdst)
-                else:
-                    bdst.copy_(b)
-            start += width
-        return weight, bias
+        return gather_stacked(buffers.get, role, linears, rows, cols)
 
     def linear(
         self,

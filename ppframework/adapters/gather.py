@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,6 +56,64 @@ def concat_parts(
     if all(b is None for _, b in parts):
         return weight, None
     bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+    return weight, bias
+
+
+Allocator = Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor]
+"""``(role, shape, like) -> tensor`` of ``shape`` with ``like``'s dtype and device, contents undefined."""
+
+
+def new_tensor(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A new uninitialised tensor of ``shape`` (an :data:`Allocator` for gathers that keep their result)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def gather_stacked(
+    allocate: Allocator,
+    role: str,
+    linears: tuple[nn.Linear, ...],
+    rows: tuple[torch.Tensor | None, ...],
+    cols: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of ``linears`` restricted to their ``rows`` and to input ``cols``,
+    gathered straight into one tensor stacked along the output dimension (``allocate`` provides it, and
+    ``role + ".bias"`` the bias): the values of :func:`gather_weight` per part then
+    :func:`concat_parts`, without their intermediate copies. Autograd off only (``out=`` gathers).
+
+    A single linear gathered by columns only keeps its own bias (shared, not copied)."""
+    first = linears[0].weight
+    widths = [
+        lin.weight.shape[0] if r is None else int(r.numel()) for lin, r in zip(linears, rows, strict=True)
+    ]
+    n_in = first.shape[1] if cols is None else int(cols.numel())
+    weight = allocate(role, (sum(widths), n_in), first)
+    biases = [lin.bias for lin in linears]
+    bias: torch.Tensor | None = None
+    if len(linears) == 1 and rows[0] is None:
+        bias = biases[0]  # columns only: the full bias, shared, not copied
+    elif any(b is not None for b in biases):
+        bias = allocate(role + ".bias", (sum(widths),), first)
+    start = 0
+    for lin, r, width, b in zip(linears, rows, widths, biases, strict=True):
+        dst = weight.narrow(0, start, width)
+        src = lin.weight
+        if r is not None and cols is not None:
+            torch.index_select(src.index_select(0, r), 1, cols, out=dst)
+        elif r is not None:
+            torch.index_select(src, 0, r, out=dst)
+        elif cols is not None:  # a column gather: gather with a broadcast index is the faster form
+            torch.gather(src, 1, cols.expand(src.shape[0], cols.numel()), out=dst)
+        else:
+            dst.copy_(src)
+        if bias is not None and bias is not b:
+            bdst = bias.narrow(0, start, width)
+            if b is None:
+                bdst.zero_()
+            elif r is not None:
+                torch.index_select(b, 0, r, out=bdst)
+            else:
+                bdst.copy_(b)
+        start += width
     return weight, bias
 
 
