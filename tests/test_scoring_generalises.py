@@ -179,8 +179,10 @@ def test_head_sums_clamp_at_the_fp16_maximum() -> None:
 
 
 def _ctx(kind: BlockKind, hidden: int, channels: int, gain: torch.Tensor | None) -> Any:
-    geo = BlockGeometry(kind, units=channels // 2, unit_width=2) if kind is BlockKind.ATTENTION else (
-        BlockGeometry(kind, units=channels, unit_width=1)
+    geo = (
+        BlockGeometry(kind, units=channels // 2, unit_width=2)
+        if kind is BlockKind.ATTENTION
+        else (BlockGeometry(kind, units=channels, unit_width=1))
     )
     ctx = make_context(kind, geo, seed=0)
     ctx.output_gain = gain
@@ -242,6 +244,72 @@ def test_pp_gain_is_pp_without_post_norms_and_differs_on_gemma3() -> None:
         history = calibrate(model, get_adapter(model), batches, progress=False)
         pp, gain = _logits(model, "pp", history, batches), _logits(model, "pp-gain", history, batches)
         assert torch.equal(pp, gain) is same, family
+
+
+def _wanda_method(**params: Any) -> MethodConfig:
+    strategies = {"score_channels": {"name": "wanda", "params": {"head_reduce": "l2", **params}}}
+    pruning = {"ratio": 0.4, "skip_layers": [0]}
+    return MethodConfig.model_validate({"preset": "pp", "pruning": pruning, "strategies": strategies})
+
+
+def _run_method(
+    model: torch.nn.Module, method: MethodConfig, history: Any, batches: list[torch.Tensor]
+) -> Any:
+    pipe = Pipeline(model, method, history=history.clone())
+    with pipe, torch.no_grad():
+        return torch.stack([model(input_ids=b, use_cache=False).logits for b in batches]), pipe
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3"])
+def test_dynamic_wanda_compensation_sliced_equals_masked_and_adds_the_pruned_means(family: str) -> None:
+    """Dynamic Wanda with FLAP's bias compensation: sliced == masked, every pruned block carries the bias
+    ``W[:, pruned] @ mean[pruned]`` of its calibration means, the first block decides as without it,
+    and the output changes; off, it is bit for bit the uncompensated metric."""
+    model = tiny_model(family)
+    batches = _batches([4, 4], seq=16, seed=9)
+    history = calibrate(model, get_adapter(model), batches, progress=False)
+    compensated = _wanda_method(bias_compensation=True)
+    sliced, pipe = _run_method(model, compensated, history, batches)
+    masked_method = compensated.model_copy(deep=True)
+    masked_method.strategies.infer.name = "masked"
+    masked, _ = _run_method(model, masked_method, history, batches)
+    torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-4)
+    plain, plain_pipe = _run_method(model, _wanda_method(), history, batches)
+    default, _ = _run_method(model, _wanda_method(bias_compensation=False), history, batches)
+    assert torch.equal(plain, default)
+    first = (1, BlockKind.ATTENTION)
+    assert torch.equal(plain_pipe.last_masks[first].kept_units, pipe.last_masks[first].kept_units)
+    assert plain_pipe.last_masks[first].output_bias is None
+    assert all(mask.output_bias is not None for mask in pipe.last_masks.values())
+    assert not torch.allclose(sliced, plain)
+
+
+def test_dynamic_wanda_compensation_means_from_the_probe() -> None:
+    states = torch.tensor([[[1.0, 10.0], [3.0, 20.0]], [[5.0, 30.0], [100.0, 100.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    probe = Probe(batch_index=torch.tensor([0, 1]), token_index=torch.tensor([0, 1]), valid=valid)
+    ctx = make_context(BlockKind.MLP, BlockGeometry(BlockKind.MLP, units=2, unit_width=1), seq_len=2)
+    params = WandaParams(bias_compensation=True, compensation_mean="probe")
+    scores = WandaScore(params).score_channels(
+        ctx=ctx, probe=probe, probe_states=states, weight=torch.ones(3, 2)
+    )
+    assert scores.bias_compensation and scores.channel_mean.tolist() == pytest.approx([3.0, 20.0])
+    plain = WandaScore(WandaParams(bias_compensation=True)).score_channels(
+        ctx=ctx, probe=probe, probe_states=states, weight=torch.ones(3, 2)
+    )
+    assert plain.channel_mean is None  # calibration means: the fusion stage attaches them
+
+
+def test_dynamic_wanda_compensation_without_calibration_history_names_the_field() -> None:
+    with pytest.raises(
+        ValueError, match=r"score_channels.params.bias_compensation.*history.init 'calibration'"
+    ):
+        MethodConfig.model_validate(
+            {
+                "preset": "no-history",
+                "strategies": {"score_channels": {"name": "wanda", "params": {"bias_compensation": True}}},
+            }
+        )
 
 
 def test_flap_ppcode_refuses_a_probe_naming_the_field() -> None:

@@ -111,7 +111,8 @@ def _metric_inconsistency(
             "'none' (or fuse_history 'history-only') and history.init 'calibration'"
         )
     from_calibration = params.get("compensation_mean", "calibration") == "calibration" or not has_probe
-    if metric == "ppsp" and params.get("bias_compensation") and from_calibration and not has_history:
+    compensating = metric in ("ppsp", "wanda") and params.get("bias_compensation")
+    if compensating and from_calibration and not has_history:
         return (
             f"{field}.params.bias_compensation: compensation adds back the calibration "
             "mean of the pruned channels, which needs history.init 'calibration'; set it, take the means "

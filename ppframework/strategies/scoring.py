@@ -38,6 +38,20 @@ def probe_mean(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return kept / valid.sum().clamp(min=1).to(torch.float32)
 
 
+def attach_probe_mean(
+    scores: ChannelScores,
+    bias_compensation: bool,
+    compensation_mean: str,
+    probe: Probe | None,
+    probe_states: torch.Tensor | None,
+) -> None:
+    """With bias compensation from the probe (``compensation_mean: probe``), set ``scores.channel_mean``
+    to the probe's mean of each channel; otherwise (or without a probe) leave it for the fusion stage
+    to take from the calibration history."""
+    if bias_compensation and compensation_mean == "probe" and probe is not None and probe_states is not None:
+        scores.channel_mean = probe_mean(probe_states, probe.valid)
+
+
 def ppsp_weight_term(weight: torch.Tensor) -> torch.Tensor:
     """``sqrt(sum_i W[i, c]^4)`` per input channel ``c`` of the output projection (fp32)."""
     return weight.float().pow(4).sum(dim=0).sqrt()
@@ -214,9 +228,8 @@ class PPspScore(WeightMetricScore):
     ) -> ChannelScores:
         scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
         scores.centered = self.params.centered
-        from_probe = self.params.bias_compensation and self.params.compensation_mean == "probe"
-        if from_probe and probe is not None and probe_states is not None:
-            scores.channel_mean = probe_mean(probe_states, probe.valid)
+        params = self.params
+        attach_probe_mean(scores, params.bias_compensation, params.compensation_mean, probe, probe_states)
         return scores
 
 

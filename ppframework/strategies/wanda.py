@@ -7,21 +7,26 @@ and history exactly as for PPsp, and only the metric changes (``sqrt(a_c)`` time
 weight column, instead of ``a_c`` times the L2 norm of its squares). The PP code computes the same
 dynamic metric (``HiddenRepresentationPruning.cal_*_prune_metric``, ``wandasp`` branch).
 
-Options: the head reduction (Wanda-sp's ``sum``, or ``l2``) and ``output_gain`` (fold the block's
-output gain into the weight term, :mod:`ppframework.strategies.output_aware`).
+Options: the head reduction (Wanda-sp's ``sum``, or ``l2``), ``output_gain`` (fold the block's
+output gain into the weight term, :mod:`ppframework.strategies.output_aware`) and FLAP's bias
+compensation (``bias_compensation``, means from the calibration or the probe, as PPsp's option).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ppframework.hookspecs import hookimpl
 from ppframework.strategies.scoring import (
     WeightMetricScore,
+    attach_probe_mean,
     magnitude_weight_term,
     sqrt_activation_times_weight,
 )
+from ppframework.types import BlockContext, ChannelScores, Probe
 
 
 class WandaParams(BaseModel):
@@ -36,6 +41,16 @@ class WandaParams(BaseModel):
         False,
         description="fold the block's output gain (Gemma 3's post-norm weights; identity elsewhere) into "
         "the weight term: sum_i |g_i W[i, c]|",
+    )
+    bias_compensation: bool = Field(
+        False,
+        description="add the pruned channels' mean contribution W[:, pruned] @ mean[pruned] back to the "
+        "block output, as FLAP does statically (PPsp's option of the same name)",
+    )
+    compensation_mean: Literal["calibration", "probe"] = Field(
+        "calibration",
+        description="where bias compensation's channel means come from: the calibration history or this "
+        "batch's probe (without a probe the calibration's)",
     )
 
 
@@ -52,3 +67,13 @@ class WandaScore(WeightMetricScore):
         self.params = params or WandaParams()
         self.head_reduce = self.params.head_reduce
         self.output_gain = self.params.output_gain
+        self.bias_compensation = self.params.bias_compensation
+
+    @hookimpl
+    def score_channels(
+        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
+    ) -> ChannelScores:
+        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
+        params = self.params
+        attach_probe_mean(scores, params.bias_compensation, params.compensation_mean, probe, probe_states)
+        return scores
