@@ -359,3 +359,26 @@ def test_generation_benchmark_times_dynamic_presets_with_per_row_weight_bytes(tm
     two, pp_two = rows[("pp-prompt 40%", 2)], rows[("pp 40%", 2)]
     assert two["ideal_decode_speedup"] < pp_two["ideal_decode_speedup"]
     assert two["realised_ratio"] == pytest.approx(pp_two["realised_ratio"])
+
+
+def test_generation_benchmark_preset_shapes_keep_each_presets_own_pruning(tmp_path: Path) -> None:
+    """``--preset-shapes``: GRIFFIN keeps its own pruning (every layer's MLP, no width rounding), so the
+    timed kept shapes are those the quality runs prune; by default the benchmark's skipped layer 0 and
+    rounding apply to every method."""
+    options = (
+        "--generation --workload tiny --ratios 0.2 --dynamic griffin --static none --gen-batches 1 "
+        "--prompt-len 16 --new-tokens 3 --warmup-new-tokens 2 --repeats 1 --threads 1"
+    )
+    kept = {}
+    for flag in ("", "--preset-shapes"):
+        out = tmp_path / (flag or "default")
+        command = [sys.executable, str(SCRIPT), *options.split(), *flag.split(), "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "speed.json").read_text())
+        row = next(r for r in report["rows"] if r["variant"] == "griffin 20%")
+        kept[flag] = row["kept_units"]
+        if flag:
+            assert report["settings"]["skip_layers"] == "each preset's own"
+    assert "0.mlp" not in kept[""] and "0.mlp" in kept["--preset-shapes"]
+    assert not any(key.endswith("attention") for key in kept["--preset-shapes"])

@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     gen.add_argument("--calib-seq", type=int, default=None, help="calibration tokens (default: --prompt-len)")
     gen.add_argument("--data-dir", default=None, help="WikiText-2 / C4 folder (default: the library's)")
+    gen.add_argument(
+        "--preset-shapes",
+        action="store_true",
+        help="every method keeps its preset's own skip_layers and round_to (the kept shapes ppf eval and "
+        "prompt_conditioned.py prune, e.g. GRIFFIN's every layer); default: --skip-layers / --round-to",
+    )
     parser.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/<workload>-<device>)"
     )

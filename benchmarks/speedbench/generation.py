@@ -126,11 +126,12 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     log(f"model ready ({description}, {args.device}, {args.dtype}) and calibrated in {setup_s:.1f} s")
 
     pipes: dict[str, Pipeline | None] = {"dense": None}
+    own = bool(getattr(args, "preset_shapes", False))
     for ratio in args.ratios:
-        pp = method("pp", ratio, skip, round_to, decode=args.decode)
+        pp = method("pp", ratio, skip, round_to, decode=args.decode, own_shapes=own)
         pipes[f"pp {ratio:.0%}"] = Pipeline(model, pp, history=history.clone())
         for dynamic in args.dynamic:  # e.g. pp-prompt: its own decision and prefill settings
-            dyn = method(dynamic, ratio, skip, round_to, decode=args.decode)
+            dyn = method(dynamic, ratio, skip, round_to, decode=args.decode, own_shapes=own)
             for kernel in sequence_kernels(args, dyn):
                 variant = (
                     dyn
@@ -142,7 +143,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                     model, variant, history=history.clone() if dyn.needs_calibration else None
                 )
         for static in statics(args):
-            static_method = method(static, ratio, skip, round_to, decode=args.decode)
+            static_method = method(static, ratio, skip, round_to, decode=args.decode, own_shapes=own)
             hist = history if static_method.needs_calibration else None
             pipes[f"{static} {ratio:.0%}"] = Pipeline(model, static_method, history=hist)
 
@@ -337,8 +338,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         "decode": args.decode or "frozen",
         "ratios": args.ratios,
         "static": ", ".join(statics(args)) or "none",
-        "skip_layers": skip,
-        "round_to": round_to,
+        "skip_layers": "each preset's own" if own else skip,
+        "round_to": "each preset's own" if own else round_to,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "warmup_new_tokens": args.warmup_new_tokens,

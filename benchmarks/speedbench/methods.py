@@ -16,12 +16,16 @@ def method(
     round_to: int,
     probe_seq_ratio: float | None = None,
     decode: str | None = None,
+    own_shapes: bool = False,
 ) -> MethodConfig:
-    """A preset at ``ratio`` with the benchmark's skipped layers and width rounding; a
+    """A preset at ``ratio`` with the benchmark's skipped layers and width rounding (``own_shapes``: the
+    preset's own, so the kept shapes are those ``ppf eval`` and ``prompt_conditioned.py`` prune); a
     ``probe_seq_ratio`` replaces the residual probe's fraction of positions (a named, result-changing
     option, never the ``pp`` default); ``decode`` sets the decode policy of ``generate`` (None: the
     preset's, ``frozen``)."""
-    pruning = {"ratio": ratio, "skip_layers": skip_layers, "round_to": round_to}
+    pruning: dict[str, Any] = {"ratio": ratio}
+    if not own_shapes:
+        pruning.update(skip_layers=skip_layers, round_to=round_to)
     data: dict[str, Any] = {"preset": preset, "pruning": pruning}
     if decode is not None:
         data["decode"] = decode
