@@ -15,7 +15,7 @@ from ppframework.errors import ConfigError
 from ppframework.pipeline import Pipeline
 from ppframework.registry import default_registry
 from ppframework.strategies.per_block import PerBlockParams, PerBlockScore
-from ppframework.strategies.scoring import PPspScore
+from ppframework.strategies.scoring import PPspParams, PPspScore
 from ppframework.strategies.wanda import WandaScore
 from ppframework.testing.conformance import check_score_channels
 from ppframework.testing.tiny import tiny_model
@@ -94,7 +94,7 @@ def test_each_kind_gets_its_own_scorers_choice(family: str) -> None:
     assert differs, "the two scorers keep the same units everywhere: the test would not see a swap"
 
 
-@pytest.mark.parametrize("preset", ["pp-blockwise", "pp-prompt-blockwise"])
+@pytest.mark.parametrize("preset", ["pp-blockwise", "pp-prompt-blockwise", "pp-wanda-heads"])
 def test_ratio_zero_is_the_unmodified_model(preset: str) -> None:
     model = tiny_model("gemma3")
     batches = _batches([2, 2])
@@ -118,6 +118,33 @@ def test_presets_use_the_default_children() -> None:
         attention, mlp = scorer.children[BlockKind.ATTENTION], scorer.children[BlockKind.MLP]
         assert isinstance(attention, WandaScore) and attention.head_reduce == "l2" and attention.output_gain
         assert isinstance(mlp, PPspScore) and mlp.output_gain
+
+
+def test_pp_wanda_heads_compensates_the_heads_only_and_its_mlp_is_pp() -> None:
+    """``pp-wanda-heads``: compensated dynamic Wanda (heads by sum, output gain) for attention, the paper's
+    PPsp for the MLP. With every attention head kept (``targets: [mlp]``) it is ``pp`` bit for bit;
+    pruned, every attention block carries a compensation bias and no MLP block does."""
+    built = default_registry().build_method(MethodConfig.model_validate({"preset": "pp-wanda-heads"}))
+    scorer = built["score_channels"]
+    attention, mlp = scorer.children[BlockKind.ATTENTION], scorer.children[BlockKind.MLP]
+    assert isinstance(attention, WandaScore) and attention.head_reduce == "sum"
+    assert attention.output_gain and attention.bias_compensation
+    assert type(mlp) is PPspScore and mlp.params == PPspParams()
+    model = tiny_model("gemma3")
+    batches = _batches([4, 4])
+    history = calibrate(model, get_adapter(model), batches, progress=False)
+    pruning = {"ratio": 0.4, "skip_layers": [0]}
+    mlp_only = {"ratio": 0.4, "skip_layers": [0], "targets": ["mlp"]}
+    heads = MethodConfig.model_validate({"preset": "pp-wanda-heads", "pruning": mlp_only})
+    pp = MethodConfig.model_validate({"preset": "pp", "pruning": mlp_only})
+    assert torch.equal(_run(model, heads, history, batches)[0], _run(model, pp, history, batches)[0])
+    method = MethodConfig.model_validate({"preset": "pp-wanda-heads", "pruning": pruning})
+    pipe = Pipeline(model, method, history=history.clone())
+    with pipe, torch.no_grad():
+        model(input_ids=batches[0], use_cache=False)
+    assert {kind for _, kind in pipe.last_masks} == set(BlockKind)
+    for (layer, kind), mask in pipe.last_masks.items():
+        assert (mask.output_bias is not None) == (kind is BlockKind.ATTENTION), (layer, kind)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ the MLP, both with the block's output gain folded in (what the per-block diagnos
 
 _BLOCKWISE = {"name": "per-block", "params": PER_BLOCK_DEFAULTS}
 
+_COMPENSATED_WANDA_HEADS = {
+    "name": "per-block",
+    "params": {
+        "attention": {"name": "wanda", "params": {"output_gain": True, "bias_compensation": True}},
+        "mlp": {"name": "ppsp"},
+    },
+}
+"""``pp-wanda-heads``' scorers: Wanda's metric for attention heads (heads by sum, output gain folded in)
+with FLAP's bias compensation from the calibration means, and the paper's PPsp for the MLP."""
+
 _CALIBRATION_EMA = {"init": "calibration", "update": "ema", "momentum": 0.99}
 _CALIBRATION_ONLY = {"init": "calibration", "update": "frozen"}
 _NO_HISTORY = {"init": "none", "update": "frozen"}
@@ -136,6 +146,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "for the MLP (g the block's output gain: Gemma 3's post-norm weights, an identity elsewhere); "
         "otherwise PP (probe, history, fusion).",
         _strategies(score_channels=copy.deepcopy(_BLOCKWISE)),
+        _CALIBRATION_EMA,
+    ),
+    "pp-wanda-heads": _preset(
+        "PP with compensated Wanda heads (ours, not the paper's): attention heads chosen by Wanda's metric "
+        "sqrt(a_c) * sum_i |g_i W[i,c]| (heads by sum; g the block's output gain: Gemma 3's post-norm "
+        "weights, an identity elsewhere), the pruned heads' calibration-mean output added back as a bias "
+        "(FLAP's compensation); MLP channels by the paper's PPsp; otherwise PP (probe, history, fusion).",
+        _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
         _CALIBRATION_EMA,
     ),
     "pp-prompt-blockwise": _preset(
