@@ -94,7 +94,9 @@ def test_each_kind_gets_its_own_scorers_choice(family: str) -> None:
     assert differs, "the two scorers keep the same units everywhere: the test would not see a swap"
 
 
-@pytest.mark.parametrize("preset", ["pp-blockwise", "pp-prompt-blockwise", "pp-wanda-heads"])
+@pytest.mark.parametrize(
+    "preset", ["pp-blockwise", "pp-prompt-blockwise", "pp-wanda-heads", "pp-prompt-wanda-heads"]
+)
 def test_ratio_zero_is_the_unmodified_model(preset: str) -> None:
     model = tiny_model("gemma3")
     batches = _batches([2, 2])

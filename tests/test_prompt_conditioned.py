@@ -67,6 +67,29 @@ def test_sequence_gives_each_row_what_its_prompt_alone_gives(family_model, prefi
         )
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3"])
+@pytest.mark.parametrize("kernel", ["loop", "batched"])
+def test_compensated_heads_per_row_equal_each_prompt_alone(family, kernel):
+    """``pp-prompt-wanda-heads``: each row's attention masks carry its own compensation bias, and a batch
+    under ``sequence`` (row loop or stacked rows) gives each row the tokens and logits of its prompt alone."""
+    model = tiny_model(family).eval()
+    history = _history(model)
+    method = _method("pp-prompt-wanda-heads", sequence_decode=kernel)
+    batched = _pipeline(model, method, history)
+    with batched:
+        out = _generate(model, _encode(PROMPTS))
+    alone = _pipeline(model, method, history)
+    for row, prompt in enumerate(PROMPTS):
+        with alone:
+            single = _generate(model, _encode([prompt]))
+        for (layer, kind), mask in batched.last_row_masks[row].items():
+            assert (mask.output_bias is not None) == (kind is BlockKind.ATTENTION), (row, layer, kind)
+            torch.testing.assert_close(mask.output_bias, alone.last_masks[(layer, kind)].output_bias)
+        assert torch.equal(out.sequences[row, -NEW:], single.sequences[0, -NEW:]), (family, kernel, row)
+        for step in range(NEW):
+            torch.testing.assert_close(out.logits[step][row], single.logits[step][0], atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("prefill", ["pruned", "dense"])
 def test_at_batch_one_sequence_is_batch(family_model, prefill):
     """One prompt: ``sequence`` takes exactly the path of ``batch`` (same masks, same bits)."""

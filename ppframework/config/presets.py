@@ -165,6 +165,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         decision="sequence",
         prefill="dense",
     ),
+    "pp-prompt-wanda-heads": _preset(
+        "pp-prompt with pp-wanda-heads' metrics (ours, not the paper's): every prompt decides alone from its "
+        "own dense prefill, fused with the calibration + EMA 0.99 history; attention heads by Wanda's metric "
+        "(heads by sum, output gain folded in) with FLAP's bias compensation, MLP channels by PPsp; decode "
+        "steps run on the masks decided.",
+        _strategies(select_probe="full", score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
+        _CALIBRATION_EMA,
+        decision="sequence",
+        prefill="dense",
+    ),
     "static-ppsp": _preset(
         "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
         "sliced weights cached.",
