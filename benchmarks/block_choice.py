@@ -62,6 +62,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "pp-wanda": {"preset": "pp-wanda"},
     "pp-wanda-l2": {"preset": "pp-wanda", "strategies": _WANDA_GAIN_L2},
     "full-batch-wanda-l2": {"preset": "full-batch", "strategies": _WANDA_GAIN_L2},
+    "pp-wanda-heads": {"preset": "pp-wanda-heads"},
 }
 
 
