@@ -38,20 +38,6 @@ def probe_mean(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return kept / valid.sum().clamp(min=1).to(torch.float32)
 
 
-def attach_probe_mean(
-    scores: ChannelScores,
-    bias_compensation: bool,
-    compensation_mean: str,
-    probe: Probe | None,
-    probe_states: torch.Tensor | None,
-) -> None:
-    """With bias compensation from the probe (``compensation_mean: probe``), set ``scores.channel_mean``
-    to the probe's mean of each channel; otherwise (or without a probe) leave it for the fusion stage
-    to take from the calibration history."""
-    if bias_compensation and compensation_mean == "probe" and probe is not None and probe_states is not None:
-        scores.channel_mean = probe_mean(probe_states, probe.valid)
-
-
 def ppsp_weight_term(weight: torch.Tensor) -> torch.Tensor:
     """``sqrt(sum_i W[i, c]^4)`` per input channel ``c`` of the output projection (fp32)."""
     return weight.float().pow(4).sum(dim=0).sqrt()
@@ -100,7 +86,9 @@ class WeightMetricScore:
     ``head_reduce`` and ``statistic`` (which history statistic the activation is made of);
     probe evidence is attached whenever there is a probe. With ``output_gain`` the weight term is
     taken of ``diag(g) W``, ``g`` the block's output gain (``ctx.output_gain``; the plain term where
-    the adapter reports none), :mod:`ppframework.strategies.output_aware`.
+    the adapter reports none), :mod:`ppframework.strategies.output_aware`. With ``bias_compensation``
+    the fusion stage attaches the calibration means of the channels, or, with ``compensation_mean``
+    ``probe``, the probe's means are attached here.
     """
 
     stage = "score_channels"
@@ -108,6 +96,7 @@ class WeightMetricScore:
     head_reduce = "l2"
     statistic = "sq_mean"
     bias_compensation = False
+    compensation_mean = "calibration"
     output_gain = False
 
     def __init__(self) -> None:
@@ -147,13 +136,31 @@ class WeightMetricScore:
                 )
             else:
                 scores.evidence_rows = probe.valid.sum(dim=0)
+            if self.bias_compensation and self.compensation_mean == "probe":
+                scores.channel_mean = probe_mean(probe_states, probe.valid)
         return scores
 
 
-class PPspParams(BaseModel):
-    """PPsp options beyond the paper (every default is the paper's PPsp)."""
+class CompensationParams(BaseModel):
+    """FLAP's bias compensation as an option of a dynamic metric (off by default)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    bias_compensation: bool = Field(
+        False,
+        description="add the pruned channels' calibration mean contribution W[:, pruned] @ mean[pruned] "
+        "back to the block output, as FLAP does statically (needs history.init 'calibration')",
+    )
+    compensation_mean: Literal["calibration", "probe"] = Field(
+        "calibration",
+        description="where bias compensation's channel means come from: the calibration history (FLAP) or "
+        "this batch's probe (the mean of each channel over the probe's real tokens, so the text being "
+        "pruned for, not the calibration text, sets them; without a probe the calibration's)",
+    )
+
+
+class PPspParams(CompensationParams):
+    """PPsp options beyond the paper (every default is the paper's PPsp)."""
 
     row_reduce: Literal["l2", "l1"] = Field(
         "l2",
@@ -165,17 +172,6 @@ class PPspParams(BaseModel):
         "l2",
         description="how a head's channel scores make its score: l2 (the paper) or sum (with row_reduce "
         "l1, the head's expected squared output change, cross-channel terms aside)",
-    )
-    bias_compensation: bool = Field(
-        False,
-        description="add the pruned channels' calibration mean contribution W[:, pruned] @ mean[pruned] "
-        "back to the block output, as FLAP does statically (needs history.init 'calibration')",
-    )
-    compensation_mean: Literal["calibration", "probe"] = Field(
-        "calibration",
-        description="where bias compensation's channel means come from: the calibration history (FLAP) or "
-        "this batch's probe (the mean of each channel over the probe's real tokens, so the text being "
-        "pruned for, not the calibration text, sets them; without a probe the calibration's)",
     )
     output_gain: bool = Field(
         False,
@@ -220,6 +216,7 @@ class PPspScore(WeightMetricScore):
             self.weight_term = squared_weight_term  # type: ignore[method-assign]  # rows summed (L1)
         self.head_reduce = self.params.head_reduce
         self.bias_compensation = self.params.bias_compensation
+        self.compensation_mean = self.params.compensation_mean
         self.output_gain = self.params.output_gain
 
     @hookimpl
@@ -228,8 +225,6 @@ class PPspScore(WeightMetricScore):
     ) -> ChannelScores:
         scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
         scores.centered = self.params.centered
-        params = self.params
-        attach_probe_mean(scores, params.bias_compensation, params.compensation_mean, probe, probe_states)
         return scores
 
 

@@ -16,23 +16,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ppframework.hookspecs import hookimpl
 from ppframework.strategies.scoring import (
+    CompensationParams,
     WeightMetricScore,
-    attach_probe_mean,
     magnitude_weight_term,
     sqrt_activation_times_weight,
 )
-from ppframework.types import BlockContext, ChannelScores, Probe
 
 
-class WandaParams(BaseModel):
+class WandaParams(CompensationParams):
     """Dynamic Wanda's options (the defaults are Wanda-sp's metric)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     head_reduce: Literal["sum", "l2"] = Field(
         "sum", description="how a head's channel scores make its score: sum (Wanda-sp) or l2 (PPsp's)"
@@ -41,16 +36,6 @@ class WandaParams(BaseModel):
         False,
         description="fold the block's output gain (Gemma 3's post-norm weights; identity elsewhere) into "
         "the weight term: sum_i |g_i W[i, c]|",
-    )
-    bias_compensation: bool = Field(
-        False,
-        description="add the pruned channels' mean contribution W[:, pruned] @ mean[pruned] back to the "
-        "block output, as FLAP does statically (PPsp's option of the same name)",
-    )
-    compensation_mean: Literal["calibration", "probe"] = Field(
-        "calibration",
-        description="where bias compensation's channel means come from: the calibration history or this "
-        "batch's probe (without a probe the calibration's)",
     )
 
 
@@ -68,12 +53,4 @@ class WandaScore(WeightMetricScore):
         self.head_reduce = self.params.head_reduce
         self.output_gain = self.params.output_gain
         self.bias_compensation = self.params.bias_compensation
-
-    @hookimpl
-    def score_channels(
-        self, ctx: BlockContext, probe: Probe | None, probe_states: torch.Tensor | None, weight: torch.Tensor
-    ) -> ChannelScores:
-        scores = super().score_channels(ctx=ctx, probe=probe, probe_states=probe_states, weight=weight)
-        params = self.params
-        attach_probe_mean(scores, params.bias_compensation, params.compensation_mean, probe, probe_states)
-        return scores
+        self.compensation_mean = self.params.compensation_mean
