@@ -191,13 +191,19 @@ def test_static_baseline_still_pins_and_matches_per_batch_gathers(monkeypatch):
 # ------------------------------------------------------------------------------- the pieces
 
 
-def test_gather_into_buffers_equals_gather_weight():
-    gen = torch.Generator().manual_seed(0)
+def _random_linears(seed: int) -> list[nn.Linear]:
+    """Three 6 -> 5 linears with seeded random weights, the middle one without a bias."""
+    gen = torch.Generator().manual_seed(seed)
     linears = [nn.Linear(6, 5, bias=b) for b in (True, False, True)]
     for lin in linears:
         lin.weight.data = torch.randn(5, 6, generator=gen)
         if lin.bias is not None:
             lin.bias.data = torch.randn(5, generator=gen)
+    return linears
+
+
+def test_gather_into_buffers_equals_gather_weight():
+    linears = _random_linears(seed=0)
     rows = [torch.tensor([0, 3]), None, torch.tensor([1, 2, 4])]
     runner = get_adapter(tiny_model("llama")).runner(0, BlockKind.MLP)
     runner.buffers = GatherBuffers()
@@ -220,12 +226,7 @@ def test_pinned_gather_fills_its_own_tensor_with_the_part_by_part_values():
     concatenation): the same values as gathering part by part, each pin in memory of its own (a pinned
     weight outlives the decision forward, so it must never share the per-batch buffers), and with
     autograd on the part-by-part gather that records it."""
-    gen = torch.Generator().manual_seed(3)
-    linears = [nn.Linear(6, 5, bias=b) for b in (True, False, True)]
-    for lin in linears:
-        lin.weight.data = torch.randn(5, 6, generator=gen)
-        if lin.bias is not None:
-            lin.bias.data = torch.randn(5, generator=gen)
+    linears = _random_linears(seed=3)
     rows = (torch.tensor([0, 3]), None, torch.tensor([1, 2, 4]))
     cols = torch.tensor([0, 2, 5])
     runner = get_adapter(tiny_model("llama")).runner(0, BlockKind.MLP)

@@ -4,7 +4,6 @@ steps, fidelity to dense checked by hand, padding, continuation perplexity, and 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from benchmark_scripts import load_benchmark
 
 from ppframework.adapters import get_adapter
 from ppframework.calibration import calibrate
@@ -363,9 +363,7 @@ def test_prompt_conditioned_benchmark_tiny_end_to_end(tmp_path, tiny_model_dir, 
 
 
 def test_prompt_conditioned_only_keeps_the_named_methods_and_names_unknown_ones(tmp_path):
-    spec = importlib.util.spec_from_file_location("prompt_conditioned", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("prompt_conditioned")
     config = tmp_path / "run.yaml"
     methods = [
         {"preset": "dense"},

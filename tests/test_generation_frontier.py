@@ -7,21 +7,16 @@ kept-bytes ideal is flagged and not drawn, and bad input is refused with the opt
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_frontier.py"
+from benchmark_scripts import load_benchmark
 
 
 def _module() -> Any:
-    spec = importlib.util.spec_from_file_location("generation_frontier", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generation_frontier")
 
 
 def _quality_row(label: str, preset: str, ratio: float, top1: tuple[float, float], batch: int = 1) -> dict:

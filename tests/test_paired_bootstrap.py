@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_bootstrap.py"
+from benchmark_scripts import load_benchmark
 
 
 def _module() -> Any:
-    spec = importlib.util.spec_from_file_location("paired_bootstrap", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired_bootstrap")
 
 
 def test_constant_differences_give_a_point_interval() -> None:

@@ -6,7 +6,6 @@ No timing assertions: this only checks that the benchmark runs and writes what i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from ppframework.config import MethodConfig
 from ppframework.pipeline import Pipeline
@@ -248,10 +248,7 @@ def test_generation_benchmark_random_weight_path(tmp_path: Path) -> None:
 
 
 def _speed_module():
-    spec = importlib.util.spec_from_file_location("ppf_speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed", "ppf_speed_benchmark")
 
 
 @pytest.mark.parametrize("tied", [False, True])
