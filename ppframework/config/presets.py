@@ -80,6 +80,19 @@ def _preset(
     }
 
 
+def _per_prompt(description: str, **strategy_changes: Any) -> dict[str, Any]:
+    """A ``pp-prompt``-schedule preset: every prompt decides alone (``decision: sequence``) from its own
+    dense prefill (``prefill: dense``, the ``full`` probe), fused with the calibration + EMA history;
+    ``strategy_changes`` replace further stages (e.g. ``score_channels``)."""
+    return _preset(
+        description,
+        _strategies(select_probe="full", **strategy_changes),
+        _CALIBRATION_EMA,
+        decision="sequence",
+        prefill="dense",
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "pp": _preset(
         "Probe Pruning, paper defaults: residual probe (50% tokens, 5% sequences), "
@@ -93,16 +106,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         _strategies(select_probe="full", fuse_history="none"),
         _NO_HISTORY,
     ),
-    "pp-prompt": _preset(
+    "pp-prompt": _per_prompt(
         "Probe Pruning for generation (ours, not the paper's): every prompt decides alone "
         "(decision: sequence) from its own dense prefill (prefill: dense: the prompt's logits and key/value "
         "cache are the dense model's, and every real token of the prompt is the probe), fused with the "
         "calibration + EMA 0.99 history (importance-scaled), PPsp, skip layers 0-2; decode steps run on "
         "the masks decided. Prunes decode steps only: perplexity windows run dense.",
-        _strategies(select_probe="full"),
-        _CALIBRATION_EMA,
-        decision="sequence",
-        prefill="dense",
     ),
     "no-history": _preset(
         "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
@@ -156,24 +165,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
         _CALIBRATION_EMA,
     ),
-    "pp-prompt-blockwise": _preset(
+    "pp-prompt-blockwise": _per_prompt(
         "pp-prompt with pp-blockwise's metrics (ours, not the paper's): every prompt decides alone from its "
         "own dense prefill, fused with the calibration + EMA 0.99 history; Wanda's metric with L2 heads for "
         "attention, PPsp for the MLP, output gains folded in; decode steps run on the masks decided.",
-        _strategies(select_probe="full", score_channels=copy.deepcopy(_BLOCKWISE)),
-        _CALIBRATION_EMA,
-        decision="sequence",
-        prefill="dense",
+        score_channels=copy.deepcopy(_BLOCKWISE),
     ),
-    "pp-prompt-wanda-heads": _preset(
+    "pp-prompt-wanda-heads": _per_prompt(
         "pp-prompt with pp-wanda-heads' metrics (ours, not the paper's): every prompt decides alone from its "
         "own dense prefill, fused with the calibration + EMA 0.99 history; attention heads by Wanda's metric "
         "(heads by sum, output gain folded in) with FLAP's bias compensation, MLP channels by PPsp; decode "
         "steps run on the masks decided.",
-        _strategies(select_probe="full", score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
-        _CALIBRATION_EMA,
-        decision="sequence",
-        prefill="dense",
+        score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS),
     ),
     "static-ppsp": _preset(
         "Static PPsp: no probe, calibration history only (frozen), PPsp; decided once, "
