@@ -17,6 +17,7 @@ from torch import nn
 
 from ppframework.adapters.attention import causal_attention
 from ppframework.adapters.gather import (
+    Allocator,
     GatherBuffers,
     concat_parts,
     gather_stacked,
@@ -104,20 +105,41 @@ class BlockRunner(ABC):
     kv_slot: KVSlot | None = None
     layer_idx: int = 0
     _pinned: dict[Any, tuple[Any, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None = None
+    _pins_recycle: bool = False
+    _pin_storage: GatherBuffers | None = None
     _channels_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
-    def pin_weights(self) -> None:
+    def pin_weights(self, recycle: bool = False) -> None:
         """Keep every sliced weight gathered from now on and reuse it (for static masks).
 
         While pinned, each projection must always be sliced with the same indices; a different
         slice raises instead of silently reusing a stale weight. Pinning again keeps what is cached.
+
+        With ``recycle`` (the pipeline's one set of pins per ``generate`` call) the weights are gathered
+        into storage this runner keeps after :meth:`unpin_weights`, and the next recycled pins
+        overwrite it: gathering into memory already mapped saves the page faults of fresh megabytes on
+        every call. The caller promises that nothing uses a recycled pin after unpinning it;
+        :meth:`release_pin_storage` frees the storage.
         """
         if self._pinned is None:
             self._pinned = {}
+            self._pins_recycle = recycle
 
     def unpin_weights(self) -> None:
-        """Drop the pinned sliced weights (gather per call again)."""
+        """Drop the pinned sliced weights (gather per call again); recycled pins leave their storage
+        to the next recycled pins."""
         self._pinned = None
+        self._pins_recycle = False
+
+    def release_pin_storage(self) -> None:
+        """Free the storage kept for recycled pins (see :meth:`pin_weights`); pins still in use keep
+        theirs until they are dropped."""
+        self._pin_storage = None
+
+    @property
+    def pin_storage_bytes(self) -> int:
+        """Bytes kept for recycled pins."""
+        return 0 if self._pin_storage is None else self._pin_storage.nbytes
 
     @property
     def pinned(self) -> dict[Any, Any] | None:
@@ -128,6 +150,7 @@ class BlockRunner(ABC):
     @pinned.setter
     def pinned(self, pins: dict[Any, Any] | None) -> None:
         self._pinned = pins
+        self._pins_recycle = False  # a swapped-in set owns its tensors
 
     @property
     def is_pinned(self) -> bool:
@@ -173,14 +196,22 @@ class BlockRunner(ABC):
             if torch.is_grad_enabled():  # out= gathers cannot record autograd
                 parts = [gather_weight(lin, r, cols) for lin, r in zip(linears, rows, strict=True)]
                 weight, bias = concat_parts(parts)
-            else:  # straight into one new tensor the pins own: no per-part copies, no concatenation
-                weight, bias = gather_stacked(new_tensor, role, linears, rows, cols)
+            else:  # straight into one tensor the pins own: no per-part copies, no concatenation
+                weight, bias = gather_stacked(self._pin_allocator(), role, linears, rows, cols)
             self._pinned[role] = (rows, cols, weight, bias)
             return weight, bias
         same = all(_same_index(a, b) for a, b in zip(cached[0], rows, strict=True))
         if not (same and _same_index(cached[1], cols)):
             raise RuntimeError("pinned block weights were requested with a different slice; unpin first")
         return cached[2], cached[3]
+
+    def _pin_allocator(self) -> Allocator:
+        """New tensors, or this runner's kept storage for recycled pins."""
+        if not self._pins_recycle:
+            return new_tensor
+        if self._pin_storage is None:
+            self._pin_storage = GatherBuffers()
+        return self._pin_storage.get
 
     @staticmethod
     def _gather_into(

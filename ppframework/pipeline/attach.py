@@ -136,10 +136,12 @@ class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
 
     def release(self) -> None:
         """Detach and drop a static method's cached sliced weights (they are otherwise kept for
-        the pipeline's lifetime, so re-attaching costs no gather) and the gather buffers."""
+        the pipeline's lifetime, so re-attaching costs no gather), the storage that a dynamic method's
+        decode pins are recycled in, and the gather buffers."""
         self.detach()
         for runner in self._runners.values():
             runner.unpin_weights()
+            runner.release_pin_storage()
         self.buffers.clear()
 
     def save(self, folder: str | Path) -> Path:

@@ -115,7 +115,8 @@ class DensePrefill(RowDecisions):
             return
         self._decide_one(index, kind, runner, acts, batch, cache)
         if frozen:
-            runner.pin_weights()  # filled at the first decode step, reused by the rest
+            # filled at the first decode step, reused by the rest (one set per call: recycled storage)
+            runner.pin_weights(recycle=self._row is None)
             self._pinned_for_decode = True
 
     def _decide_one(
