@@ -11,7 +11,6 @@ import torch
 from prompt_helpers import calibrated_history, encode_left, greedy_generate, method_at
 
 from ppframework.adapters.base import BlockRunner
-from ppframework.adapters.gather import new_tensor
 from ppframework.pipeline import Pipeline
 from ppframework.testing.tiny import tiny_model
 
@@ -39,14 +38,17 @@ def model_and_history():
 
 
 @pytest.mark.parametrize("preset", ["pp", "pp-prompt"])
-def test_recycled_pins_give_every_call_what_fresh_pins_give(model_and_history, preset, monkeypatch):
+def test_recycled_pins_give_every_call_what_fresh_pins_give(model_and_history, preset):
     """Calls in a row on recycled storage give the tokens and logits of calls on fresh tensors
     (a stale or shared pin would show up as other tokens: the decisions differ from call to call)."""
     model, history = model_and_history
     method = method_at(preset)
     recycled = _run_all(Pipeline(model, method, history=copy.deepcopy(history)), model)
-    monkeypatch.setattr(BlockRunner, "_pin_allocator", lambda self: new_tensor)
-    fresh = _run_all(Pipeline(model, method, history=copy.deepcopy(history)), model)
+    fresh_pipe = Pipeline(model, method, history=copy.deepcopy(history))
+    for runner in fresh_pipe._runners.values():
+        runner.recycle_pins = False
+    fresh = _run_all(fresh_pipe, model)
+    assert all(r.pin_storage_bytes == 0 for r in fresh_pipe._runners.values())
     for a, b in zip(recycled, fresh, strict=True):
         assert torch.equal(a.sequences, b.sequences)
         for x, y in zip(a.logits, b.logits, strict=True):

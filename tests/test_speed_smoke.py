@@ -339,10 +339,11 @@ def test_paired_overhead_pairs_rounds_and_only_rows_with_the_same_kept_shapes() 
 
 def test_generation_benchmark_times_dynamic_presets_with_per_row_weight_bytes(tmp_path: Path) -> None:
     """``--dynamic pp-prompt`` (decision: sequence): timed beside pp; at batch 1 the same kept-bytes
-    ideal as pp's, at batch 2 each row's kept projections are read (two weight sets per step)."""
+    ideal as pp's, at batch 2 each row's kept projections are read (two weight sets per step).
+    ``--fresh-pins`` adds the same method with every call's pins in new tensors (the same decision)."""
     options = (
         "--generation --workload tiny --ratios 0.4 --dynamic pp-prompt --static none --gen-batches 1 2 "
-        "--prompt-len 16 --new-tokens 3 --warmup-new-tokens 2 --repeats 1 --threads 1"
+        "--fresh-pins --prompt-len 16 --new-tokens 3 --warmup-new-tokens 2 --repeats 1 --threads 1"
     )
     command = [sys.executable, str(SCRIPT), *options.split(), "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
@@ -356,6 +357,8 @@ def test_generation_benchmark_times_dynamic_presets_with_per_row_weight_bytes(tm
     two, pp_two = rows[("pp-prompt 40%", 2)], rows[("pp 40%", 2)]
     assert two["ideal_decode_speedup"] < pp_two["ideal_decode_speedup"]
     assert two["realised_ratio"] == pytest.approx(pp_two["realised_ratio"])
+    fresh = rows[("pp-prompt/fresh-pins 40%", 1)]
+    assert fresh["kept_units"] == one["kept_units"] and "per_generate_overhead_vs_static" in fresh
 
 
 def test_generation_benchmark_preset_shapes_keep_each_presets_own_pruning(tmp_path: Path) -> None:

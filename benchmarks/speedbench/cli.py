@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--calib-seq", type=int, default=None, help="calibration tokens (default: --prompt-len)")
     gen.add_argument("--data-dir", default=None, help="WikiText-2 / C4 folder (default: the library's)")
     gen.add_argument(
+        "--fresh-pins",
+        action="store_true",
+        help="also time each --dynamic preset with its decode pins gathered into fresh tensors on every "
+        "call ('<preset>/fresh-pins <ratio>'; the default recycles one call's storage for the next)",
+    )
+    gen.add_argument(
         "--preset-shapes",
         action="store_true",
         help="every method keeps its preset's own skip_layers and round_to (the kept shapes ppf eval and "

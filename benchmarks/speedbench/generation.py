@@ -142,6 +142,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 pipes[f"{label} {ratio:.0%}"] = Pipeline(
                     model, variant, history=history.clone() if dyn.needs_calibration else None
                 )
+            if getattr(args, "fresh_pins", False):  # the same method, every call's pins in new tensors
+                fresh = Pipeline(model, dyn, history=history.clone() if dyn.needs_calibration else None)
+                for runner in fresh._runners.values():
+                    runner.recycle_pins = False
+                pipes[f"{dynamic}/fresh-pins {ratio:.0%}"] = fresh
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to, decode=args.decode, own_shapes=own)
             hist = history if static_method.needs_calibration else None
@@ -305,7 +310,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     by_key = {(row["variant"], row["batch"]): row for row in rows}
-    dynamic_names = ("pp", *args.dynamic, *(f"{d}/{k}" for d in args.dynamic for k in SEQUENCE_KERNELS))
+    dynamic_names = (
+        "pp",
+        *args.dynamic,
+        *(f"{d}/{k}" for d in args.dynamic for k in (*SEQUENCE_KERNELS, "fresh-pins")),
+    )
     for row in rows:
         name, _, label = row["variant"].rpartition(" ")
         if name not in dynamic_names:

@@ -104,6 +104,9 @@ class BlockRunner(ABC):
     profiler: Any = None
     kv_slot: KVSlot | None = None
     layer_idx: int = 0
+    #: Whether :meth:`pin_weights` may recycle storage when asked to (False: fresh tensors for every set
+    #: of pins, as before recycling existed; ``benchmarks/speed.py --generation --fresh-pins`` times both).
+    recycle_pins: bool = True
     _pinned: dict[Any, tuple[Any, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None = None
     _pins_recycle: bool = False
     _pin_storage: GatherBuffers | None = None
@@ -123,7 +126,7 @@ class BlockRunner(ABC):
         """
         if self._pinned is None:
             self._pinned = {}
-            self._pins_recycle = recycle
+            self._pins_recycle = recycle and self.recycle_pins
 
     def unpin_weights(self) -> None:
         """Drop the pinned sliced weights (gather per call again); recycled pins leave their storage
