@@ -45,8 +45,7 @@ def test_recycled_pins_give_every_call_what_fresh_pins_give(model_and_history, p
     method = method_at(preset)
     recycled = _run_all(Pipeline(model, method, history=copy.deepcopy(history)), model)
     fresh_pipe = Pipeline(model, method, history=copy.deepcopy(history))
-    for runner in fresh_pipe._runners.values():
-        runner.recycle_pins = False
+    fresh_pipe.recycle_pins = False
     fresh = _run_all(fresh_pipe, model)
     assert all(r.pin_storage_bytes == 0 for r in fresh_pipe._runners.values())
     for a, b in zip(recycled, fresh, strict=True):

@@ -144,8 +144,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if getattr(args, "fresh_pins", False):  # the same method, every call's pins in new tensors
                 fresh = Pipeline(model, dyn, history=history.clone() if dyn.needs_calibration else None)
-                for runner in fresh._runners.values():
-                    runner.recycle_pins = False
+                fresh.recycle_pins = False
                 pipes[f"{dynamic}/fresh-pins {ratio:.0%}"] = fresh
         for static in statics(args):
             static_method = method(static, ratio, skip, round_to, decode=args.decode, own_shapes=own)

@@ -105,7 +105,7 @@ class BlockRunner(ABC):
     kv_slot: KVSlot | None = None
     layer_idx: int = 0
     #: Whether :meth:`pin_weights` may recycle storage when asked to (False: fresh tensors for every set
-    #: of pins, as before recycling existed; ``benchmarks/speed.py --generation --fresh-pins`` times both).
+    #: of pins, as before recycling existed; set per pipeline with ``Pipeline.recycle_pins``).
     recycle_pins: bool = True
     _pinned: dict[Any, tuple[Any, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None = None
     _pins_recycle: bool = False

@@ -134,6 +134,18 @@ class Pipeline(DensePrefill, ForwardHook, LayerRemoval):
         self._end_decode()
         self._attached = False
 
+    @property
+    def recycle_pins(self) -> bool:
+        """Whether decode pins are gathered into storage kept from one ``generate`` call to the next
+        (default True; False: fresh tensors every call, what ``speed.py --generation --fresh-pins``
+        times as the before state). See :meth:`BlockRunner.pin_weights`."""
+        return all(runner.recycle_pins for runner in self._runners.values())
+
+    @recycle_pins.setter
+    def recycle_pins(self, recycle: bool) -> None:
+        for runner in self._runners.values():
+            runner.recycle_pins = recycle
+
     def release(self) -> None:
         """Detach and drop a static method's cached sliced weights (they are otherwise kept for
         the pipeline's lifetime, so re-attaching costs no gather), the storage that a dynamic method's

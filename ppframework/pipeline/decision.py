@@ -80,10 +80,7 @@ class Decisions(Accounting, DecodeSteps):
                 states, inputs.probe_reuse = self._probe_pass(runner, probe, inputs, batch)
         mask = self._choose_mask(ctx, runner, probe, states, history)
         if cache is not None and self.method.decode == "frozen":
-            # gathered once here, reused by every decode step of this generate; one set per call (not per
-            # row: each row keeps its own) can recycle the last call's storage
-            runner.pin_weights(recycle=self._row is None)
-            self._pinned_for_decode = True
+            self._pin_for_decode(runner)  # gathered by this forward's full pass
         result = self._infer(ctx, runner, inputs, mask, slot)
         if check:
             self._later_checks.append(

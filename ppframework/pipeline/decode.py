@@ -73,6 +73,13 @@ class DecodeSteps(PipelineState):
         """Called once per ``generate`` call, at its first decode step (the pipeline records the
         share of weights its decode steps remove)."""
 
+    def _pin_for_decode(self, runner: BlockRunner) -> None:
+        """Pin ``runner``'s sliced weights for the decode steps of this ``generate`` call (gathered at
+        their first use, reused by every later step; freed by :meth:`_end_decode`). The one set per
+        call recycles the last call's storage; a row run alone (``decision: sequence``) keeps its own."""
+        runner.pin_weights(recycle=self._row is None)
+        self._pinned_for_decode = True
+
     def _end_decode(self) -> None:
         """Forget the last prefill's decision and free the weights it pinned for its decode steps."""
         self._decode = None

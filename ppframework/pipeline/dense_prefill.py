@@ -115,9 +115,7 @@ class DensePrefill(RowDecisions):
             return
         self._decide_one(index, kind, runner, acts, batch, cache)
         if frozen:
-            # filled at the first decode step, reused by the rest (one set per call: recycled storage)
-            runner.pin_weights(recycle=self._row is None)
-            self._pinned_for_decode = True
+            self._pin_for_decode(runner)  # gathered at the first decode step
 
     def _decide_one(
         self,
