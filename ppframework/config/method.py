@@ -118,6 +118,12 @@ def _metric_inconsistency(
             "mean of the pruned channels, which needs history.init 'calibration'; set it, take the means "
             "from the probe (compensation_mean: probe, with a probe), or turn bias_compensation off"
         )
+    if params.get("token_norm") and fusion != "none":
+        return (
+            f"{field}.params.token_norm: per-token normalised probe evidence is not in the units of the "
+            f"calibration history that fuse_history {fusion!r} mixes it with; use fuse_history 'none' "
+            "(and history.init 'none'), or turn token_norm off"
+        )
     if metric in ACTIVATION_METRICS:
         from_probe = has_probe and fusion in PROBE_FUSIONS
         from_history = has_history and fusion in HISTORY_FUSIONS

@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ppframework.hookspecs import hookimpl
+from ppframework.strategies.griffin import normalized_sq_evidence
 from ppframework.strategies.output_aware import fold_gain
 from ppframework.strategies.weight_cache import WeightTermCache
 from ppframework.types import BlockContext, BlockKind, ChannelScores, Probe
@@ -30,6 +31,20 @@ def probe_evidence(
     counts = valid.to(torch.float32).sum(dim=0)
     sums = states.float().square().masked_fill(~valid[:, :, None], 0.0).sum(dim=0)
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
+
+
+def token_normalized_probe_evidence(
+    states: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P[t, c]`` = mean over real probe rows of ``(states[b, t, c] / ||states[b, t, :]||_2)^2`` (fp32).
+
+    Every real token's activation vector is divided by its L2 norm over the channels before
+    squaring (GRIFFIN's normalisation), so each token weighs the same whatever its scale; a real
+    token whose vector is all zero contributes 0. Same shapes and conventions as
+    :func:`probe_evidence`."""
+    sums, position_valid = normalized_sq_evidence(states, valid)
+    counts = valid.to(torch.float32).sum(dim=0)
+    return sums / counts.clamp(min=1.0)[:, None], position_valid
 
 
 def probe_mean(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -88,7 +103,8 @@ class WeightMetricScore:
     taken of ``diag(g) W``, ``g`` the block's output gain (``ctx.output_gain``; the plain term where
     the adapter reports none), :mod:`ppframework.strategies.output_aware`. With ``bias_compensation``
     the fusion stage attaches the calibration means of the channels, or, with ``compensation_mean``
-    ``probe``, the probe's means are attached here.
+    ``probe``, the probe's means are attached here. With ``token_norm`` the probe evidence is of
+    per-token L2-normalised activations (:func:`token_normalized_probe_evidence`).
     """
 
     stage = "score_channels"
@@ -98,6 +114,7 @@ class WeightMetricScore:
     bias_compensation = False
     compensation_mean = "calibration"
     output_gain = False
+    token_norm = False
 
     def __init__(self) -> None:
         self._terms = WeightTermCache()
@@ -127,7 +144,11 @@ class WeightMetricScore:
         )
         if probe is not None and probe_states is not None:
             all_real = ctx.has_padding is False
-            scores.evidence, scores.position_valid = probe_evidence(probe_states, probe.valid, all_real)
+            if self.token_norm:
+                evidence = token_normalized_probe_evidence(probe_states, probe.valid)
+            else:
+                evidence = probe_evidence(probe_states, probe.valid, all_real)
+            scores.evidence, scores.position_valid = evidence
             scores.positions = probe.token_index
             if all_real:
                 rows, positions = probe.valid.shape
@@ -184,6 +205,13 @@ class PPspParams(CompensationParams):
         "(the part bias compensation cannot restore); needs bias_compensation",
     )
 
+    token_norm: bool = Field(
+        False,
+        description="divide each probe token's activation vector by its L2 norm over the channels before "
+        "squaring (GRIFFIN's normalisation: every token weighs the same, whatever its scale); the evidence "
+        "is then not in the calibration history's units, so it needs fuse_history 'none'",
+    )
+
     @model_validator(mode="after")
     def _centered_needs_compensation(self) -> PPspParams:
         if self.centered and not self.bias_compensation:
@@ -199,8 +227,9 @@ class PPspScore(WeightMetricScore):
 
     Options (:class:`PPspParams`, off by default, so the default is the paper's PPsp): an L1 row
     reduction (``a_c * sum_i W^2``), FLAP-style bias compensation from the calibration mean,
-    centred activations that score only what compensation cannot restore, and the block's output
-    gain folded into the weight term (:mod:`ppframework.strategies.output_aware`).
+    centred activations that score only what compensation cannot restore, the block's output
+    gain folded into the weight term (:mod:`ppframework.strategies.output_aware`), and probe
+    evidence of per-token normalised activations (``token_norm``, GRIFFIN's normalisation).
     """
 
     name = "ppsp"
@@ -218,6 +247,7 @@ class PPspScore(WeightMetricScore):
         self.bias_compensation = self.params.bias_compensation
         self.compensation_mean = self.params.compensation_mean
         self.output_gain = self.params.output_gain
+        self.token_norm = self.params.token_norm
 
     @hookimpl
     def score_channels(
