@@ -238,6 +238,10 @@ def test_continuation_perplexity_of_the_dense_model_by_hand():
         result = continuation_perplexity(model, None, windows, prefix, batch_size=batch_size)
         assert result.tokens == 8 * 16 and result.windows == 8
         assert result.perplexity == pytest.approx(expected, rel=1e-5)
+        # each window's own NLL, in order, for paired comparisons by window
+        assert result.window_nll == pytest.approx(nll.sum(dim=(1, 2)).tolist(), rel=1e-5)
+        assert result.to_json()["window_nll"] == result.window_nll
+        assert sum(result.window_nll) == pytest.approx(result.nll_sum, rel=1e-9)
 
 
 def test_continuation_perplexity_of_a_pruned_method_scores_under_the_prefix_decision():

@@ -358,6 +358,8 @@ class ContinuationPerplexity:
     tokens: int
     windows: int
     prefix_len: int
+    window_nll: list[float] = field(default_factory=list)
+    """Each window's summed negative log-likelihood, in order (for paired comparisons by window)."""
 
     @property
     def perplexity(self) -> float:
@@ -372,6 +374,7 @@ class ContinuationPerplexity:
             "tokens": self.tokens,
             "windows": self.windows,
             "prefix_len": self.prefix_len,
+            "window_nll": list(self.window_nll),
         }
 
 
@@ -411,8 +414,11 @@ def continuation_perplexity(
                 model, prefix, ones.expand(batch.shape[0], -1), rest, step_tokens=step_tokens
             )
             targets = rest.to(logits.device)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            result.nll_sum += float(nll)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            per_window = nll.reshape(targets.shape).sum(dim=1)
+            values = [float(value) for value in per_window]
+            result.window_nll.extend(values)
+            result.nll_sum += sum(values)
             result.tokens += targets.numel()
             result.windows += batch.shape[0]
     return result
