@@ -11,7 +11,9 @@ measured on the same items:
   ``window_nll`` was recorded): the windows are resampled and the ratio ``ppl(A) / ppl(B)`` reported.
 
 A difference whose interval contains 0 (a ratio whose interval contains 1) is not resolved by the
-items measured. Each file's settings fix its items, so rows are only paired within one file.
+items measured. Files whose settings measure the same prompts and windows (model, prompt count and offset,
+new tokens, window count, length and prefix: not the calibration) are merged, so a main run and its
+held-out-corpora pass pair as one; rows of files that measured other items are never paired.
 
     python benchmarks/fidelity_bootstrap.py runs/pc/results.json --pair "pp-prompt 20%" "griffin 27%" \\
         --pair "pp-prompt 40%" "griffin 53%" --out runs/pc/bootstrap.md
@@ -44,8 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_rows(path: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """(method label, batch size) -> row of one results file (failed rows left out)."""
+ITEM_SETTINGS = (
+    "model",
+    "prompts",
+    "prompt_offset",
+    "new_tokens",
+    "stop_at_eos",
+    "windows",
+    "window_len",
+    "prefix_len",
+    "window_policy",
+    "window_bos",
+)
+"""The settings that fix which prompts and windows a results file measured (not the calibration)."""
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """One results file (its ``settings`` and ``rows``)."""
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"results: {path} does not exist")
@@ -55,7 +72,31 @@ def load_rows(path: str) -> dict[tuple[str, int], dict[str, Any]]:
         raise SystemExit(f"results: {path} is not JSON ({err})") from err
     if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
         raise SystemExit(f"results: {path} has no 'rows' list (is it a prompt_conditioned.py results.json?)")
-    return {(row["method"], int(row["batch_size"])): row for row in report["rows"] if "error" not in row}
+    return report
+
+
+def merged_rows(paths: list[str]) -> list[tuple[str, dict[tuple[str, int], dict[str, Any]]]]:
+    """The files grouped by the settings that fix their items (:data:`ITEM_SETTINGS`), each group's rows
+    merged: (the group's file names, (method label, batch size) -> row). A method measured in two files of
+    one group (e.g. the prompt sets in one and held-out corpora in another) gets both files' measures;
+    failed rows are left out."""
+    groups: dict[str, tuple[list[str], dict[tuple[str, int], dict[str, Any]]]] = {}
+    for path in paths:
+        report = load_report(path)
+        settings = report.get("settings") or {}
+        key = json.dumps({name: settings.get(name) for name in ITEM_SETTINGS}, sort_keys=True)
+        names, rows = groups.setdefault(key, ([], {}))
+        names.append(Path(path).name)
+        for row in report["rows"]:
+            if "error" in row:
+                continue
+            merged = rows.setdefault(
+                (row["method"], int(row["batch_size"])),
+                {"method": row["method"], "fidelity": {}, "continuation_perplexity": {}},
+            )
+            merged["fidelity"].update(row.get("fidelity") or {})
+            merged["continuation_perplexity"].update(row.get("continuation_perplexity") or {})
+    return [(" + ".join(names), rows) for names, rows in groups.values()]
 
 
 def set_items(row: dict[str, Any], name: str) -> SetItems:
@@ -207,19 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines: list[tuple[str, str, str, dict[str, Any]]] = []
     notes: list[str] = []
-    for path in args.results:
-        rows = load_rows(path)
+    for files, rows in merged_rows(args.results):
         for a, b in args.pair:
             if (a, args.batch) not in rows or (b, args.batch) not in rows:
                 missing = [m for m in (a, b) if (m, args.batch) not in rows]
                 known = sorted({method for method, batch in rows if batch == args.batch})
-                notes.append(f"{path}: no row at batch {args.batch} for {', '.join(missing)} (has {known})")
+                notes.append(f"{files}: no row at batch {args.batch} for {', '.join(missing)} (has {known})")
                 continue
             row_a, row_b = rows[(a, args.batch)], rows[(b, args.batch)]
             found = compare_fidelity(row_a, row_b, args.resamples, args.confidence, args.seed)
             ppl, skipped = compare_continuation(row_a, row_b, args.resamples, args.confidence, args.seed)
-            notes.extend(f"{path}: {a} / {b}: skipped {s}" for s in skipped)
-            lines.extend((Path(path).name, a, b, row) for row in found + ppl)
+            notes.extend(f"{files}: {a} / {b}: skipped {s}" for s in skipped)
+            lines.extend((files, a, b, row) for row in found + ppl)
     if not lines:
         raise SystemExit("no pair was found in any file:\n" + "\n".join(notes))
     text = markdown(lines, args.confidence)

@@ -100,3 +100,27 @@ def test_main_writes_the_table_and_refuses_bad_input(tmp_path, capsys):
     other = write(tmp_path, [row("a", {"x": [(0.8, 0.1, 32)]}), row("b", {"x": [(0.6, 0.3, 31)]})])
     with pytest.raises(SystemExit, match="different prompts"):
         boot.main([other, "--pair", "a", "b", "--resamples", "200"])
+
+
+def test_files_measuring_the_same_items_merge_and_others_never_pair(tmp_path, capsys):
+    settings = {"model": "m", "prompts": 4, "windows": 4, "prefix_len": 5}
+    prompts = tmp_path / "prompts.json"
+    held_out = tmp_path / "held-out.json"
+    other = tmp_path / "other.json"
+    a_sets, b_sets = {"x": [(0.8, 0.1, 32)] * 4}, {"x": [(0.6, 0.3, 32)] * 4}
+    prompts.write_text(json.dumps({"settings": settings, "rows": [row("a", a_sets), row("b", b_sets)]}))
+    held_out.write_text(
+        json.dumps({"settings": settings, "rows": [row("a", {}, [20.0] * 4), row("b", {}, [22.0] * 4)]})
+    )
+    other.write_text(
+        json.dumps({"settings": {**settings, "prompts": 8}, "rows": [row("a", a_sets), row("c", b_sets)]})
+    )
+    groups = boot.merged_rows([str(prompts), str(held_out), str(other)])
+    assert [files for files, _ in groups] == ["prompts.json + held-out.json", "other.json"]
+    merged = groups[0][1][("a", 1)]
+    assert set(merged["fidelity"]) == {"x"} and set(merged["continuation_perplexity"]) == {"c4"}
+    assert boot.main([str(prompts), str(held_out), str(other), "--pair", "a", "b", "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| prompts.json + held-out.json | a | b | mean top-1 |" in out
+    assert "| prompts.json + held-out.json | a | b | cont. ppl c4 |" in out
+    assert "other.json: no row at batch 1 for b" in out
