@@ -133,8 +133,22 @@ def test_dense_prefill_leaves_the_prompt_logits_and_cache_bit_identical_to_dense
         {"decision": "sequence"},
         {"prefill": "dense"},
         {"decision": "sequence", "prefill": "dense"},
+        {
+            "decision": "sequence",
+            "prefill": "dense",
+            "history": {"init": "none"},
+            "strategies": {
+                "fuse_history": "none",
+                "score_channels": {"name": "ppsp", "params": {"token_norm": True}},
+            },
+        },
+        {
+            "decision": "sequence",
+            "prefill": "dense",
+            "strategies": {"fuse_history": {"name": "fixed", "params": {"probe_weight": 0.9}}},
+        },
     ],
-    ids=["sequence", "dense-prefill", "both"],
+    ids=["sequence", "dense-prefill", "both", "both-token-norm", "both-fixed-0.9"],
 )
 def test_nothing_pruned_generates_the_unmodified_model_tokens(family_model, options):
     """Ratio 0 and a ratio that keeps every unit (every stage still runs) give the model's tokens."""
