@@ -142,3 +142,8 @@ def test_token_norm_without_history_validates():
         }
     )
     assert method.strategies.score_channels.params == {"token_norm": True}
+
+
+def test_token_norm_with_centered_scores_is_refused():
+    with pytest.raises(ValueError, match="centered.*token_norm"):
+        PPspParams(token_norm=True, centered=True, bias_compensation=True)

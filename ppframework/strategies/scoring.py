@@ -219,6 +219,11 @@ class PPspParams(CompensationParams):
                 "centered scores only the part of a channel that bias compensation cannot restore; set "
                 "bias_compensation: true as well, or centered: false"
             )
+        if self.centered and self.token_norm:
+            raise ValueError(
+                "centered subtracts the calibration mean of X, which is not in the units of token_norm's "
+                "normalised evidence; set centered: false or token_norm: false"
+            )
         return self
 
 
