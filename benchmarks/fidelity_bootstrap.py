@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ppframework.outputs import atomic_write_text
+
 SetItems = list[tuple[float, float, int]]
 """One prompt set's prompts: (top-1, KL, tokens) each."""
 
@@ -130,6 +132,26 @@ def percentile_interval(values: list[float], confidence: float) -> tuple[float, 
     return ordered[int(tail * len(ordered))], ordered[min(len(ordered) - 1, int((1.0 - tail) * len(ordered)))]
 
 
+def comparison(
+    measure: str, items: str, a: float, b: float, effect: float, interval: tuple[float, float], kind: str
+) -> dict[str, Any]:
+    """One table row: A's and B's values, the effect (``difference`` A - B or ``ratio`` A / B) and its
+    interval, resolved when the interval excludes no effect (0 for a difference, 1 for a ratio)."""
+    low, high = interval
+    null = 0.0 if kind == "difference" else 1.0
+    return {
+        "measure": measure,
+        "items": items,
+        "a": a,
+        "b": b,
+        "effect": effect,
+        "low": low,
+        "high": high,
+        "resolved": low > null or high < null,
+        "kind": kind,
+    }
+
+
 def compare_fidelity(
     a: dict[str, Any], b: dict[str, Any], resamples: int, confidence: float, seed: int
 ) -> list[dict[str, Any]]:
@@ -158,26 +180,13 @@ def compare_fidelity(
         kl_diffs.append(ka - kb)
     items = sum(len(s) for s in sets_a)
     label = f"{items} prompts ({', '.join(names)})"
-    rows = []
-    for measure, va, vb, diffs in (
-        ("mean top-1", top1_a, top1_b, top1_diffs),
-        ("mean KL", kl_a, kl_b, kl_diffs),
-    ):
-        low, high = percentile_interval(diffs, confidence)
-        rows.append(
-            {
-                "measure": measure,
-                "items": label,
-                "a": va,
-                "b": vb,
-                "effect": va - vb,
-                "low": low,
-                "high": high,
-                "resolved": low > 0 or high < 0,
-                "kind": "difference",
-            }
+    return [
+        comparison(measure, label, va, vb, va - vb, percentile_interval(diffs, confidence), "difference")
+        for measure, va, vb, diffs in (
+            ("mean top-1", top1_a, top1_b, top1_diffs),
+            ("mean KL", kl_a, kl_b, kl_diffs),
         )
-    return rows
+    ]
 
 
 def compare_continuation(
@@ -202,19 +211,16 @@ def compare_continuation(
             math.exp(sum(rng.choices(diffs, k=len(diffs))) / (per_window * len(diffs)))
             for _ in range(resamples)
         ]
-        low, high = percentile_interval(ratios, confidence)
         rows.append(
-            {
-                "measure": f"cont. ppl {corpus}",
-                "items": f"{len(na)} windows",
-                "a": ca["perplexity"],
-                "b": cb["perplexity"],
-                "effect": ca["perplexity"] / cb["perplexity"],
-                "low": low,
-                "high": high,
-                "resolved": low > 1 or high < 1,
-                "kind": "ratio",
-            }
+            comparison(
+                f"cont. ppl {corpus}",
+                f"{len(na)} windows",
+                ca["perplexity"],
+                cb["perplexity"],
+                ca["perplexity"] / cb["perplexity"],
+                percentile_interval(ratios, confidence),
+                "ratio",
+            )
         )
     return rows, skipped
 
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     print(text, end="")
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(Path(args.out), text)
     return 0
 
 
