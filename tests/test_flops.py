@@ -190,3 +190,37 @@ def test_matches_torch_flop_counter(family: str) -> None:
         expected = counter.block_shape(kind, batch, seq, kept_units=kept).flops()
         extra = _sdpa_core(batch, 2, seq, att.unit_width) if kind is ATT else 0
         assert expected == mode.get_total_flops() + extra, kind
+
+
+@pytest.mark.parametrize("preset", ["no-history", "full-batch"])
+def test_pipeline_flops_of_a_per_sequence_batch_are_its_rows_run_alone(preset: str) -> None:
+    """Under ``decision: sequence`` every row runs its pruned layers alone, so the batch's FLOPs are
+    those of its rows decided one at a time (before the events carried their row, each row's blocks
+    opened a new counted batch whose unreported layers counted dense: 2.3x the dense FLOPs here)."""
+    from ppframework.config import MethodConfig
+    from ppframework.pipeline import Pipeline
+    from ppframework.runner import pipeline_flops
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 200, (3, 40), generator=torch.Generator().manual_seed(1))
+
+    def report(decision: str, x: torch.Tensor) -> FlopsReport:
+        method = MethodConfig.model_validate(
+            {"preset": preset, "pruning": {"ratio": 0.3, "skip_layers": [0]}, "decision": decision}
+        )
+        pipe = Pipeline(model, method)
+        with pipe, torch.no_grad():
+            model(input_ids=x, use_cache=False)
+        return pipeline_flops(pipe)
+
+    together = report("sequence", ids)
+    alone = [report("batch", ids[b : b + 1]) for b in range(ids.shape[0])]
+    assert together.dense == sum(r.dense for r in alone) == get_dense(model, 3, 40)
+    assert together.pruned == sum(r.pruned for r in alone)
+    assert together.probe == sum(r.probe for r in alone) > 0
+    assert together.lm_head == sum(r.lm_head for r in alone)
+
+
+def get_dense(model: torch.nn.Module, batch: int, seq: int) -> int:
+    """Dense decoder FLOPs of ``model`` on a (batch, seq) input."""
+    return FlopsCounter.from_adapter(get_adapter(model)).dense_decoder_flops(batch, seq)

@@ -63,6 +63,7 @@ class Accounting(PipelineState):
                 kept_kv_heads=kept_kv,
                 probe_rows=0 if probe is None else int(probe.batch_index.numel()),
                 probe_tokens=0 if probe is None else int(probe.token_index.numel()),
+                row=self._row,
             )
         )
 

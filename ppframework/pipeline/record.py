@@ -21,6 +21,9 @@ class BlockEvent:
     kept_kv_heads: int
     probe_rows: int
     probe_tokens: int
+    #: ``decision: sequence``: the row of the batch this block ran alone for (its own ``batch_size``
+    #: 1 x ``seq_len`` forward); None when the block ran for the whole batch.
+    row: int | None = None
 
 
 @dataclass

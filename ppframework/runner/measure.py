@@ -7,6 +7,7 @@ from typing import Any
 from ppframework.metrics.flops import FlopsCounter, FlopsReport
 from ppframework.metrics.perplexity import PerplexityResult
 from ppframework.pipeline import Pipeline
+from ppframework.pipeline.record import BlockEvent
 from ppframework.runner.results import MethodResult
 
 
@@ -47,25 +48,27 @@ def method_row(
 
 def pipeline_flops(pipe: Pipeline, skip_batches: int = 0) -> FlopsReport:
     """Decoder, probe and LM-head FLOPs of the batches ``pipe`` ran (after ``skip_batches``),
-    counted from the shapes it actually used."""
-    counter = FlopsCounter.from_adapter(pipe.adapter)
-    current = None
+    counted from the shapes it actually used.
+
+    Under ``decision: sequence`` every row of a batch ran its pruned layers alone (its events carry
+    their ``row``), so each row is counted as its own ``1 x length`` forward: its pruned blocks at
+    their kept shapes, its probe, and the layers it did not report (the unpruned ones) dense."""
+    groups: dict[tuple[int, int | None], list[BlockEvent]] = {}
     for event in pipe.record.events:
-        if event.batch < skip_batches:
-            continue
-        if event.batch != current:
-            counter.begin_batch(event.batch_size, event.seq_len)
-            current = event.batch
-        counter.add_block(
-            event.kind,
-            event.batch_size,
-            event.seq_len,
-            event.kept_units,
-            event.kept_kv_heads,
-            event.probe_rows,
-            event.probe_tokens,
-            layer=event.layer,
-        )
+        if event.batch >= skip_batches:
+            groups.setdefault((event.batch, event.row), []).append(event)
+    counter = FlopsCounter.from_adapter(pipe.adapter)
+    for events in groups.values():
+        counter.begin_batch(events[0].batch_size, events[0].seq_len)
+        for event in events:
+            counter.add_block(
+                event.kind,
+                event.batch_size,
+                event.seq_len,
+                event.kept_units,
+                event.kept_kv_heads,
+                event.probe_rows,
+                event.probe_tokens,
+                layer=event.layer,
+            )
     return counter.report()
-
-
