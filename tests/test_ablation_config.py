@@ -150,8 +150,8 @@ def test_ppf_ablate_end_to_end(tmp_path: Path, tiny_model_dir, tiny_text_file: P
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in report["rows"]]
-    assert methods[0] == "dense" and len(methods) == 37  # 18 variants at 2 ratios
-    assert len(report["settings"]["ablation"]["points"]) == 36
+    assert methods[0] == "dense" and len(methods) == 41  # 20 variants at 2 ratios
+    assert len(report["settings"]["ablation"]["points"]) == 40
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == methods
@@ -159,6 +159,8 @@ def test_ppf_ablate_end_to_end(tmp_path: Path, tiny_model_dir, tiny_text_file: P
     assert by_name["full-batch 40%"]["probe_flops_share"] > by_name["pp 40%"]["probe_flops_share"] > 0
     assert by_name["wanda-sp 40%"]["static"] and by_name["wanda-sp 40%"]["probe_flops_share"] == 0
     assert by_name["pp 40%"]["ideal_time_ratio"] < by_name["pp 20%"]["ideal_time_ratio"] < 1
+    # per sequence, every row pays its own probe (one row of the batch of 4 for pp)
+    assert by_name["pp-seq 40%"]["probe_flops_share"] > 3 * by_name["pp 40%"]["probe_flops_share"]
     for row in report["rows"][1:]:  # shortgpt removes floor(0.2 * 4) = 0 of the tiny model's 4 layers at 20%
         assert row["realised_ratio"] > 0 or row["method"] == "shortgpt 20%"
         assert abs(row["delta_perplexity"] - (row["perplexity"] - report["rows"][0]["perplexity"])) < 1e-9

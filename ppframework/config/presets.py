@@ -165,6 +165,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
         _CALIBRATION_EMA,
     ),
+    "pp-seq": _preset(
+        "PP deciding per sequence (ours, not the paper's): every sequence of a batch decides alone "
+        "(decision: sequence) from its own residual probe (50% of its tokens) fused with the calibration + "
+        "EMA 0.99 history, as if the sequences came one at a time; PPsp, skip layers 0-2. At batch 1 it is "
+        "pp; at batch B every row runs its pruned layers alone and pays its own probe.",
+        pp_strategies(),
+        _CALIBRATION_EMA,
+        decision="sequence",
+    ),
+    "pp-wanda-heads-seq": _preset(
+        "pp-wanda-heads deciding per sequence (ours, not the paper's): every sequence decides alone "
+        "(decision: sequence) from its own residual probe and the history; attention heads by Wanda's "
+        "metric (heads by sum, output gain folded in) with FLAP's bias compensation, MLP channels by PPsp.",
+        _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
+        _CALIBRATION_EMA,
+        decision="sequence",
+    ),
     "pp-prompt-blockwise": _per_prompt(
         "pp-prompt with pp-blockwise's metrics (ours, not the paper's): every prompt decides alone from its "
         "own dense prefill, fused with the calibration + EMA 0.99 history; Wanda's metric with L2 heads for "
