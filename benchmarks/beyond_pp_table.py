@@ -3,7 +3,9 @@ and the share of the static-to-oracle gap it closes.
 
 ``python benchmarks/beyond_pp_table.py wikitext2=runs/beyond-pp-wikitext2 c4=runs/beyond-pp-c4
 xsum=runs/beyond-pp-xsum`` prints a markdown table. Each folder is an ``ppf ablate --out`` folder;
-its ``results.json`` is read (or, while a run is unfinished, its stored points).
+its ``results.json`` is read (or, while a run is unfinished, its stored points). A corpus may name
+several folders, comma-separated (``wikitext2=runs/a,runs/b``: new rows beside the static ones of an
+earlier run on the same windows); a method measured in two of them keeps its first folder's value.
 
 gap closed = (static - method) / (static - full-batch), with ``static`` the better of the static
 rows (``static-ppsp`` and any other row marked static) at that ratio and corpus.
@@ -56,7 +58,7 @@ def table(corpora: dict[str, list[dict[str, Any]]]) -> str:
             ratios.add(ratio)
             if name not in names:
                 names.append(name)
-            values[(corpus, name, ratio)] = float(row["perplexity"])
+            values.setdefault((corpus, name, ratio), float(row["perplexity"]))
             if row.get("static"):
                 key = (corpus, ratio)
                 statics[key] = min(statics.get(key, math.inf), float(row["perplexity"]))
@@ -85,14 +87,14 @@ def table(corpora: dict[str, list[dict[str, Any]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("corpora", nargs="+", help="NAME=FOLDER, one per corpus")
+    parser.add_argument("corpora", nargs="+", help="NAME=FOLDER[,FOLDER...], one per corpus")
     args = parser.parse_args()
     corpora = {}
     for item in args.corpora:
         name, _, folder = item.partition("=")
         if not folder:
-            raise SystemExit(f"{item!r}: give NAME=FOLDER")
-        corpora[name] = load_rows(Path(folder))
+            raise SystemExit(f"{item!r}: give NAME=FOLDER[,FOLDER...]")
+        corpora[name] = [row for part in folder.split(",") for row in load_rows(Path(part))]
     print(table(corpora))
 
 
