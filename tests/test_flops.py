@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppframework.adapters import get_adapter
+from ppframework.config import MethodConfig
 from ppframework.metrics.flops import (
     BlockShape,
     FlopsCounter,
@@ -20,6 +21,8 @@ from ppframework.metrics.flops import (
     mlp_flops,
     probe_flops,
 )
+from ppframework.pipeline import Pipeline
+from ppframework.runner import pipeline_flops
 from ppframework.testing.tiny import tiny_model
 from ppframework.types import BlockGeometry, BlockKind
 
@@ -197,10 +200,6 @@ def test_pipeline_flops_of_a_per_sequence_batch_are_its_rows_run_alone(preset: s
     """Under ``decision: sequence`` every row runs its pruned layers alone, so the batch's FLOPs are
     those of its rows decided one at a time (before the events carried their row, each row's blocks
     opened a new counted batch whose unreported layers counted dense: 2.3x the dense FLOPs here)."""
-    from ppframework.config import MethodConfig
-    from ppframework.pipeline import Pipeline
-    from ppframework.runner import pipeline_flops
-
     model = tiny_model("llama")
     ids = torch.randint(0, 200, (3, 40), generator=torch.Generator().manual_seed(1))
 
@@ -215,12 +214,8 @@ def test_pipeline_flops_of_a_per_sequence_batch_are_its_rows_run_alone(preset: s
 
     together = report("sequence", ids)
     alone = [report("batch", ids[b : b + 1]) for b in range(ids.shape[0])]
-    assert together.dense == sum(r.dense for r in alone) == get_dense(model, 3, 40)
+    dense = FlopsCounter.from_adapter(get_adapter(model)).dense_decoder_flops(3, 40)
+    assert together.dense == sum(r.dense for r in alone) == dense
     assert together.pruned == sum(r.pruned for r in alone)
     assert together.probe == sum(r.probe for r in alone) > 0
     assert together.lm_head == sum(r.lm_head for r in alone)
-
-
-def get_dense(model: torch.nn.Module, batch: int, seq: int) -> int:
-    """Dense decoder FLOPs of ``model`` on a (batch, seq) input."""
-    return FlopsCounter.from_adapter(get_adapter(model)).dense_decoder_flops(batch, seq)
