@@ -113,6 +113,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calibration + EMA 0.99 history (importance-scaled), PPsp, skip layers 0-2; decode steps run on "
         "the masks decided. Prunes decode steps only: perplexity windows run dense.",
     ),
+    "pp-prompt-batch": _preset(
+        "pp-prompt deciding once per batch (ours, not the paper's): the batch's prompts run dense (prefill: "
+        "dense) and every real token of every prompt is the probe of one decision for the whole batch "
+        "(decision: batch), fused with the calibration + EMA 0.99 history (importance-scaled), PPsp, skip "
+        "layers 0-2; decode steps run one set of kept weights, the static methods' path. At batch 1 it is "
+        "pp-prompt. Prunes decode steps only: perplexity windows run dense.",
+        _strategies(select_probe="full"),
+        _CALIBRATION_EMA,
+        prefill="dense",
+    ),
     "no-history": _preset(
         "PP without history (ablation): residual probe, a_c = sum_t P[t, c], PPsp.",
         _strategies(fuse_history="none"),
