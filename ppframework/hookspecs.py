@@ -109,7 +109,8 @@ def score_channels(
         ctx: the block and batch being decided.
         probe: the probe chosen by ``select_probe`` (None for static methods).
         probe_states: (k_B, k_T, C) input of the output projection computed on the probe with
-            full weights, or None without a probe.
+            full weights, or None without a probe. Read-only: it may be the block's own
+            activations, which the pipeline reads again afterwards (history statistics).
         weight: (hidden, C) the output projection's weight.
 
     Returns:

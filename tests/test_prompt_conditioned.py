@@ -350,3 +350,18 @@ def test_sequence_frees_each_rows_pinned_weights_when_the_pipeline_detaches():
     finally:
         if enabled:
             gc.enable()
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 6), picks=st.data())
+def test_probe_gather_skips_the_copy_only_when_every_entry_is_picked(size, picks):
+    """The dense prefill's probe gather equals ``index_select`` for any sorted unique index, and is the
+    activations themselves (no copy) exactly when the index picks every entry."""
+    from ppframework.pipeline.dense_prefill import _select
+
+    values = torch.randn(size, 3, 2)
+    chosen = picks.draw(st.lists(st.integers(0, size - 1), unique=True, min_size=1)).copy()
+    index = torch.tensor(sorted(chosen), dtype=torch.long)
+    out = _select(values, 0, index)
+    assert torch.equal(out, values.index_select(0, index))
+    assert (out is values) == (len(chosen) == size)

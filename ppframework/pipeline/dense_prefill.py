@@ -134,9 +134,17 @@ class DensePrefill(RowDecisions):
             validation.check_probe(probe, self.strategies["select_probe"], ctx, *normed.shape[:2])
         states = None
         if probe is not None:
-            states = z.index_select(0, probe.batch_index).index_select(1, probe.token_index)
+            states = _select(_select(z, 0, probe.batch_index), 1, probe.token_index)
         mask = self._choose_mask(ctx, runner, probe, states, history)
         if ctx.collect_stats:
             stats, valid = squared_mean_per_position(z, batch.attention_mask, batch.has_padding)
             self._update_history(history, stats, valid if batch.has_padding else None, batch, None)
         self._remember(index, kind, mask, cache)
+
+
+def _select(values: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``values.index_select(dim, index)``, or ``values`` itself when ``index`` picks every entry of ``dim``
+    in order (the ``full`` probe of a batch without padding): a probe's indices are sorted, unique and in
+    range, so as many of them as ``dim`` has entries is ``arange``. Saves a copy of the block's activations
+    per decision (the hook's probe states are read-only)."""
+    return values if index.numel() == values.shape[dim] else values.index_select(dim, index)
