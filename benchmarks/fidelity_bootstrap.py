@@ -59,6 +59,7 @@ ITEM_SETTINGS = (
     "prefix_len",
     "window_policy",
     "window_bos",
+    "mixed_batches",
 )
 """The settings that fix which prompts and windows a results file measured (not the calibration)."""
 

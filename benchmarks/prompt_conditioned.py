@@ -43,7 +43,12 @@ from ppframework import data as data_mod
 from ppframework.api import build_pipeline, calibration_history, load_config, needs_calibration
 from ppframework.config import PRESETS, RunConfig, apply_overrides, read_config_file
 from ppframework.errors import ConfigError
-from ppframework.generation.fidelity import continuation_perplexity, dense_continuations, fidelity
+from ppframework.generation.fidelity import (
+    FidelityResult,
+    continuation_perplexity,
+    dense_continuations,
+    fidelity,
+)
 from ppframework.generation.fidelity_eval import fitting_prompt_ids
 from ppframework.generation.tasks import GENERATION_TASKS
 from ppframework.models import load_model, load_model_kwargs
@@ -87,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="skip this many items of each prompt set first (e.g. choose settings on items 16-31, "
         "report on 0-15)",
+    )
+    parser.add_argument(
+        "--mixed-batches",
+        action="store_true",
+        help="fidelity batches mix the prompt sets (round-robin: a code prompt beside a news article) "
+        "instead of holding one set each; each prompt's scores still count for its own set",
     )
     parser.add_argument("--new-tokens", type=int, default=32, help="dense continuation tokens per prompt")
     parser.add_argument("--windows", type=int, default=16, help="windows per corpus")
@@ -173,6 +184,7 @@ def settings(args: argparse.Namespace, cfg: RunConfig, window_len: int, prefix_l
         "window_bos": cfg.data.window_bos,
         "step_tokens": args.step_tokens,
         **({"prompt_offset": args.prompt_offset} if args.prompt_offset else {}),
+        **({"mixed_batches": True} if args.mixed_batches else {}),
     }
 
 
@@ -204,6 +216,24 @@ def corpus_windows(name: str, cfg: RunConfig, tokenizer: Any, n: int, length: in
     return data_mod.start_with_bos(windows, tokenizer) if cfg.data.window_bos else windows
 
 
+def interleaved(prompts: dict[str, list[list[int]]]) -> list[tuple[str, int]]:
+    """Every prompt as (set, index), the sets taken round-robin (set A's first, set B's first, ...), so
+    that consecutive prompts, and so every batch of more than one, come from different sets."""
+    longest = max((len(ids) for ids in prompts.values()), default=0)
+    return [(name, i) for i in range(longest) for name, ids in prompts.items() if i < len(ids)]
+
+
+def split_by_set(result: FidelityResult, order: list[tuple[str, int]]) -> dict[str, FidelityResult]:
+    """A fidelity result over :func:`interleaved` prompts, back into one result per set, each set's
+    prompts in their own order."""
+    parts: dict[str, FidelityResult] = {}
+    for (name, _), scores in sorted(zip(order, result.prompts, strict=True), key=lambda pair: pair[0]):
+        part = parts.setdefault(name, FidelityResult())
+        part.prompts.append(scores)
+        part.dense_agree += scores.dense_agree
+    return parts
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -220,7 +250,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Model `{s['model']}`; fidelity: first {s['prompts']} prompts, {s['new_tokens']} dense greedy tokens"
         f"{' (to the first EOS)' if s['stop_at_eos'] else ''}; continuation perplexity: {s['windows']} "
-        f"windows of {s['window_len']} tokens, decided on the first {s['prefix_len']}.",
+        f"windows of {s['window_len']} tokens, decided on the first {s['prefix_len']}"
+        f"{'; fidelity batches mix the prompt sets (round-robin)' if s.get('mixed_batches') else ''}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -339,7 +370,20 @@ def main(argv: list[str] | None = None) -> int:
         return build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=clone)
 
     def measure(index: int, batch_size: int, row: dict[str, Any]) -> None:
-        for name, ids in prompts.items():
+        if args.mixed_batches:
+            order = interleaved(prompts)
+            result = fidelity(
+                model,
+                pipeline(index),
+                [prompts[name][i] for name, i in order],
+                [references[name][i] for name, i in order],
+                pad_token_id=pad,
+                batch_size=batch_size,
+                step_tokens=args.step_tokens,
+            )
+            for name, part in split_by_set(result, order).items():
+                row["fidelity"][name] = part.to_json()
+        for name, ids in ({} if args.mixed_batches else prompts).items():
             result = fidelity(
                 model,
                 pipeline(index),

@@ -21,6 +21,8 @@ from ppframework.calibration import calibrate
 from ppframework.config import MethodConfig
 from ppframework.errors import ConfigError
 from ppframework.generation.fidelity import (
+    FidelityResult,
+    PromptFidelity,
     continuation_perplexity,
     dense_continuations,
     fidelity,
@@ -382,3 +384,33 @@ def test_prompt_conditioned_only_keeps_the_named_methods_and_names_unknown_ones(
     assert cfg.methods[1].decision == "sequence"
     with pytest.raises(ConfigError, match=r"--only: no method named \['griffin'\]"):
         module.plan_config(module.parse_args([str(config), "--only", "griffin"]))
+
+
+def test_mixed_batches_interleave_the_sets_and_split_back_to_each_sets_own_order():
+    """``--mixed-batches``: consecutive prompts come from different sets (so does every batch of 2 or
+    more while the sets last), and each prompt's scores go back to its own set, in its own order, with
+    the dense sanity count summed per set."""
+    module = load_benchmark("prompt_conditioned")
+    prompts = {"humaneval": [[1]] * 3, "mbpp": [[2]] * 1, "xsum": [[3]] * 2}
+    order = module.interleaved(prompts)
+    assert order == [
+        ("humaneval", 0), ("mbpp", 0), ("xsum", 0), ("humaneval", 1), ("xsum", 1), ("humaneval", 2),
+    ]  # fmt: skip
+    scores = [
+        PromptFidelity(tokens=10 + k, agree=k, kl_sum=0.1 * k, dense_agree=1) for k in range(len(order))
+    ]
+    parts = module.split_by_set(FidelityResult(prompts=scores, dense_agree=len(order)), order)
+    for name, ids in prompts.items():
+        mine = [k for k, (set_name, _) in enumerate(order) if set_name == name]
+        assert parts[name].prompts == [scores[k] for k in mine]
+        assert parts[name].dense_agree == len(ids)
+    assert module.interleaved({}) == []
+
+
+def test_fidelity_records_each_prompts_dense_sanity_count():
+    model = tiny_model("llama-gqa").eval()
+    prompts = _prompt_ids()
+    references = dense_continuations(model, prompts, 8, pad_token_id=PAD, stop_at_eos=False)
+    result = fidelity(model, None, prompts, references, pad_token_id=PAD, batch_size=2)
+    assert [p.dense_agree for p in result.prompts] == [p.tokens for p in result.prompts]
+    assert sum(p.dense_agree for p in result.prompts) == result.dense_agree == result.tokens

@@ -241,6 +241,8 @@ class PromptFidelity:
     tokens: int
     agree: int
     kl_sum: float
+    dense_agree: int = 0
+    """Tokens where dense teacher forcing reproduces its own greedy token (see :class:`FidelityResult`)."""
 
     @property
     def top1(self) -> float:
@@ -341,8 +343,10 @@ def fidelity(
         for row, (n, a, k) in enumerate(
             zip(valid.sum(dim=1).tolist(), agree.tolist(), kl_sum.tolist(), strict=True)
         ):
-            result.prompts.append(PromptFidelity(tokens=int(n), agree=int(a), kl_sum=float(k)))
-            result.dense_agree += int(dense_agree[row])
+            own = int(dense_agree[row])
+            scores = PromptFidelity(tokens=int(n), agree=int(a), kl_sum=float(k), dense_agree=own)
+            result.prompts.append(scores)
+            result.dense_agree += own
     logger.debug("%s: top-1 %.4f, KL %.5f over %d tokens", desc, result.top1, result.kl, result.tokens)
     return result
 
