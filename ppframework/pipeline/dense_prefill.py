@@ -143,8 +143,8 @@ class DensePrefill(RowDecisions):
 
 
 def _select(values: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``values.index_select(dim, index)``, or ``values`` itself when ``index`` picks every entry of ``dim``
-    in order (the ``full`` probe of a batch without padding): a probe's indices are sorted, unique and in
-    range, so as many of them as ``dim`` has entries is ``arange``. Saves a copy of the block's activations
-    per decision (the hook's probe states are read-only)."""
+    """``values.index_select(dim, index)``, or ``values`` itself when ``index`` picks every entry of
+    ``dim`` in order (the ``full`` probe: every row, and every position real in some row): a probe's
+    indices are sorted, unique and in range, so as many of them as ``dim`` has entries is ``arange``.
+    Saves a copy of the block's activations per decision (the hook's probe states are read-only)."""
     return values if index.numel() == values.shape[dim] else values.index_select(dim, index)
