@@ -224,10 +224,10 @@ def interleaved(prompts: dict[str, list[list[int]]]) -> list[tuple[str, int]]:
 
 
 def split_by_set(result: FidelityResult, order: list[tuple[str, int]]) -> dict[str, FidelityResult]:
-    """A fidelity result over :func:`interleaved` prompts, back into one result per set, each set's
-    prompts in their own order."""
+    """A fidelity result over the prompts ``order`` names (each set's in its own order, as
+    :func:`interleaved` gives them), back into one result per set."""
     parts: dict[str, FidelityResult] = {}
-    for (name, _), scores in sorted(zip(order, result.prompts, strict=True), key=lambda pair: pair[0]):
+    for (name, _), scores in zip(order, result.prompts, strict=True):
         part = parts.setdefault(name, FidelityResult())
         part.prompts.append(scores)
         part.dense_agree += scores.dense_agree
@@ -370,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return build_pipeline(model, cfg, method_index=index, tokenizer=tokenizer, history=clone)
 
     def measure(index: int, batch_size: int, row: dict[str, Any]) -> None:
-        if args.mixed_batches:
-            order = interleaved(prompts)
+        # One fidelity run (one fresh pipeline) per group of prompts: each set alone, or all mixed.
+        groups = (
+            [interleaved(prompts)]
+            if args.mixed_batches
+            else [[(name, i) for i in range(len(ids))] for name, ids in prompts.items()]
+        )
+        for order in groups:
             result = fidelity(
                 model,
                 pipeline(index),
@@ -383,17 +388,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name, part in split_by_set(result, order).items():
                 row["fidelity"][name] = part.to_json()
-        for name, ids in ({} if args.mixed_batches else prompts).items():
-            result = fidelity(
-                model,
-                pipeline(index),
-                ids,
-                references[name],
-                pad_token_id=pad,
-                batch_size=batch_size,
-                step_tokens=args.step_tokens,
-            )
-            row["fidelity"][name] = result.to_json()
         for name, win in windows.items():
             usable = win[: win.shape[0] - win.shape[0] % batch_size]  # every decision on a full batch
             if usable.shape[0] == 0:
