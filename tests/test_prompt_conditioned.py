@@ -18,6 +18,7 @@ from ppframework.config import PRESETS, MethodConfig
 from ppframework.errors import ConfigError
 from ppframework.pipeline import Pipeline
 from ppframework.pipeline.dense_prefill import _select
+from ppframework.strategies.probe import FullBatchProbe
 from ppframework.testing.tiny import FAMILIES, tiny_model
 from ppframework.types import BlockKind
 
@@ -364,3 +365,56 @@ def test_probe_gather_skips_the_copy_only_when_every_entry_is_picked(size, picks
     out = _select(values, 0, index)
     assert torch.equal(out, values.index_select(0, index))
     assert (out is values) == (len(chosen) == size)
+
+
+@pytest.mark.parametrize("decision", ["batch", "sequence"])
+def test_a_full_probe_skips_the_block_inputs_it_never_reads(family_model, decision, monkeypatch):
+    """Under ``prefill: dense`` the ``full`` probe (``reads_block_input = False``) is passed zero-width
+    residual and normed tensors, and the adapter never computes either; the masks, the tokens, the logits
+    and the history are bit for bit those of a run that computes them (the attribute forced on)."""
+    family, model, history = family_model
+    method = _method(preset="pp-prompt", decision=decision)
+    seen: list[tuple[int, ...]] = []
+    calls = {"block_input": 0}
+
+    def runs(reads: bool):
+        monkeypatch.setattr(FullBatchProbe, "reads_block_input", reads)
+        pipe = _pipeline(model, method, history)
+        adapter_input = pipe.adapter.block_input
+
+        def counted(*args, **kwargs):
+            calls["block_input"] += 1
+            return adapter_input(*args, **kwargs)
+
+        select_probe = pipe.hooks.select_probe
+
+        def spying(ctx, residual, normed, attention_mask):
+            seen.append(tuple(normed.shape))
+            return select_probe(ctx, residual, normed, attention_mask)
+
+        monkeypatch.setattr(pipe.adapter, "block_input", counted)
+        monkeypatch.setattr(pipe.hooks, "select_probe", spying)
+        calls["block_input"] = 0
+        seen.clear()
+        with pipe, torch.inference_mode():  # a prefill alone: decode steps compute their own inputs
+            model(**_encode(PROMPTS), cache=DynamicCache(config=model.config), use_cache=True)
+        prefill_calls, prefill_shapes = calls["block_input"], list(seen)
+        with pipe:
+            out = _generate(model, _encode(PROMPTS))
+        return out, pipe, prefill_calls, prefill_shapes
+
+    skipped, skip_pipe, skip_calls, skip_shapes = runs(False)
+    computed, full_pipe, full_calls, full_shapes = runs(True)
+    assert skip_calls == 0 and full_calls > 0, family
+    assert skip_shapes and all(shape[-1] == 0 for shape in skip_shapes)
+    assert all(shape[-1] > 0 for shape in full_shapes)
+    assert [s[:2] for s in skip_shapes] == [s[:2] for s in full_shapes]
+    assert torch.equal(skipped.sequences, computed.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(skipped.logits, computed.logits, strict=True))
+    ours = skip_pipe.last_row_masks if decision == "sequence" else [skip_pipe.last_masks]
+    theirs = full_pipe.last_row_masks if decision == "sequence" else [full_pipe.last_masks]
+    for mine, other in zip(ours, theirs, strict=True):
+        assert set(mine) == set(other)
+        assert all(torch.equal(mine[k].kept_units, other[k].kept_units) for k in mine)
+    for key, block in full_pipe.history.blocks.items():
+        assert torch.equal(skip_pipe.history.blocks[key].sq_mean, block.sq_mean), key

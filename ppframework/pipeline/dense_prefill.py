@@ -46,7 +46,9 @@ class DensePrefill(RowDecisions):
         evidence ``score_channels`` scores (no probe forward), fused with the history; the mask chosen
         serves the decode steps that continue the cache. The history is updated from every channel
         (all were computed), at real positions only. Under ``decision: sequence`` each row decides
-        from its own real tokens, in row order. Static methods keep their mask.
+        from its own real tokens, in row order. Static methods keep their mask. A probe strategy with
+        ``reads_block_input = False`` (``full``, ``none``) gets zero-width residual and normed tensors
+        (the right batch and position sizes), and neither is computed.
         """
         captured: dict[BlockKind, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = []
@@ -75,6 +77,15 @@ class DensePrefill(RowDecisions):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             self._begin_decode(cache, z_attn.shape[0])
+        if not getattr(self.strategies["select_probe"], "reads_block_input", True):
+            for kind in BlockKind:  # the probe needs neither the residual stream nor the normed input
+                if kind in self.targets:
+                    z = captured[kind][0]
+                    if batch.shift is not None:
+                        z = batch.shift.to_positions(z)
+                    unread = z.new_empty((*z.shape[:2], 0))
+                    self._decide_dense(index, kind, DenseActivations(z, unread, unread), batch, cache)
+            return output
         hidden = hidden.to(z_attn.device)
         residual = {BlockKind.ATTENTION: hidden}
         residual[BlockKind.MLP] = self.adapter.block_residual(layer, BlockKind.ATTENTION, hidden, attn_out)

@@ -260,10 +260,15 @@ class RandomProbe:
 
 
 class FullBatchProbe:
-    """Full-batch probing (the paper's oracle): the whole batch is the probe."""
+    """Full-batch probing (the paper's oracle): the whole batch is the probe.
+
+    ``reads_block_input = False``: it looks only at the attention mask, so a dense prefill need not
+    compute the residual stream and normed input it is passed (they come zero-width there).
+    """
 
     stage = "select_probe"
     name = "full"
+    reads_block_input = False
 
     @hookimpl
     def select_probe(
@@ -276,12 +281,14 @@ class NoProbe:
     """No probe: decide from the history alone (static methods, history-only ablation).
 
     ``dynamic = False`` tells the pipeline that this probe never looks at the batch, so a method
-    whose history is also frozen decides once and caches its sliced weights.
+    whose history is also frozen decides once and caches its sliced weights; ``reads_block_input =
+    False`` as for ``full``.
     """
 
     stage = "select_probe"
     name = "none"
     dynamic = False
+    reads_block_input = False
 
     @hookimpl
     def select_probe(
