@@ -33,6 +33,23 @@ def probe_evidence(
     return sums / counts.clamp(min=1.0)[:, None], counts > 0
 
 
+def row_balanced_probe_evidence(
+    states: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P[t, c]`` = ``sum_b w_b * valid[b, t] * states[b, t, c]^2 / sum_b w_b``, ``w_b = 1 / L_b`` (fp32).
+
+    ``L_b`` is probe row ``b``'s number of real tokens. Summed over the positions, every row with a real
+    token then weighs the same, its own mean square over its tokens (:func:`probe_evidence` weighs every
+    real token the same, so a long row outweighs a short one). A position's evidence shrinks with the
+    weighted share of the rows real there. Rows of one length: :func:`probe_evidence` exactly in value;
+    one row: the same. Same shapes and conventions as :func:`probe_evidence`."""
+    lengths = valid.sum(dim=1).to(torch.float32)
+    weights = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1.0), torch.zeros_like(lengths))
+    entry_weights = valid.to(torch.float32) * weights[:, None]
+    sums = (states.float().square() * entry_weights[:, :, None]).sum(dim=0)
+    return sums / weights.sum().clamp(min=torch.finfo(torch.float32).tiny), valid.any(dim=0)
+
+
 def token_normalized_probe_evidence(
     states: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +121,8 @@ class WeightMetricScore:
     the adapter reports none), :mod:`ppframework.strategies.output_aware`. With ``bias_compensation``
     the fusion stage attaches the calibration means of the channels, or, with ``compensation_mean``
     ``probe``, the probe's means are attached here. With ``token_norm`` the probe evidence is of
-    per-token L2-normalised activations (:func:`token_normalized_probe_evidence`).
+    per-token L2-normalised activations (:func:`token_normalized_probe_evidence`); with ``row_balance``
+    every probe row weighs the same in it (:func:`row_balanced_probe_evidence`).
     """
 
     stage = "score_channels"
@@ -115,6 +133,7 @@ class WeightMetricScore:
     compensation_mean = "calibration"
     output_gain = False
     token_norm = False
+    row_balance = False
 
     def __init__(self) -> None:
         self._terms = WeightTermCache()
@@ -146,6 +165,8 @@ class WeightMetricScore:
             all_real = ctx.has_padding is False
             if self.token_norm:
                 evidence = token_normalized_probe_evidence(probe_states, probe.valid)
+            elif self.row_balance:
+                evidence = row_balanced_probe_evidence(probe_states, probe.valid)
             else:
                 evidence = probe_evidence(probe_states, probe.valid, all_real)
             scores.evidence, scores.position_valid = evidence
@@ -212,6 +233,15 @@ class PPspParams(CompensationParams):
         "is then not in the calibration history's units, so it needs fuse_history 'none'",
     )
 
+    row_balance: bool = Field(
+        False,
+        description="when one decision pools several probe rows (decision: batch over prompts of different "
+        "lengths), every row weighs the same in a channel's evidence (its mean square over its own real "
+        "tokens) instead of every real token: a long prompt no longer outweighs a short one, and a position "
+        "few rows reach carries less evidence, so the history weighs more there. Rows of one length and "
+        "single rows: unchanged",
+    )
+
     @model_validator(mode="after")
     def _centered_needs_compensation(self) -> PPspParams:
         if self.centered and not self.bias_compensation:
@@ -224,6 +254,11 @@ class PPspParams(CompensationParams):
                 "centered subtracts the calibration mean of X, which is not in the units of token_norm's "
                 "normalised evidence; set centered: false or token_norm: false"
             )
+        if self.row_balance and self.token_norm:
+            raise ValueError(
+                "row_balance and token_norm are two ways of weighing the probe's tokens and are not "
+                "combined; set one of them to false"
+            )
         return self
 
 
@@ -233,8 +268,9 @@ class PPspScore(WeightMetricScore):
     Options (:class:`PPspParams`, off by default, so the default is the paper's PPsp): an L1 row
     reduction (``a_c * sum_i W^2``), FLAP-style bias compensation from the calibration mean,
     centred activations that score only what compensation cannot restore, the block's output
-    gain folded into the weight term (:mod:`ppframework.strategies.output_aware`), and probe
-    evidence of per-token normalised activations (``token_norm``, GRIFFIN's normalisation).
+    gain folded into the weight term (:mod:`ppframework.strategies.output_aware`), probe
+    evidence of per-token normalised activations (``token_norm``, GRIFFIN's normalisation), and
+    pooled evidence in which every probe row weighs the same (``row_balance``).
     """
 
     name = "ppsp"
@@ -253,6 +289,7 @@ class PPspScore(WeightMetricScore):
         self.compensation_mean = self.params.compensation_mean
         self.output_gain = self.params.output_gain
         self.token_norm = self.params.token_norm
+        self.row_balance = self.params.row_balance
 
     @hookimpl
     def score_channels(
