@@ -150,8 +150,8 @@ def test_ppf_ablate_end_to_end(tmp_path: Path, tiny_model_dir, tiny_text_file: P
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in report["rows"]]
-    assert methods[0] == "dense" and len(methods) == 41  # 20 variants at 2 ratios
-    assert len(report["settings"]["ablation"]["points"]) == 40
+    assert methods[0] == "dense" and len(methods) == 45  # 22 variants at 2 ratios
+    assert len(report["settings"]["ablation"]["points"]) == 44
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == methods

@@ -1,6 +1,7 @@
-"""The per-sequence presets of issue 29, ``pp-seq`` and ``pp-wanda-heads-seq``: each is its batch preset
-with ``decision: sequence`` and nothing else, so on a batch of windows (the perplexity protocol) every
-window gets what it would get scored alone, and at batch 1 it is its batch preset bit for bit."""
+"""The per-sequence presets of issue 29, ``pp-seq``, ``pp-wanda-heads-seq`` and ``pp-comp-heads-seq``: each
+is its batch preset with ``decision: sequence`` and nothing else, so on a batch of windows (the perplexity
+protocol) every window gets what it would get scored alone, and at batch 1 it is its batch preset bit for
+bit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from ppframework.config import MethodConfig
 from ppframework.pipeline import Pipeline
 from ppframework.testing.tiny import tiny_model
 
-SEQUENCE_PRESETS = {"pp-seq": "pp", "pp-wanda-heads-seq": "pp-wanda-heads"}
+SEQUENCE_PRESETS = {
+    "pp-seq": "pp",
+    "pp-wanda-heads-seq": "pp-wanda-heads",
+    "pp-comp-heads-seq": "pp-comp-heads",
+}
 FIELDS_COMPARED = {"name", "description", "preset"}
 
 

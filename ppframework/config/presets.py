@@ -55,6 +55,16 @@ _COMPENSATED_WANDA_HEADS = {
 """``pp-wanda-heads``' scorers: Wanda's metric for attention heads (heads by sum, output gain folded in)
 with FLAP's bias compensation from the calibration means, and the paper's PPsp for the MLP."""
 
+_COMPENSATED_PPSP_HEADS = {
+    "name": "per-block",
+    "params": {
+        "attention": {"name": "ppsp", "params": {"output_gain": True, "bias_compensation": True}},
+        "mlp": {"name": "ppsp"},
+    },
+}
+"""``pp-comp-heads``' scorers: PPsp for attention heads with the block's output gain folded into its weight
+term and FLAP's bias compensation from the calibration means, and the paper's PPsp for the MLP."""
+
 _CALIBRATION_EMA = {"init": "calibration", "update": "ema", "momentum": 0.99}
 _CALIBRATION_ONLY = {"init": "calibration", "update": "frozen"}
 _NO_HISTORY = {"init": "none", "update": "frozen"}
@@ -175,6 +185,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
         _CALIBRATION_EMA,
     ),
+    "pp-comp-heads": _preset(
+        "PP with compensated, output-aware PPsp heads (ours, not the paper's): attention heads by PPsp with "
+        "the block's output gain folded into the weight term (Gemma 3's post-norm weights; an identity "
+        "elsewhere), the pruned heads' calibration-mean output added back as a bias (FLAP's compensation); "
+        "MLP channels by the paper's PPsp; otherwise PP (probe, history, fusion).",
+        _strategies(score_channels=copy.deepcopy(_COMPENSATED_PPSP_HEADS)),
+        _CALIBRATION_EMA,
+    ),
     "pp-seq": _preset(
         "PP deciding per sequence (ours, not the paper's): every sequence of a batch decides alone "
         "(decision: sequence) from its own residual probe (50% of its tokens) fused with the calibration + "
@@ -189,6 +207,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "(decision: sequence) from its own residual probe and the history; attention heads by Wanda's "
         "metric (heads by sum, output gain folded in) with FLAP's bias compensation, MLP channels by PPsp.",
         _strategies(score_channels=copy.deepcopy(_COMPENSATED_WANDA_HEADS)),
+        _CALIBRATION_EMA,
+        decision="sequence",
+    ),
+    "pp-comp-heads-seq": _preset(
+        "pp-comp-heads deciding per sequence (ours, not the paper's): every sequence decides alone "
+        "(decision: sequence) from its own residual probe (50% of its tokens) and the history; attention "
+        "heads by PPsp with the output gain folded in and FLAP's bias compensation, MLP channels by PPsp. "
+        "Issue 29's single preset for SmolLM2 and Gemma 3 (docs/results.md); its probes cost about a "
+        "quarter of the decoder's FLOPs.",
+        _strategies(score_channels=copy.deepcopy(_COMPENSATED_PPSP_HEADS)),
         _CALIBRATION_EMA,
         decision="sequence",
     ),
