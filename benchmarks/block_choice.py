@@ -63,6 +63,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "pp-wanda-l2": {"preset": "pp-wanda", "strategies": _WANDA_GAIN_L2},
     "full-batch-wanda-l2": {"preset": "full-batch", "strategies": _WANDA_GAIN_L2},
     "pp-wanda-heads": {"preset": "pp-wanda-heads"},
+    "pp-comp-heads": {"preset": "pp-comp-heads"},
 }
 
 
