@@ -77,23 +77,22 @@ class DensePrefill(RowDecisions):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             self._begin_decode(cache, z_attn.shape[0])
-        if not getattr(self.strategies["select_probe"], "reads_block_input", True):
-            for kind in BlockKind:  # the probe needs neither the residual stream nor the normed input
-                if kind in self.targets:
-                    z = captured[kind][0]
-                    if batch.shift is not None:
-                        z = batch.shift.to_positions(z)
-                    unread = z.new_empty((*z.shape[:2], 0))
-                    self._decide_dense(index, kind, DenseActivations(z, unread, unread), batch, cache)
-            return output
-        hidden = hidden.to(z_attn.device)
-        residual = {BlockKind.ATTENTION: hidden}
-        residual[BlockKind.MLP] = self.adapter.block_residual(layer, BlockKind.ATTENTION, hidden, attn_out)
+        residual: dict[BlockKind, torch.Tensor] = {}
+        if self.probe_reads_block_input:
+            hidden = hidden.to(z_attn.device)
+            residual[BlockKind.ATTENTION] = hidden
+            residual[BlockKind.MLP] = self.adapter.block_residual(
+                layer, BlockKind.ATTENTION, hidden, attn_out
+            )
         for kind in BlockKind:
             if kind not in self.targets:
                 continue
-            z, res = captured[kind][0], residual[kind]
-            normed = self.adapter.block_input(layer, kind, res)
+            z = captured[kind][0]
+            if kind in residual:
+                res = residual[kind]
+                normed = self.adapter.block_input(layer, kind, res)
+            else:  # the probe reads neither: zero-width stand-ins with the batch and position sizes
+                res = normed = z.new_empty((*z.shape[:2], 0))
             if batch.shift is not None:
                 z, res, normed = (batch.shift.to_positions(t) for t in (z, res, normed))
             self._decide_dense(index, kind, DenseActivations(z, res, normed), batch, cache)

@@ -99,6 +99,9 @@ class PipelineState:
         self.updates_history = method.history.init == "calibration" and method.history.update != "frozen"
         probe_strategy = self.strategies["select_probe"]
         self.is_static = not getattr(probe_strategy, "dynamic", True) and not self.updates_history
+        #: Whether the probe reads the residual stream and normed input (a dense prefill skips both
+        #: for a probe that declares ``reads_block_input = False``, as ``full`` and ``none`` do).
+        self.probe_reads_block_input = bool(getattr(probe_strategy, "reads_block_input", True))
         allocator = self.strategies["allocate"]
         self._allocation_needs_scores = bool(getattr(allocator, "needs_scores", False))
         #: Per-block ratios a ``from_history`` allocator decided at the first attach of a dynamic
